@@ -1,0 +1,1 @@
+"""Python side of the libibverbs enumerations declared in libibverbs_enums.pxd."""

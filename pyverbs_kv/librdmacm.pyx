@@ -1,0 +1,1 @@
+"""Python side of the rdma_cm enumerations declared in librdmacm.pxd."""
