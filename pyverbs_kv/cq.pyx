@@ -12,6 +12,9 @@ from pyverbs_kv.libibverbs cimport *
 
 cnp.import_array()
 
+cdef extern from "arpa/inet.h" nogil:
+    uint32_t ntohl(uint32_t)
+
 cdef extern from "poll.h" nogil:
     struct pollfd:
         int fd
@@ -149,7 +152,7 @@ cdef class CQ(PyverbsObject):
 
     def poll(self, int num_entries=16):
         """Poll up to ``num_entries`` completions; returns a numpy array of
-        WC_DTYPE records (possibly empty)."""
+        WC_DTYPE records (possibly empty), imm_data in host byte order."""
         self.check_open()
         if num_entries <= 0:
             raise ValueError("num_entries must be positive")
@@ -173,7 +176,7 @@ cdef class CQ(PyverbsObject):
                     rec[i].opcode = wcs[i].opcode
                     rec[i].byte_len = wcs[i].byte_len
                     rec[i].vendor_err = wcs[i].vendor_err
-                    rec[i].imm_data = wcs[i].imm_data
+                    rec[i].imm_data = ntohl(wcs[i].imm_data)
                     rec[i].qp_num = wcs[i].qp_num
                     rec[i].wc_flags = wcs[i].wc_flags
             return out

@@ -36,8 +36,12 @@ def get_device_list():
 
 
 def gid_to_str(gid_bytes):
-    """The conventional IPv6 text form of a 16-byte GID."""
-    return str(ipaddress.IPv6Address(bytes(gid_bytes)))
+    """The conventional IPv6 text form of a 16-byte GID (``::ffff:a.b.c.d``
+    for an IPv4-mapped one)."""
+    addr = ipaddress.IPv6Address(bytes(gid_bytes))
+    if addr.ipv4_mapped is not None:
+        return f"::ffff:{addr.ipv4_mapped}"
+    return str(addr)
 
 
 def gid_from_str(gid):
@@ -161,7 +165,7 @@ cdef class Context(PyverbsObject):
                 netdev = socket.if_indextoname(entry.ndev_ifindex) if entry.ndev_ifindex else None
             except OSError:
                 netdev = None
-            entries.append(GIDEntry(index, str(addr), raw,
+            entries.append(GIDEntry(index, gid_to_str(raw), raw,
                                     _GID_TYPE_NAMES.get(entry.gid_type, str(entry.gid_type)),
                                     addr.ipv4_mapped is not None,
                                     str(addr.ipv4_mapped) if addr.ipv4_mapped else None,

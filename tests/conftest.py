@@ -1,0 +1,34 @@
+import os
+
+import pytest
+
+
+def _rdma_devices():
+    try:
+        import pyverbs_kv
+    except ImportError as exc:
+        return [], f"pyverbs_kv cannot be imported ({exc})"
+    devices = pyverbs_kv.get_device_list()
+    if not devices:
+        return [], "no RDMA device on this machine; run `scripts/rdma-vm -- pytest -m rdma`"
+    return devices, ""
+
+
+@pytest.fixture(autouse=True)
+def _rdma_gate(request):
+    """Tests marked rdma skip with the reason where no device exists, and fail
+    instead inside the VM lane (PYVERBS_KV_REQUIRE_RDMA=1)."""
+    if request.node.get_closest_marker("rdma") is None:
+        return
+    devices, reason = _rdma_devices()
+    if devices:
+        return
+    if os.environ.get("PYVERBS_KV_REQUIRE_RDMA") == "1":
+        pytest.fail(f"RDMA required in this lane but unavailable: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def rdma_ip():
+    """The address rxe0 sits on (inside scripts/rdma-vm)."""
+    return os.environ.get("PYVERBS_KV_TEST_IP", "10.99.0.1")
