@@ -1,0 +1,50 @@
+# Two entry points on a fresh Debian 12 machine (as root): `make demo` and
+# `make test`. Each installs what it needs (apt packages, .venv, the build).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Build and run-time needs, then what the Soft-RoCE VM lane needs.
+APT_BUILD := build-essential python3-dev python3-venv pkg-config rdma-core ibverbs-providers \
+             libibverbs-dev librdmacm-dev
+APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest iproute2 \
+          busybox-static util-linux
+PIP_BUILD := "setuptools>=68" wheel "Cython>=3.0" "numpy>=1.24"
+PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng
+
+.PHONY: setup setup-vm build demo test test-host test-rdma bench-verbs clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml $(wildcard pyverbs_kv/*.pyx pyverbs_kv/*.pxd)
+	scripts/apt-ensure $(APT_BUILD)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_TEST)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+setup-vm: setup
+	scripts/apt-ensure $(APT_VM)
+
+build: setup
+	$(PY) setup.py -q build_ext --inplace
+
+demo: setup-vm build
+	scripts/rdma-vm --timeout 600 -- python examples/verbs_demo.py
+
+test: setup-vm build test-host test-rdma
+
+test-host:
+	$(PY) -m pytest -q tests
+
+# The VM lane: every test marked rdma, inside Soft-RoCE. Fails (never skips)
+# when the VM does not boot or rxe0 does not appear.
+test-rdma:
+	scripts/rdma-vm --timeout 2400 -- python -m pytest -p no:cacheprovider -m rdma -v \
+	    --junitxml=.ci-out/rdma-junit.xml tests
+
+bench-verbs: setup-vm build
+	scripts/rdma-vm --timeout 2400 -- python bench/verbs_bench.py
+
+clean:
+	rm -rf build .ci-out pyverbs_kv/*.c pyverbs_kv/*.so
