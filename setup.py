@@ -3,16 +3,21 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-MODULES = ["libibverbs_enums", "librdmacm", "base", "device", "pd", "mr", "cq", "qp", "cm"]
+VERBS_MODULES = ["libibverbs_enums", "librdmacm", "base", "device", "pd", "mr", "cq", "qp",
+                 "cm"]
+# Modules that must load where libibverbs is missing link nothing of rdma-core.
+PLAIN_MODULES = ["sgio"]
 
-extensions = [
-    Extension(f"pyverbs_kv.{name}", [f"pyverbs_kv/{name}.pyx"],
-              libraries=["ibverbs", "rdmacm"],
-              include_dirs=[numpy.get_include()],
-              define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-              extra_compile_args=["-O2"])
-    for name in MODULES
-]
+
+def extension(name, libraries):
+    return Extension(f"pyverbs_kv.{name}", [f"pyverbs_kv/{name}.pyx"], libraries=libraries,
+                     include_dirs=[numpy.get_include()],
+                     define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+                     extra_compile_args=["-O2"])
+
+
+extensions = ([extension(name, ["ibverbs", "rdmacm"]) for name in VERBS_MODULES]
+              + [extension(name, []) for name in PLAIN_MODULES])
 
 setup(
     ext_modules=cythonize(extensions, language_level=3,

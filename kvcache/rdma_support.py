@@ -20,14 +20,14 @@ def rdma_status(refresh=False):
     if _cached is not None and not refresh:
         return _cached
     try:
-        import pyverbs_kv
+        from pyverbs_kv import VerbsError, get_device_list
     except (ImportError, OSError) as exc:
         _cached = RdmaStatus(False, f"pyverbs_kv cannot be loaded: {exc} (is rdma-core's "
                                     "libibverbs installed?)")
         return _cached
     try:
-        devices = pyverbs_kv.get_device_list()
-    except pyverbs_kv.VerbsError as exc:
+        devices = get_device_list()
+    except VerbsError as exc:
         _cached = RdmaStatus(False, str(exc))
         return _cached
     if not devices:

@@ -1,19 +1,31 @@
 """pyverbs_kv: Cython bindings of libibverbs and librdmacm with a vectorised
-RDMA data path (see README.md).
+RDMA data path (see README.md), plus ``pyverbs_kv.sgio`` (scatter/gather I/O
+for sockets and shared memory, no RDMA library needed).
 
-Importing this package needs libibverbs and librdmacm at run time; callers
-that can live without RDMA (the kvcache package) catch the ImportError."""
-from pyverbs_kv.base import (VerbsError, VerbsTimeout, CompletionError, fork_init,
-                             memlock_limit, memlock_advice)
-from pyverbs_kv.device import (Context, GIDEntry, get_device_list, gid_to_str, gid_from_str,
-                               MTU_BYTES)
-from pyverbs_kv.pd import PD
-from pyverbs_kv.mr import MR, DEFAULT_ACCESS
-from pyverbs_kv.cq import CompChannel, CQ, WC_DTYPE
-from pyverbs_kv.qp import QP, QPCap, Batch, block_descriptors, wait_batches
-from pyverbs_kv import enums
+The verbs names below load on first use, so ``import pyverbs_kv.sgio`` works
+where libibverbs is missing; touching a verbs name there raises ImportError."""
+import importlib
 
-__all__ = ["VerbsError", "VerbsTimeout", "CompletionError", "fork_init", "memlock_limit",
-           "memlock_advice", "Context", "GIDEntry", "get_device_list", "gid_to_str",
-           "gid_from_str", "MTU_BYTES", "PD", "MR", "DEFAULT_ACCESS", "CompChannel", "CQ",
-           "WC_DTYPE", "QP", "QPCap", "Batch", "block_descriptors", "wait_batches", "enums"]
+_EXPORTS = {
+    "base": ["VerbsError", "VerbsTimeout", "CompletionError", "fork_init", "memlock_limit",
+             "memlock_advice"],
+    "device": ["Context", "GIDEntry", "get_device_list", "gid_to_str", "gid_from_str",
+               "MTU_BYTES"],
+    "pd": ["PD"],
+    "mr": ["MR", "DEFAULT_ACCESS"],
+    "cq": ["CompChannel", "CQ", "WC_DTYPE"],
+    "qp": ["QP", "QPCap", "Batch", "block_descriptors", "wait_batches"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE) + ["enums", "cm", "sgio"]
+
+
+def __getattr__(name):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"pyverbs_kv.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in ("enums", "cm", "sgio"):
+        return importlib.import_module(f"pyverbs_kv.{name}")
+    raise AttributeError(f"module 'pyverbs_kv' has no attribute {name!r}")

@@ -1,0 +1,181 @@
+"""Scatter/gather I/O between sockets (or any fd) and raw memory, for the
+TCP and shared-memory transports. Needs no RDMA library: importing this
+module never loads libibverbs.
+
+Each call takes numpy arrays of addresses and lengths and loops in C with
+the GIL released: writev/readv with up to IOV_MAX pieces per system call,
+partial transfers resumed, a poll() deadline on a non-blocking fd."""
+import numpy as np
+
+from libc.errno cimport errno, EAGAIN, EINTR
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.string cimport memcpy
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+cdef extern from "sys/uio.h" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+    ssize_t readv(int fd, const iovec *iov, int iovcnt)
+
+cdef extern from "poll.h" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+    enum: POLLOUT
+
+DEF IOV_BATCH = 1024        # IOV_MAX on Linux
+
+
+cdef double now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6
+
+
+cdef int wait_ready(int fd, short events, double deadline) noexcept nogil:
+    """0 when ready, -1 on timeout, -2 on a poll error (errno set)."""
+    cdef pollfd pfd
+    cdef int rc, remaining
+    pfd.fd = fd
+    pfd.events = events
+    while True:
+        remaining = <int>(deadline - now_ms())
+        if remaining <= 0:
+            return -1
+        rc = poll(&pfd, 1, remaining)
+        if rc > 0:
+            return 0
+        if rc == 0:
+            return -1
+        if errno != EINTR:
+            return -2
+
+
+cdef int transfer(int fd, bint sending, const uint64_t *addrs, const uint64_t *lens,
+                  Py_ssize_t n, double deadline, uint64_t *done) noexcept nogil:
+    """Move every piece; 0 on success, -1 timeout, -2 error (errno), -3 EOF."""
+    cdef iovec iov[IOV_BATCH]
+    cdef Py_ssize_t next_piece = 0
+    cdef int count = 0, first = 0, i, rc
+    cdef ssize_t moved
+    cdef size_t left
+    while True:
+        # Refill the window with pieces not yet moved.
+        if first == count:
+            if next_piece >= n:
+                return 0
+            count = 0
+            first = 0
+            while count < IOV_BATCH and next_piece < n:
+                if lens[next_piece]:
+                    iov[count].iov_base = <void *><uintptr_t>addrs[next_piece]
+                    iov[count].iov_len = lens[next_piece]
+                    count += 1
+                next_piece += 1
+            continue
+        if sending:
+            moved = writev(fd, &iov[first], count - first)
+        else:
+            moved = readv(fd, &iov[first], count - first)
+        if moved < 0:
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:           # == EWOULDBLOCK on Linux
+                rc = wait_ready(fd, POLLOUT if sending else POLLIN, deadline)
+                if rc != 0:
+                    return rc
+                continue
+            return -2
+        if moved == 0 and not sending:
+            return -3
+        done[0] += moved
+        left = <size_t>moved
+        while left and first < count:
+            if left >= iov[first].iov_len:
+                left -= iov[first].iov_len
+                first += 1
+            else:
+                iov[first].iov_base = <char *>iov[first].iov_base + left
+                iov[first].iov_len -= left
+                left = 0
+
+
+cdef _check(int rc, str what, uint64_t done, uint64_t total, int timeout_ms):
+    if rc == 0:
+        return
+    if rc == -1:
+        raise TimeoutError(f"{what}: {done} of {total} bytes moved within {timeout_ms} ms")
+    if rc == -3:
+        raise ConnectionError(f"{what}: the peer closed the connection after {done} of "
+                              f"{total} bytes")
+    raise OSError(errno, f"{what}: {done} of {total} bytes moved")
+
+
+def _arrays(addrs, lengths):
+    a = np.ascontiguousarray(addrs, dtype=np.uint64)
+    n = np.ascontiguousarray(lengths, dtype=np.uint64)
+    if a.shape != n.shape or a.ndim != 1:
+        raise ValueError(f"{a.shape[0]} addresses but {n.shape[0]} lengths")
+    return a, n
+
+
+def send_pieces(int fd, addrs, lengths, int timeout_ms):
+    """Write every [addrs[i], addrs[i] + lengths[i]) to ``fd`` in order.
+    Returns the byte count; TimeoutError at the deadline, OSError on error."""
+    a, n = _arrays(addrs, lengths)
+    cdef const uint64_t[::1] av = a
+    cdef const uint64_t[::1] nv = n
+    cdef uint64_t done = 0
+    cdef uint64_t total = int(n.sum())
+    cdef double deadline = now_ms() + timeout_ms
+    cdef int rc
+    cdef Py_ssize_t count = av.shape[0]
+    if count == 0:
+        return 0
+    with nogil:
+        rc = transfer(fd, True, &av[0], &nv[0], count, deadline, &done)
+    _check(rc, "send", done, total, timeout_ms)
+    return done
+
+
+def recv_pieces(int fd, addrs, lengths, int timeout_ms):
+    """Read from ``fd`` straight into every [addrs[i], addrs[i] + lengths[i])
+    in order. ConnectionError if the peer closes early."""
+    a, n = _arrays(addrs, lengths)
+    cdef const uint64_t[::1] av = a
+    cdef const uint64_t[::1] nv = n
+    cdef uint64_t done = 0
+    cdef uint64_t total = int(n.sum())
+    cdef double deadline = now_ms() + timeout_ms
+    cdef int rc
+    cdef Py_ssize_t count = av.shape[0]
+    if count == 0:
+        return 0
+    with nogil:
+        rc = transfer(fd, False, &av[0], &nv[0], count, deadline, &done)
+    _check(rc, "recv", done, total, timeout_ms)
+    return done
+
+
+def copy_pieces(dst_addrs, src_addrs, lengths):
+    """memcpy every piece from src_addrs[i] to dst_addrs[i] (same-host
+    shared memory). Returns the byte count."""
+    d = np.ascontiguousarray(dst_addrs, dtype=np.uint64)
+    s, n = _arrays(src_addrs, lengths)
+    if d.shape != s.shape:
+        raise ValueError(f"{d.shape[0]} destinations but {s.shape[0]} sources")
+    cdef const uint64_t[::1] dv = d
+    cdef const uint64_t[::1] sv = s
+    cdef const uint64_t[::1] nv = n
+    cdef Py_ssize_t i, count = dv.shape[0]
+    cdef uint64_t total = 0
+    with nogil:
+        for i in range(count):
+            memcpy(<void *><uintptr_t>dv[i], <const void *><uintptr_t>sv[i], nv[i])
+            total += nv[i]
+    return total
