@@ -315,3 +315,14 @@ def test_registration_failure_names_the_memlock_limit(tmp_path):
     assert out.stdout.startswith("ERR ibv_reg_mr"), out.stdout
     assert "RLIMIT_MEMLOCK is 65536 bytes" in out.stdout
     assert "ulimit -l unlimited" in out.stdout
+
+
+def test_batch_reports_its_posting_cost(ctx, pd):
+    a, b = connected_pair(ctx, pd, max_send_wr=2048)
+    src = pattern(1538, 64, seed=21)
+    dst = np.zeros_like(src)
+    src_mr, dst_mr = pv.MR(pd, src), pv.MR(pd, dst)
+    batch = a.qp.post_write_blocks(src_mr.addr, 64, np.arange(1538), dst_mr.addr, 64,
+                                   np.arange(1538)[::-1], 64, src_mr.lkey, dst_mr.rkey)
+    batch.wait(30_000)
+    assert 0 < batch.provider_seconds <= batch.post_seconds
