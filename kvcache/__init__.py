@@ -1,7 +1,20 @@
 """kvcache: move LLM KV cache between prefill and decode processes.
 
-Pure Python over pyverbs_kv. Everything but the RDMA transport works where
-libibverbs is missing: ``rdma_status()`` then says why RDMA is off."""
+Pure Python over pyverbs_kv. The LLM-DataDist-style API (LLMDataDist and its
+cache_manager) sits on a one-sided TransferEngine with pluggable transports.
+Everything but the RDMA transport works where libibverbs is missing:
+``rdma_status()`` then says why RDMA is off."""
+from kvcache.bufpool import BufferPool, BufPoolConfig
+from kvcache.cache import Cache
+from kvcache.engine import Peer, TransferEngine, TransferRequest
+from kvcache.link import LinkState
+from kvcache.llm_datadist import LLMConfig, LLMDataDist
 from kvcache.rdma_support import RdmaStatus, rdma_status
+from kvcache.status import LLMException, LLMStatusCode
+from kvcache.values import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex,
+                            DataType, LLMClusterInfo, LLMRole, Placement)
 
-__all__ = ["RdmaStatus", "rdma_status"]
+__all__ = ["BlocksCacheKey", "BufPoolConfig", "BufferPool", "Cache", "CacheDesc", "CacheKey",
+           "CacheKeyByIdAndIndex", "DataType", "LLMClusterInfo", "LLMConfig", "LLMDataDist",
+           "LLMException", "LLMRole", "LLMStatusCode", "LinkState", "Peer", "Placement",
+           "RdmaStatus", "TransferEngine", "TransferRequest", "rdma_status"]

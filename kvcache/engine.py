@@ -110,7 +110,7 @@ class TransferEngine:
         self.io_timeout_ms = io_timeout_ms
         self.transport = TRANSPORTS[transport]()
         self._lock = threading.RLock()
-        self._regions = {}                       # id -> (addr, length)
+        self._regions = {}                       # id -> (addr, length, parent, addressable)
         self._table = RegionTable()
         self._busy = {}                          # region id -> transfers touching it
         self._busy_cond = threading.Condition(self._lock)
@@ -124,45 +124,85 @@ class TransferEngine:
         self._listener = None
         self.address = None
         if listen:
-            host, port = parse_address(listen)
-            self._listener = socket.create_server((host, port), backlog=64)
-            self.address = f"{host}:{self._listener.getsockname()[1]}"
-            threading.Thread(target=self._accept_loop, name="kv-accept", daemon=True).start()
+            self.start_listening(listen)
         self.name = name or f"engine-{os.getpid()}-{self.address or id(self)}"
+
+    def start_listening(self, address):
+        """Accept links at ``address`` ("ip:port"; port 0 picks one, see
+        ``self.address``)."""
+        if self._listener is not None:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"already listening on {self.address}")
+        host, port = parse_address(address)
+        try:
+            listener = socket.create_server((host, port), backlog=64)
+        except OSError as exc:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"cannot listen on {address}: {exc}") from None
+        self._listener = listener
+        self.address = f"{host}:{listener.getsockname()[1]}"
+        threading.Thread(target=self._accept_loop, args=(listener,), name="kv-accept",
+                         daemon=True).start()
+
+    def stop_listening(self):
+        """Stop accepting links (existing links stay)."""
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            self.address = None
 
     # --- memory ------------------------------------------------------------------
 
-    def register_memory(self, addr, length):
+    def register_memory(self, addr, length, *, parent=None, addressable=True):
         """Make [addr, addr + length) reachable by peers; returns its region id.
-        Regions must not overlap."""
+
+        ``parent``: a logical sub-region of a registered region (a cache
+        inside the buffer pool): it gets its own id, so a peer holding a
+        stale description of a freed cache is refused, while the transport
+        keeps using the parent's registration. ``addressable=False``: a
+        container that only its sub-regions expose. Addressable regions
+        never overlap."""
         addr, length = int(addr), int(length)
         if addr <= 0 or length <= 0:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"cannot register addr={addr:#x} length={length}")
         with self._lock:
+            if parent is not None:
+                if parent not in self._regions or self._regions[parent][2] is not None:
+                    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                       f"parent region {parent} is not a registered top-level "
+                                       "region")
+                p_addr, p_len = self._regions[parent][:2]
+                if addr < p_addr or addr + length > p_addr + p_len:
+                    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                       f"[{addr:#x}, +{length}) is not inside region {parent}")
             region_id = next(self._region_ids)
             regions = dict(self._regions)
-            regions[region_id] = (addr, length)
-            table = RegionTable((i, a, n) for i, (a, n) in regions.items())   # checks overlap
-            self.transport.register_region(region_id, addr, length)
+            regions[region_id] = (addr, length, parent, addressable)
+            table = _table_of(regions)              # refuses overlaps
+            if parent is None:
+                self.transport.register_region(region_id, addr, length)
             self._regions, self._table = regions, table
         return region_id
 
     def unregister_memory(self, region_id, timeout_ms=None):
-        """Withdraw a region. Waits for transfers touching it to finish."""
+        """Withdraw a region (and its sub-regions). Waits for transfers
+        touching it to finish."""
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000
         with self._lock:
             if region_id not in self._regions:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"region {region_id} is not registered")
-            regions = dict(self._regions)
-            del regions[region_id]
-            self._regions = regions
-            self._table = RegionTable((i, a, n) for i, (a, n) in regions.items())
-            if not self._busy_cond.wait_for(lambda: not self._busy.get(region_id), timeout):
+            gone = {region_id} | {i for i, r in self._regions.items() if r[2] == region_id}
+            top_level = self._regions[region_id][2] is None
+            self._regions = {i: r for i, r in self._regions.items() if i not in gone}
+            self._table = _table_of(self._regions)
+            if not self._busy_cond.wait_for(lambda: not any(self._busy.get(i) for i in gone),
+                                            timeout):
                 raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
                                    f"region {region_id} still in use after {timeout} s")
-            self.transport.unregister_region(region_id)
+            if top_level:
+                self.transport.unregister_region(region_id)
 
     def regions(self):
         """[(region_id, addr, length)] of our registered memory."""
@@ -252,10 +292,10 @@ class TransferEngine:
                  "inbound" if inbound else "outbound")
         return peer
 
-    def _accept_loop(self):
+    def _accept_loop(self, listener):
         while not self._closed:
             try:
-                sock, addr = self._listener.accept()
+                sock, addr = listener.accept()
             except OSError:
                 return
             threading.Thread(target=self._handshake, args=(sock, addr), daemon=True,
@@ -557,8 +597,7 @@ class TransferEngine:
         if self._closed:
             return
         self._closed = True
-        if self._listener is not None:
-            self._listener.close()
+        self.stop_listening()
         for peer in self.peers():
             try:
                 self.disconnect(peer, force=True, timeout_ms=1000)
@@ -573,6 +612,10 @@ class TransferEngine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _table_of(regions):
+    return RegionTable((i, r[0], r[1]) for i, r in regions.items() if r[3])
 
 
 def _recv_exact(sock, size):

@@ -1,0 +1,71 @@
+"""Cache objects: tensors laid out in registered memory, with numpy (and
+torch, when installed) views of host caches."""
+import ctypes
+
+import numpy as np
+
+from kvcache.values import CacheDesc, Placement
+
+
+class Cache:
+    """A KV cache: ``cache_desc.num_tensors`` tensors at ``tensor_addrs``.
+    ``kind`` is 'blocks' (shape[0] = blocks) or 'cache' (shape[0] = batch)."""
+
+    def __init__(self, cache_id, cache_desc, tensor_addrs, kind, region_ids, owned,
+                 keys=()):
+        self.cache_id = cache_id
+        self.cache_desc = cache_desc
+        self.tensor_addrs = [int(a) for a in tensor_addrs]
+        self.kind = kind
+        self.region_ids = list(region_ids)     # one per tensor
+        self.owned = owned                     # allocated from the pool (vs registered)
+        self.keys = list(keys)
+
+    @property
+    def per_device_tensor_addrs(self):
+        return [self.tensor_addrs]
+
+    def numpy(self, index):
+        """A numpy view of tensor ``index`` (host caches only)."""
+        desc = self.cache_desc
+        if desc.placement != Placement.HOST:
+            raise ValueError("only host caches have numpy views")
+        raw = (ctypes.c_uint8 * desc.tensor_bytes).from_address(self.tensor_addrs[index])
+        return np.frombuffer(raw, dtype=np.uint8).view(desc.data_type.numpy_dtype).reshape(
+            desc.shape)
+
+    def tensors(self):
+        """numpy views of every tensor."""
+        return [self.numpy(i) for i in range(self.cache_desc.num_tensors)]
+
+    def torch(self, index):
+        """A torch view of tensor ``index`` sharing the memory (needs torch)."""
+        import torch
+        from kvcache.values import DataType
+        view = torch.from_numpy(self.numpy(index))
+        return view.view(torch.bfloat16) if self.cache_desc.data_type == DataType.DT_BF16 \
+            else view
+
+    def describe(self):
+        """What a peer needs to address this cache."""
+        return {"cache_id": self.cache_id, "kind": self.kind,
+                "desc": self.cache_desc.to_dict(), "tensor_addrs": self.tensor_addrs,
+                "region_ids": self.region_ids}
+
+    def __repr__(self):
+        return (f"Cache(id={self.cache_id}, {self.kind}, {self.cache_desc.num_tensors} x "
+                f"{self.cache_desc.shape} {self.cache_desc.data_type.name})")
+
+
+class RemoteCache:
+    """A peer's cache as its lookup described it."""
+
+    def __init__(self, info):
+        self.cache_id = int(info["cache_id"])
+        self.kind = info["kind"]
+        self.cache_desc = CacheDesc.from_dict(info["desc"])
+        self.tensor_addrs = [int(a) for a in info["tensor_addrs"]]
+        self.region_ids = [int(r) for r in info["region_ids"]]
+        if not (len(self.tensor_addrs) == len(self.region_ids)
+                == self.cache_desc.num_tensors):
+            raise ValueError("inconsistent cache description")

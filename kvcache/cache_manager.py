@@ -1,0 +1,367 @@
+"""CacheManager: LLM-DataDist's cache_manager over the TransferEngine.
+
+Caches are allocated from the buffer pool (registered once) or registered
+from user memory; pull_*/push_* turn (cache layout, block ids, layer range)
+into descriptor arrays and hand them to the engine. The peer's cache is
+looked up by key on every call, so a cache it freed or replaced is never
+written by mistake (its region id no longer matches)."""
+import itertools
+import threading
+
+import numpy as np
+
+from kvcache.cache import Cache, RemoteCache
+from kvcache.descriptors import block_descriptors
+from kvcache.status import LLMException, LLMStatusCode
+from kvcache.values import BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex
+
+TENSOR_ALIGN = 512
+
+
+def _invalid(message):
+    return LLMException(LLMStatusCode.LLM_PARAM_INVALID, message)
+
+
+def _layer_tensors(layer_range, num_tensors, per_layer, side):
+    """Tensor indices of a layer range (layer i = tensors [i*N, (i+1)*N))."""
+    if per_layer <= 0 or num_tensors % per_layer:
+        raise _invalid(f"{side}: {num_tensors} tensors do not split into layers of "
+                       f"{per_layer}")
+    layers = num_tensors // per_layer
+    if layer_range is None:
+        layer_range = range(layers)
+    if not isinstance(layer_range, range) or layer_range.step != 1:
+        raise _invalid(f"{side} layer range must be a range with step 1, got {layer_range!r}")
+    if len(layer_range) == 0 or layer_range.start < 0 or layer_range.stop > layers:
+        raise _invalid(f"{side} layer range {layer_range} outside 0..{layers}")
+    return np.arange(layer_range.start * per_layer, layer_range.stop * per_layer)
+
+
+def _block_ids(ids, limit, side):
+    ids = np.asarray(list(ids), dtype=np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= limit):
+        bad = ids[(ids < 0) | (ids >= limit)][0]
+        raise _invalid(f"{side} block id {int(bad)} out of range 0..{limit - 1}")
+    return ids
+
+
+def _key_params(key):
+    if isinstance(key, BlocksCacheKey):
+        return {"by": "blocks", "cluster_id": key.prompt_cluster_id, "model_id": key.model_id}
+    if isinstance(key, CacheKey):
+        return {"by": "key", "cluster_id": key.prompt_cluster_id, "req_id": key.req_id,
+                "model_id": key.model_id}
+    if isinstance(key, CacheKeyByIdAndIndex):
+        return {"by": "id", "cache_id": key.cache_id}
+    raise _invalid(f"unsupported cache key {key!r}")
+
+
+class CacheManager:
+    def __init__(self, engine, pool, cluster_id, sync_timeout_ms):
+        self._engine = engine
+        self._pool = pool
+        self._cluster_id = cluster_id
+        self.sync_timeout_ms = sync_timeout_ms
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._caches = {}
+        self._by_key = {}
+        # The pool is registered once; each cache in it is a sub-region with
+        # an id of its own.
+        self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False)
+        engine.add_handler("cache.lookup", self._rpc_lookup)
+
+    # --- local caches ----------------------------------------------------------
+
+    def _add(self, cache, keys):
+        with self._lock:
+            for key in keys:
+                if key in self._by_key:
+                    raise LLMException(LLMStatusCode.LLM_REPEAT_REQUEST,
+                                       f"cache key {key} is already in use")
+            self._caches[cache.cache_id] = cache
+            for key in keys:
+                self._by_key[key] = cache.cache_id
+        return cache
+
+    def _allocate(self, desc, kind, keys):
+        stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
+        base = self._pool.alloc(stride * desc.num_tensors)
+        addrs = [base + i * stride for i in range(desc.num_tensors)]
+        region = self._engine.register_memory(base, stride * desc.num_tensors,
+                                              parent=self._pool_region)
+        cache = Cache(next(self._ids), desc, addrs, kind, [region] * len(addrs), owned=True,
+                      keys=keys)
+        cache.base = base
+        try:
+            return self._add(cache, keys)
+        except LLMException:
+            self._engine.unregister_memory(region)
+            self._pool.free(base)
+            raise
+
+    def allocate_cache(self, cache_desc, cache_keys=()):
+        """A per-request cache (shape[0] = batch) from the pool, findable by
+        each CacheKey in ``cache_keys``."""
+        keys = list(cache_keys)
+        for key in keys:
+            if not isinstance(key, CacheKey):
+                raise _invalid(f"allocate_cache takes CacheKey keys, got {key!r}")
+        return self._allocate(cache_desc, "cache", keys)
+
+    def allocate_blocks_cache(self, cache_desc, blocks_cache_key=None):
+        """A blocks cache (shape[0] = number of blocks) from the pool."""
+        keys = [blocks_cache_key] if blocks_cache_key is not None else []
+        return self._allocate(cache_desc, "blocks", keys)
+
+    def _register(self, desc, addrs, kind, keys):
+        addrs = [int(a) for a in addrs]
+        if len(addrs) != desc.num_tensors:
+            raise _invalid(f"{len(addrs)} addresses for {desc.num_tensors} tensors")
+        regions = []
+        try:
+            for addr in addrs:
+                regions.append(self._engine.register_memory(addr, desc.tensor_bytes))
+        except LLMException:
+            for region in regions:
+                self._engine.unregister_memory(region)
+            raise
+        cache = Cache(next(self._ids), desc, addrs, kind, regions, owned=False, keys=keys)
+        try:
+            return self._add(cache, keys)
+        except LLMException:
+            for region in regions:
+                self._engine.unregister_memory(region)
+            raise
+
+    def register_blocks_cache(self, cache_desc, addrs, blocks_cache_key=None):
+        """Use caller-owned memory (one address per tensor) as a blocks cache."""
+        keys = [blocks_cache_key] if blocks_cache_key is not None else []
+        return self._register(cache_desc, addrs, "blocks", keys)
+
+    def register_cache(self, cache_desc, addrs, cache_keys=()):
+        """Use caller-owned memory as a per-request cache."""
+        return self._register(cache_desc, addrs, "cache", list(cache_keys))
+
+    def get_cache(self, cache_id):
+        with self._lock:
+            cache = self._caches.get(cache_id)
+        if cache is None:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache {cache_id}")
+        return cache
+
+    def _drop(self, cache):
+        with self._lock:
+            if self._caches.pop(cache.cache_id, None) is None:
+                raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                   f"cache {cache.cache_id} is not allocated or registered")
+            for key in cache.keys:
+                self._by_key.pop(key, None)
+
+    def deallocate_cache(self, cache):
+        """Free a pool cache (or unregister a registered one)."""
+        if not cache.owned:
+            return self.unregister_cache(cache.cache_id)
+        self._drop(cache)
+        self._engine.unregister_memory(cache.region_ids[0])
+        self._pool.free(cache.base)
+
+    def unregister_cache(self, cache_id):
+        cache = self.get_cache(cache_id)
+        if cache.owned:
+            return self.deallocate_cache(cache)
+        self._drop(cache)
+        for region in cache.region_ids:
+            self._engine.unregister_memory(region)
+
+    def remove_cache_key(self, cache_key):
+        with self._lock:
+            cache_id = self._by_key.pop(cache_key, None)
+            if cache_id is not None:
+                self._caches[cache_id].keys.remove(cache_key)
+
+    def _rpc_lookup(self, peer, params):
+        by = params.get("by")
+        with self._lock:
+            if by == "id":
+                cache = self._caches.get(params.get("cache_id"))
+            elif by == "blocks":
+                cache_id = self._by_key.get(BlocksCacheKey(params.get("cluster_id"),
+                                                           params.get("model_id", 0)))
+                cache = self._caches.get(cache_id)
+            elif by == "key":
+                cache_id = self._by_key.get(CacheKey(params.get("cluster_id"),
+                                                     params.get("req_id"),
+                                                     params.get("model_id", 0)))
+                cache = self._caches.get(cache_id)
+            else:
+                raise _invalid(f"unknown lookup {by!r}")
+        if cache is None:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                               f"cluster {self._cluster_id} has no cache for {params}")
+        return cache.describe()
+
+    # --- transfers ---------------------------------------------------------------
+
+    def _peer_and_remote(self, cluster_id, key):
+        peer = self._engine.find_peer(cluster_id)
+        if peer is None:
+            raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                               f"cluster {cluster_id} is not linked")
+        info = self._engine.call(peer, "cache.lookup", _key_params(key), self.sync_timeout_ms)
+        try:
+            return peer, RemoteCache(info)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LLMException(LLMStatusCode.LLM_FAILED,
+                               f"cluster {cluster_id} described its cache badly: {exc}")
+
+    def _move(self, peer, op, local, remote, lengths, remote_tensor_regions, pieces_per_tensor):
+        regions = np.repeat(np.asarray(remote_tensor_regions, dtype=np.uint64),
+                            pieces_per_tensor)
+        self._engine.transfer_sync(peer, op, local, remote, lengths, self.sync_timeout_ms,
+                                   remote_regions=regions)
+
+    def _blocks(self, op, remote_key, cluster_id, local_cache, local_blocks, remote_blocks,
+                local_layers, remote_layers, per_layer):
+        local_desc = local_cache.cache_desc
+        peer, remote = self._peer_and_remote(cluster_id, remote_key)
+        remote_desc = remote.cache_desc
+        here, there = ("dst", "src") if op == "read" else ("src", "dst")
+        if remote_desc.data_type != local_desc.data_type:
+            raise _invalid(f"data types differ: {here} {local_desc.data_type.name}, {there} "
+                           f"{remote_desc.data_type.name}")
+        local_t = _layer_tensors(local_layers, local_desc.num_tensors, per_layer, here)
+        remote_t = _layer_tensors(remote_layers, remote_desc.num_tensors, per_layer, there)
+        if local_t.size != remote_t.size:
+            raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
+                           f"{there} {remote_layers}")
+        local_ids = _block_ids(local_blocks, local_desc.shape[0], here)
+        block = local_desc.row_bytes
+        if remote.kind == "blocks":
+            remote_ids = _block_ids(remote_blocks, remote_desc.shape[0], there)
+            if remote_desc.row_bytes != block:
+                raise _invalid(f"block sizes differ: {here} {block} bytes, {there} "
+                               f"{remote_desc.row_bytes} bytes")
+            if remote_ids.size != local_ids.size:
+                raise _invalid(f"{remote_ids.size} {there} blocks but {local_ids.size} "
+                               f"{here} blocks")
+            if np.unique(local_ids if op == "read" else remote_ids).size != local_ids.size:
+                raise _invalid("destination block ids repeat")
+            local, remote_addrs, lengths = block_descriptors(
+                np.asarray(local_cache.tensor_addrs)[local_t], block, local_ids,
+                np.asarray(remote.tensor_addrs)[remote_t], block, remote_ids)
+            pieces = local_ids.size
+        else:
+            # A contiguous (per-request) cache, cut into blocks of our size.
+            if op != "read" or len(remote_blocks):
+                raise _invalid("a contiguous cache is a source for pull_blocks only, "
+                               "without src_blocks")
+            tensor = remote_desc.tensor_bytes
+            chunks = -(-tensor // block)
+            if local_ids.size != chunks:
+                raise _invalid(f"the source cache holds {chunks} blocks of {block} bytes per "
+                               f"tensor; {local_ids.size} destination blocks given")
+            if np.unique(local_ids).size != local_ids.size:
+                raise _invalid("destination block ids repeat")
+            offsets = np.arange(chunks, dtype=np.uint64) * np.uint64(block)
+            lengths_one = np.minimum(np.uint64(block), np.uint64(tensor) - offsets)
+            local_bases = np.asarray(local_cache.tensor_addrs, dtype=np.uint64)[local_t]
+            remote_bases = np.asarray(remote.tensor_addrs, dtype=np.uint64)[remote_t]
+            local = (local_bases[:, None] + local_ids.astype(np.uint64)[None, :]
+                     * np.uint64(block)).ravel()
+            remote_addrs = (remote_bases[:, None] + offsets[None, :]).ravel()
+            lengths = np.tile(lengths_one, local_t.size)
+            pieces = chunks
+        if local.size == 0:
+            return
+        self._move(peer, op, local, remote_addrs, lengths,
+                   np.asarray(remote.region_ids)[remote_t], pieces)
+
+    def pull_blocks(self, src_cache_key, dst_cache, src_blocks=(), dst_blocks=(),
+                    src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
+        """Read blocks ``src_blocks`` of the remote cache named by
+        ``src_cache_key`` (BlocksCacheKey, or CacheKey for a contiguous cache
+        cut into blocks) into ``dst_blocks`` of ``dst_cache``, for the layers
+        in the ranges (layer i = tensors [i*N, (i+1)*N))."""
+        cluster = (src_cache_key.prompt_cluster_id
+                   if isinstance(src_cache_key, (BlocksCacheKey, CacheKey))
+                   else _invalid_key(src_cache_key))
+        self._blocks("read", src_cache_key, cluster, dst_cache, dst_blocks, src_blocks,
+                     dst_layer_range, src_layer_range, tensor_num_per_layer)
+
+    def push_blocks(self, dst_cache_key, src_cache, src_blocks=(), dst_blocks=(),
+                    src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
+        """Write ``src_blocks`` of the local ``src_cache`` into ``dst_blocks``
+        of the remote blocks cache named by ``dst_cache_key``."""
+        if not isinstance(dst_cache_key, BlocksCacheKey):
+            _invalid_key(dst_cache_key)
+        self._blocks("write", dst_cache_key, dst_cache_key.prompt_cluster_id, src_cache,
+                     src_blocks, dst_blocks, src_layer_range, dst_layer_range,
+                     tensor_num_per_layer)
+
+    def _rows(self, op, remote_key, local_cache, local_row, remote_row, size, local_layers,
+              remote_layers, per_layer):
+        if isinstance(remote_key, CacheKeyByIdAndIndex):
+            cluster = remote_key.cluster_id
+        elif isinstance(remote_key, CacheKey):
+            cluster = remote_key.prompt_cluster_id
+        else:
+            _invalid_key(remote_key)
+        peer, remote = self._peer_and_remote(cluster, remote_key)
+        here, there = ("dst", "src") if op == "read" else ("src", "dst")
+        local_desc, remote_desc = local_cache.cache_desc, remote.cache_desc
+        if remote_desc.data_type != local_desc.data_type:
+            raise _invalid(f"data types differ: {here} {local_desc.data_type.name}, {there} "
+                           f"{remote_desc.data_type.name}")
+        local_t = _layer_tensors(local_layers, local_desc.num_tensors, per_layer, here)
+        remote_t = _layer_tensors(remote_layers, remote_desc.num_tensors, per_layer, there)
+        if local_t.size != remote_t.size:
+            raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
+                           f"{there} {remote_layers}")
+        for row, desc, side in ((local_row, local_desc, here), (remote_row, remote_desc, there)):
+            if not 0 <= row < desc.shape[0]:
+                raise _invalid(f"{side} batch index {row} out of range 0..{desc.shape[0] - 1}")
+        if size is None or size < 0:
+            if local_desc.row_bytes != remote_desc.row_bytes:
+                raise _invalid(f"row sizes differ ({here} {local_desc.row_bytes}, {there} "
+                               f"{remote_desc.row_bytes} bytes); pass size")
+            size = local_desc.row_bytes
+        if size == 0 or size > min(local_desc.row_bytes, remote_desc.row_bytes):
+            raise _invalid(f"size {size} outside 1..{min(local_desc.row_bytes, remote_desc.row_bytes)}")
+        local = (np.asarray(local_cache.tensor_addrs, dtype=np.uint64)[local_t]
+                 + np.uint64(local_row * local_desc.row_bytes))
+        remote_addrs = (np.asarray(remote.tensor_addrs, dtype=np.uint64)[remote_t]
+                        + np.uint64(remote_row * remote_desc.row_bytes))
+        lengths = np.full(local.size, size, dtype=np.uint64)
+        self._move(peer, op, local, remote_addrs, lengths,
+                   np.asarray(remote.region_ids)[remote_t], 1)
+
+    def pull_cache(self, src_cache_key, dst_cache, batch_index=0, size=-1,
+                   src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
+        """Read one batch row of a remote cache (CacheKey: row 0;
+        CacheKeyByIdAndIndex: its batch_index) into row ``batch_index`` of
+        ``dst_cache``; ``size`` bytes per tensor (-1: the whole row)."""
+        remote_row = getattr(src_cache_key, "batch_index", 0)
+        self._rows("read", src_cache_key, dst_cache, batch_index, remote_row, size,
+                   dst_layer_range, src_layer_range, tensor_num_per_layer)
+
+    def push_cache(self, dst_cache_key, src_cache, src_batch_index=0, size=-1,
+                   src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
+        """Write row ``src_batch_index`` of ``src_cache`` into the remote row
+        named by ``dst_cache_key``."""
+        remote_row = getattr(dst_cache_key, "batch_index", 0)
+        self._rows("write", dst_cache_key, src_cache, src_batch_index, remote_row, size,
+                   src_layer_range, dst_layer_range, tensor_num_per_layer)
+
+    def close(self):
+        with self._lock:
+            caches = list(self._caches.values())
+        for cache in caches:
+            try:
+                self.deallocate_cache(cache)
+            except LLMException:
+                pass
+
+
+def _invalid_key(key):
+    raise _invalid(f"unsupported cache key {key!r}")
