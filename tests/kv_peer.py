@@ -1,0 +1,198 @@
+"""A kvcache process driven over a pipe, for multi-process tests: each
+PeerProcess runs its own LLMDataDist in a spawned interpreter and executes
+the commands the test sends (real sockets between real processes)."""
+import multiprocessing as mp
+import os
+import signal
+import traceback
+
+import numpy as np
+
+from kvcache import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
+                     LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole)
+
+REPLY_TIMEOUT_S = 60
+
+
+def pattern(seed, tensor_index, nbytes):
+    """The deterministic bytes a test writes into a tensor."""
+    return np.random.default_rng([seed, tensor_index]).integers(0, 256, nbytes, dtype=np.uint8)
+
+
+class Actions:
+    """What a peer process can be asked to do (cache ids name caches)."""
+
+    def __init__(self, role, cluster_id, listen, options):
+        self.dd = LLMDataDist(LLMRole(role), cluster_id)
+        cfg = LLMConfig()
+        cfg.listen_ip_info = listen
+        cfg.enable_switch_role = True
+        for key, value in options.items():
+            setattr(cfg, key, value)
+        self.dd.init(cfg.generate_options())
+        self.caches = {}
+
+    def address(self):
+        return self.dd.listen_address
+
+    def alloc_blocks(self, num_tensors, shape, dtype=DataType.DT_FLOAT16, key_cluster=None):
+        key = BlocksCacheKey(prompt_cluster_id=key_cluster) if key_cluster is not None else None
+        cache = self.dd.cache_manager.allocate_blocks_cache(
+            CacheDesc(num_tensors, dtype, shape), key)
+        self.caches[cache.cache_id] = cache
+        return cache.cache_id
+
+    def alloc_cache(self, num_tensors, shape, keys=(), dtype=DataType.DT_FLOAT16):
+        cache = self.dd.cache_manager.allocate_cache(
+            CacheDesc(num_tensors, dtype, shape),
+            [CacheKey(prompt_cluster_id=c, req_id=r) for c, r in keys])
+        self.caches[cache.cache_id] = cache
+        return cache.cache_id
+
+    def register_blocks(self, num_tensors, shape, key_cluster):
+        # Memory the "user" owns (numpy), registered instead of allocated.
+        desc = CacheDesc(num_tensors, DataType.DT_FLOAT16, shape)
+        self._owned = [np.zeros(shape, dtype=np.float16) for _ in range(num_tensors)]
+        cache = self.dd.cache_manager.register_blocks_cache(
+            desc, [a.ctypes.data for a in self._owned], BlocksCacheKey(key_cluster))
+        self.caches[cache.cache_id] = cache
+        return cache.cache_id
+
+    def fill(self, cache_id, seed):
+        for i, tensor in enumerate(self.caches[cache_id].tensors()):
+            tensor.view(np.uint8).reshape(-1)[:] = pattern(seed, i, tensor.nbytes)
+
+    def tensors(self, cache_id):
+        return [t.view(np.uint8).reshape(t.shape[0], -1).copy()
+                for t in self.caches[cache_id].tensors()]
+
+    def deallocate(self, cache_id):
+        self.dd.cache_manager.deallocate_cache(self.caches.pop(cache_id))
+
+    def link(self, remote_cluster_id, address, timeout=3000):
+        info = LLMClusterInfo()
+        info.remote_cluster_id = remote_cluster_id
+        host, port = address.rsplit(":", 1)
+        info.append_remote_ip_info(host, int(port))
+        ret, rets = self.dd.link_clusters([info], timeout=timeout)
+        return int(rets[0])
+
+    def unlink(self, remote_cluster_id, force=False):
+        info = LLMClusterInfo()
+        info.remote_cluster_id = remote_cluster_id
+        ret, rets = self.dd.unlink_clusters([info], force=force)
+        return int(rets[0])
+
+    def pull_blocks(self, cluster, cache_id, src, dst, src_layers=None, dst_layers=None,
+                    per_layer=2, req_id=None):
+        key = (CacheKey(prompt_cluster_id=cluster, req_id=req_id) if req_id is not None
+               else BlocksCacheKey(prompt_cluster_id=cluster))
+        self.dd.cache_manager.pull_blocks(key, self.caches[cache_id], src, dst,
+                                          src_layers, dst_layers, per_layer)
+
+    def push_blocks(self, cluster, cache_id, src, dst, src_layers=None, dst_layers=None,
+                    per_layer=2):
+        self.dd.cache_manager.push_blocks(BlocksCacheKey(cluster_id=cluster),
+                                          self.caches[cache_id], src, dst, src_layers,
+                                          dst_layers, per_layer)
+
+    def pull_cache(self, cluster, remote_cache_id, cache_id, remote_row=0, row=0, size=-1,
+                   src_layers=None, dst_layers=None, req_id=None):
+        key = (CacheKey(prompt_cluster_id=cluster, req_id=req_id) if req_id is not None
+               else CacheKeyByIdAndIndex(cluster, remote_cache_id, remote_row))
+        self.dd.cache_manager.pull_cache(key, self.caches[cache_id], row, size, src_layers,
+                                         dst_layers)
+
+    def push_cache(self, cluster, remote_cache_id, cache_id, remote_row=0, row=0, size=-1,
+                   src_layers=None, dst_layers=None):
+        self.dd.cache_manager.push_cache(CacheKeyByIdAndIndex(cluster, remote_cache_id,
+                                                              remote_row),
+                                         self.caches[cache_id], row, size, src_layers,
+                                         dst_layers)
+
+    def switch_role(self, role, listen=""):
+        self.dd.switch_role(LLMRole(role), {"llm.ListenIpInfo": listen} if listen else None)
+        return self.dd.listen_address
+
+    def link_state(self, remote_cluster_id):
+        return self.dd.check_link_status(remote_cluster_id).name
+
+    def finalize(self):
+        self.dd.finalize()
+
+
+def _main(conn, role, cluster_id, listen, options):
+    try:
+        actions = Actions(role, cluster_id, listen, options)
+    except BaseException as exc:
+        conn.send(("err", getattr(exc, "status_code", None), traceback.format_exc()))
+        return
+    conn.send(("ok", actions.address()))
+    while True:
+        try:
+            name, args, kwargs = conn.recv()
+        except EOFError:
+            return
+        try:
+            result = getattr(actions, name)(*args, **kwargs)
+            conn.send(("ok", result))
+        except LLMException as exc:
+            conn.send(("err", int(exc.status_code), str(exc)))
+        except BaseException:
+            conn.send(("err", None, traceback.format_exc()))
+        if name == "finalize":
+            return
+
+
+class PeerError(Exception):
+    def __init__(self, status_code, message):
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class PeerProcess:
+    """A spawned kvcache process; ``peer.call("pull_blocks", ...)``."""
+
+    def __init__(self, role, cluster_id, listen="127.0.0.1:0", **options):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_main, args=(child, role, cluster_id, listen, options),
+                                   daemon=True)
+        self.process.start()
+        self.cluster_id = cluster_id
+        self.address = self._reply()
+
+    def _reply(self, timeout=REPLY_TIMEOUT_S):
+        if not self.conn.poll(timeout):
+            raise TimeoutError(f"peer {self.cluster_id} did not answer in {timeout} s")
+        kind, *rest = self.conn.recv()
+        if kind == "err":
+            raise PeerError(rest[0], rest[1])
+        return rest[0]
+
+    def call(self, name, *args, timeout=REPLY_TIMEOUT_S, **kwargs):
+        self.conn.send((name, args, kwargs))
+        return self._reply(timeout)
+
+    def send(self, name, *args, **kwargs):
+        """Start a command without waiting (collect with result())."""
+        self.conn.send((name, args, kwargs))
+
+    def result(self, timeout=REPLY_TIMEOUT_S):
+        return self._reply(timeout)
+
+    def kill(self, sig=signal.SIGKILL):
+        os.kill(self.process.pid, sig)
+        if sig == signal.SIGKILL:
+            self.process.join(10)
+
+    def close(self):
+        if self.process.is_alive():
+            try:
+                self.call("finalize", timeout=10)
+            except (PeerError, TimeoutError, EOFError, OSError, BrokenPipeError):
+                pass
+            self.process.join(5)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(5)
