@@ -387,9 +387,13 @@ class TransferEngine:
 
     def disconnect(self, peer, force=False, timeout_ms=None):
         """Unlink: tell the peer (when the link is healthy), close, forget.
-        LLM_LINK_BUSY while transfers run, unless ``force``."""
+        LLM_LINK_BUSY while transfers run, unless ``force``, which aborts them."""
         peer = self.peer(peer)
         tell = peer.link.begin_unlink(force)
+        if peer.link.in_flight:
+            # Forced while busy: abort what is in flight (it fails with
+            # LLM_LINK_FAILED); the peer sees the connection drop.
+            tell = False
         if tell:
             try:
                 peer.channel.call(MsgType.BYE, {}, timeout_ms=timeout_ms or self.timeout_ms)
