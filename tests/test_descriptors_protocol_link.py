@@ -1,0 +1,142 @@
+"""Descriptor building and merging, region checks, protocol framing and the
+link state machine."""
+import json
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kvcache import LLMException, LLMStatusCode
+from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
+from kvcache.link import Link, LinkState
+from kvcache.protocol import (FRAME, MAX_HEADER_BYTES, MsgType, ProtocolError,
+                              check_descriptor_payload, decode_frame, decode_header, encode)
+
+
+def test_block_descriptors_cover_every_tensor_and_block():
+    local, remote, lengths = block_descriptors([1000, 5000], 10, [0, 3], [20000, 30000], 10,
+                                               [7, 1])
+    assert local.tolist() == [1000, 1030, 5000, 5030]
+    assert remote.tolist() == [20070, 20010, 30070, 30010]
+    assert lengths.tolist() == [10] * 4
+
+
+def test_merge_runs_merges_only_runs_contiguous_on_both_sides():
+    local = np.array([0, 10, 20, 40, 50], dtype=np.uint64)
+    remote = np.array([100, 110, 200, 210, 220], dtype=np.uint64)
+    lengths = np.full(5, 10, dtype=np.uint64)
+    l2, r2, n2 = merge_runs(local, remote, lengths)
+    assert l2.tolist() == [0, 20, 40] and r2.tolist() == [100, 200, 210]
+    assert n2.tolist() == [20, 10, 20]
+    # A group (region ids) that differs splits a run.
+    groups = np.array([1, 1, 1, 2, 3], dtype=np.uint64)
+    l3, r3, n3, g3 = merge_runs(local, remote, lengths, groups)
+    assert n3.tolist() == [20, 10, 10, 10] and g3.tolist() == [1, 1, 2, 3]
+
+
+@given(st.lists(st.integers(0, 50), min_size=1, max_size=200))
+def test_merged_descriptors_copy_the_same_bytes(ids):
+    block = 4
+    local, remote, lengths = block_descriptors([0], block, np.arange(len(ids)), [0], block, ids)
+    src = np.arange(len(ids) * block, dtype=np.uint8)
+    a = np.zeros(51 * block, dtype=np.uint8)
+    b = np.zeros(51 * block, dtype=np.uint8)
+    for arr, (l, r, n) in ((a, (local, remote, lengths)), (b, merge_runs(local, remote, lengths))):
+        for li, ri, ni in zip(l.tolist(), r.tolist(), n.tolist()):
+            arr[ri:ri + ni] = src[li:li + ni]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_region_table_checks_bounds():
+    table = RegionTable([(1, 1000, 100), (2, 5000, 10)])
+    assert table.check([1000, 1090, 5000], [10, 10, 10], "x").tolist() == [1, 1, 2]
+    with pytest.raises(LLMException, match="x piece 1 .* outside registered memory"):
+        table.check([1000, 1095], [10, 10], "x")
+    with pytest.raises(LLMException, match="overlap"):
+        RegionTable([(1, 0, 100), (2, 50, 100)])
+    assert (table.locate([999, 5010], [1, 1]) == np.iinfo(np.uint64).max).all()
+
+
+def test_frames_round_trip_and_reject_bad_input():
+    frame = encode(MsgType.CALL, 7, {"method": "m", "params": {}}, payload_len=0)
+    msg_type, req_id, header_len, payload_len = decode_frame(frame[:FRAME.size])
+    assert (msg_type, req_id, payload_len) == (MsgType.CALL, 7, 0)
+    assert decode_header(msg_type, frame[FRAME.size:])["method"] == "m"
+    with pytest.raises(ProtocolError, match="bad magic"):
+        decode_frame(b"XXXX" + frame[4:FRAME.size])
+    with pytest.raises(ProtocolError, match="version"):
+        decode_frame(frame[:4] + b"\x00\x09" + frame[6:FRAME.size])
+    with pytest.raises(ProtocolError, match="unknown message type"):
+        decode_frame(frame[:6] + b"\x00\x63" + frame[8:FRAME.size])
+    big = FRAME.pack(b"KVC1", 1, 20, 1, MAX_HEADER_BYTES + 1, 0)
+    with pytest.raises(ProtocolError, match="header length"):
+        decode_frame(big)
+    with pytest.raises(ProtocolError, match="'params' missing"):
+        decode_header(MsgType.CALL, json.dumps({"method": "m"}).encode())
+    with pytest.raises(ProtocolError, match="not JSON"):
+        decode_header(MsgType.CALL, b"\xff{")
+    with pytest.raises(ProtocolError, match="field 'count'"):
+        decode_header(MsgType.WRITE, json.dumps({"count": True, "bytes": 1}).encode())
+    with pytest.raises(ProtocolError, match="expected 48"):
+        check_descriptor_payload({"count": 2, "bytes": 0}, 40, with_data=False)
+
+
+@given(st.binary(min_size=FRAME.size, max_size=FRAME.size), st.binary(max_size=200))
+def test_decoding_random_bytes_fails_only_with_protocol_error(frame, header):
+    try:
+        msg_type, _, _, _ = decode_frame(frame)
+        decode_header(msg_type, header)
+    except ProtocolError:
+        pass
+
+
+def test_link_moves_only_along_legal_transitions():
+    link = Link("x")
+    with pytest.raises(LLMException, match="illegal transition IDLE -> LINKED"):
+        link.transition(LinkState.LINKED)
+    link.transition(LinkState.CONNECTING)
+    link.transition(LinkState.LINKED)
+    link.begin_transfer()
+    with pytest.raises(LLMException) as err:
+        link.begin_unlink()
+    assert err.value.status_code == LLMStatusCode.LLM_LINK_BUSY
+    link.end_transfer()
+    assert link.begin_unlink() is True
+    assert link.state == LinkState.UNLINKING
+    with pytest.raises(LLMException) as err:
+        link.begin_transfer()
+    assert err.value.status_code == LLMStatusCode.LLM_NOT_YET_LINK
+    link.transition(LinkState.IDLE)
+
+
+def test_failed_link_refuses_transfers_and_can_relink():
+    link = Link("y")
+    link.transition(LinkState.CONNECTING)
+    link.transition(LinkState.LINKED)
+    link.fail("peer died")
+    with pytest.raises(LLMException) as err:
+        link.begin_transfer()
+    assert err.value.status_code == LLMStatusCode.LLM_LINK_FAILED
+    assert "peer died" in str(err.value)
+    assert link.begin_unlink() is False             # nothing to tell a dead peer
+    link.transition(LinkState.CONNECTING)
+    link.transition(LinkState.LINKED)
+
+
+def test_link_counts_concurrent_transfers():
+    link = Link("z")
+    link.transition(LinkState.CONNECTING)
+    link.transition(LinkState.LINKED)
+
+    def work():
+        for _ in range(1000):
+            link.begin_transfer()
+            link.end_transfer()
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert link.in_flight == 0
