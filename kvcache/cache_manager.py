@@ -10,6 +10,7 @@ import threading
 
 import numpy as np
 
+from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors
 from kvcache.status import LLMException, LLMStatusCode
@@ -87,6 +88,7 @@ class CacheManager:
     def _allocate(self, desc, kind, keys):
         stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
         base = self._pool.alloc(stride * desc.num_tensors)
+        populate(base, stride * desc.num_tensors)
         addrs = [base + i * stride for i in range(desc.num_tensors)]
         region = self._engine.register_memory(base, stride * desc.num_tensors,
                                               parent=self._pool_region)

@@ -29,7 +29,7 @@ OPT_ENABLE_SWITCH_ROLE = "llm.EnableSwitchRole"
 class LLMConfig:
     """Options for LLMDataDist.init. Attributes:
     device_id (int, 0), listen_ip_info ("ip:port" this process accepts links
-    on; a PROMPT needs one), buf_pool_cfg (JSON, see kvcache.bufpool),
+    on; whoever listens is the server of its links), buf_pool_cfg (JSON, see kvcache.bufpool),
     sync_kv_timeout (ms per transfer, default 1000), transport
     (auto|tcp|shm|rdma), link_timeout (ms, default 3000), enable_switch_role."""
 
@@ -105,9 +105,6 @@ class LLMDataDist:
         listen = options.get(OPT_LISTEN, "")
         if listen:
             parse_address(listen)
-        elif self.role == LLMRole.PROMPT:
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               "a PROMPT cluster needs listen_ip_info")
         self._switchable = options.get(OPT_ENABLE_SWITCH_ROLE, "0") == "1"
         self.sync_timeout_ms = _int_option(options, OPT_SYNC_TIMEOUT, 1000)
         self.link_timeout_ms = _int_option(options, OPT_LINK_TIMEOUT, 3000)
@@ -211,8 +208,9 @@ class LLMDataDist:
         return LinkState.IDLE if peer is None else peer.state
 
     def switch_role(self, role, switch_options=None):
-        """Become ``role``. LLM_EXIST_LINK while links remain; a new PROMPT
-        listens on switch_options["llm.ListenIpInfo"]."""
+        """Become ``role``. LLM_EXIST_LINK while links remain. With
+        switch_options["llm.ListenIpInfo"] the cluster listens there from now
+        on; becoming a DECODER without it stops listening."""
         engine = self._started()
         if not self._switchable:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
@@ -223,9 +221,6 @@ class LLMDataDist:
             raise LLMException(LLMStatusCode.LLM_EXIST_LINK,
                                f"unlink first: {[p.name for p in live]}")
         listen = (switch_options or {}).get(OPT_LISTEN, "")
-        if role == LLMRole.PROMPT and not (listen or engine.address):
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               f"a PROMPT cluster needs {OPT_LISTEN} in switch_options")
         if listen:
             engine.stop_listening()
             engine.start_listening(listen)

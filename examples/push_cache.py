@@ -1,0 +1,47 @@
+"""Prefill pushes a request's cache row into a decode cache (push_cache).
+
+    python examples/push_cache.py
+"""
+import numpy as np
+
+from common import expected, fill, finish, link, spawn, start
+from kvcache import CacheDesc, CacheKeyByIdAndIndex, DataType, LLMRole
+
+LAYERS = 4
+DESC = CacheDesc(2 * LAYERS, DataType.DT_FLOAT16, [8, 16384])
+
+
+def decoder(addresses, done, results):
+    dd = start(LLMRole.DECODER, 2, "127.0.0.1:0")
+    cache = dd.cache_manager.allocate_cache(DESC)
+    addresses.put((dd.listen_address, cache.cache_id))
+    done.wait()
+    results.put([bytes(t[5].view(np.uint8)) for t in cache.tensors()])
+    dd.finalize()
+
+
+def main():
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    addresses, done, results = ctx.Queue(), ctx.Event(), ctx.Queue()
+    process = ctx.Process(target=decoder, args=(addresses, done, results))
+    process.start()
+    address, remote_cache_id = addresses.get(timeout=60)
+    dd = start(LLMRole.PROMPT, 1)
+    cache = dd.cache_manager.allocate_cache(DESC)
+    fill(cache, seed=1)
+    link(dd, 2, address)
+    dd.cache_manager.push_cache(CacheKeyByIdAndIndex(cluster_id=2, cache_id=remote_cache_id,
+                                                     batch_index=5), cache, src_batch_index=0)
+    done.set()
+    got = results.get(timeout=60)
+    for i in range(2 * LAYERS):
+        want = expected(1, i, DESC.shape, np.float16)[0]
+        assert got[i] == want.tobytes(), i
+    print("OK: row 0 pushed into the decoder's batch row 5")
+    dd.finalize()
+    process.join(60)
+
+
+if __name__ == "__main__":
+    main()
