@@ -9,9 +9,9 @@ APT_BUILD := build-essential python3-dev python3-venv pkg-config rdma-core ibver
 APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest iproute2 \
           busybox-static util-linux
 PIP_BUILD := "setuptools>=68" wheel "Cython>=3.0" "numpy>=1.24"
-PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng
+PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0
 
-.PHONY: setup setup-vm build demo test test-host test-rdma bench-verbs clean
+.PHONY: setup setup-vm build demo demo-rdma test test-host test-rdma bench-verbs bench clean
 
 setup: $(VENV)/.installed
 
@@ -29,7 +29,12 @@ setup-vm: setup
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
-demo: setup-vm build
+# The main job on the embedded default (no RDMA needed): a prefill and a
+# decode process exchanging KV blocks.
+demo: build
+	$(PY) examples/pull_blocks.py
+
+demo-rdma: setup-vm build
 	scripts/rdma-vm --timeout 600 -- python examples/verbs_demo.py
 
 test: setup-vm build test-host test-rdma
@@ -42,6 +47,9 @@ test-host:
 test-rdma:
 	scripts/rdma-vm --timeout 2400 -- python -m pytest -p no:cacheprovider -m rdma -v \
 	    --junitxml=.ci-out/rdma-junit.xml tests
+
+bench: build
+	$(PY) bench/transfer_bench.py
 
 bench-verbs: setup-vm build
 	scripts/rdma-vm --timeout 2400 -- python bench/verbs_bench.py
