@@ -3,8 +3,9 @@
 Caches are allocated from the buffer pool (registered once) or registered
 from user memory; pull_*/push_* turn (cache layout, block ids, layer range)
 into descriptor arrays and hand them to the engine. The peer's cache is
-looked up by key on every call, so a cache it freed or replaced is never
-written by mistake (its region id no longer matches)."""
+looked up by key once per link and remembered; every transfer names the
+cache's region id, so a cache the peer freed or replaced is never written
+by mistake: the peer refuses, and the call looks the key up again."""
 import itertools
 import threading
 
@@ -205,28 +206,59 @@ class CacheManager:
 
     # --- transfers ---------------------------------------------------------------
 
-    def _peer_and_remote(self, cluster_id, key):
+    def _peer_and_remote(self, cluster_id, key, fresh=False):
+        """The linked peer of a cluster and its cache named by ``key``. The
+        description is remembered per link; it is safe to reuse because
+        every transfer names the cache's region id, which the peer checks."""
         peer = self._engine.find_peer(cluster_id)
         if peer is None:
             raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
                                f"cluster {cluster_id} is not linked")
-        info = self._engine.call(peer, "cache.lookup", _key_params(key), self.sync_timeout_ms)
+        params = _key_params(key)
+        known = peer.attachments.setdefault("cache.lookup", {})
+        cache_key = tuple(sorted(params.items()))
+        if not fresh and cache_key in known:
+            return peer, known[cache_key]
+        info = self._engine.call(peer, "cache.lookup", params, self.sync_timeout_ms)
         try:
-            return peer, RemoteCache(info)
+            remote = RemoteCache(info)
         except (KeyError, TypeError, ValueError) as exc:
             raise LLMException(LLMStatusCode.LLM_FAILED,
                                f"cluster {cluster_id} described its cache badly: {exc}")
+        known[cache_key] = remote
+        return peer, remote
 
-    def _move(self, peer, op, local, remote, lengths, remote_tensor_regions, pieces_per_tensor):
-        regions = np.repeat(np.asarray(remote_tensor_regions, dtype=np.uint64),
-                            pieces_per_tensor)
-        self._engine.transfer_sync(peer, op, local, remote, lengths, self.sync_timeout_ms,
-                                   remote_regions=regions)
+    def _forget(self, peer, key):
+        peer.attachments.get("cache.lookup", {}).pop(tuple(sorted(_key_params(key).items())),
+                                                     None)
+
+    def _with_retry(self, plan, cluster_id, remote_key, *args):
+        """Run ``plan(peer, remote, *args)`` -> (peer, op, descriptors...) and
+        move the bytes; when the peer says the cache we remembered is gone,
+        look it up once more and retry (nothing was moved)."""
+        for fresh in (False, True):
+            peer, remote = self._peer_and_remote(cluster_id, remote_key, fresh)
+            op, local, remote_addrs, lengths, regions, pieces = plan(remote, *args)
+            if local.size == 0:
+                return
+            try:
+                self._engine.transfer_sync(
+                    peer, op, local, remote_addrs, lengths, self.sync_timeout_ms,
+                    remote_regions=np.repeat(np.asarray(regions, dtype=np.uint64), pieces))
+                return
+            except LLMException as exc:
+                if exc.status_code != LLMStatusCode.LLM_KV_CACHE_NOT_EXIST or fresh:
+                    raise
+                self._forget(peer, remote_key)
 
     def _blocks(self, op, remote_key, cluster_id, local_cache, local_blocks, remote_blocks,
                 local_layers, remote_layers, per_layer):
+        self._with_retry(self._plan_blocks, cluster_id, remote_key, op, local_cache,
+                         local_blocks, remote_blocks, local_layers, remote_layers, per_layer)
+
+    def _plan_blocks(self, remote, op, local_cache, local_blocks, remote_blocks, local_layers,
+                     remote_layers, per_layer):
         local_desc = local_cache.cache_desc
-        peer, remote = self._peer_and_remote(cluster_id, remote_key)
         remote_desc = remote.cache_desc
         here, there = ("dst", "src") if op == "read" else ("src", "dst")
         if remote_desc.data_type != local_desc.data_type:
@@ -274,10 +306,8 @@ class CacheManager:
             remote_addrs = (remote_bases[:, None] + offsets[None, :]).ravel()
             lengths = np.tile(lengths_one, local_t.size)
             pieces = chunks
-        if local.size == 0:
-            return
-        self._move(peer, op, local, remote_addrs, lengths,
-                   np.asarray(remote.region_ids)[remote_t], pieces)
+        return (op, local, remote_addrs, lengths, np.asarray(remote.region_ids)[remote_t],
+                pieces)
 
     def pull_blocks(self, src_cache_key, dst_cache, src_blocks=(), dst_blocks=(),
                     src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
@@ -309,7 +339,11 @@ class CacheManager:
             cluster = remote_key.prompt_cluster_id
         else:
             _invalid_key(remote_key)
-        peer, remote = self._peer_and_remote(cluster, remote_key)
+        self._with_retry(self._plan_rows, cluster, remote_key, op, local_cache, local_row,
+                         remote_row, size, local_layers, remote_layers, per_layer)
+
+    def _plan_rows(self, remote, op, local_cache, local_row, remote_row, size, local_layers,
+                   remote_layers, per_layer):
         here, there = ("dst", "src") if op == "read" else ("src", "dst")
         local_desc, remote_desc = local_cache.cache_desc, remote.cache_desc
         if remote_desc.data_type != local_desc.data_type:
@@ -335,8 +369,7 @@ class CacheManager:
         remote_addrs = (np.asarray(remote.tensor_addrs, dtype=np.uint64)[remote_t]
                         + np.uint64(remote_row * remote_desc.row_bytes))
         lengths = np.full(local.size, size, dtype=np.uint64)
-        self._move(peer, op, local, remote_addrs, lengths,
-                   np.asarray(remote.region_ids)[remote_t], 1)
+        return op, local, remote_addrs, lengths, np.asarray(remote.region_ids)[remote_t], 1
 
     def pull_cache(self, src_cache_key, dst_cache, batch_index=0, size=-1,
                    src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):

@@ -64,6 +64,9 @@ class Peer:
         self.inbound = inbound
         self.link = Link(name)
         self.closing_by_peer = False
+        # For layers above the engine to keep per-link state (the cache
+        # manager's lookups); it dies with the link.
+        self.attachments = {}
 
     @property
     def state(self):
@@ -438,12 +441,19 @@ class TransferEngine:
             self._pin(ids)
         if bad.size:
             i = int(bad[0])
+            region = int(table["region"][i])
             message = (f"piece {i} [{int(table['addr'][i]):#x}, +{int(table['length'][i])}) is "
-                       f"not inside live region {int(table['region'][i])} of {self.name} "
+                       f"not inside live region {region} of {self.name} "
                        f"({bad.size} such pieces; stale or foreign address)")
             if writing:
                 channel.discard(total)
-            status = {"status": int(LLMStatusCode.LLM_PARAM_INVALID), "message": message}
+            # A region that no longer exists means the memory the peer
+            # described was released (e.g. a freed cache): KV_CACHE_NOT_EXIST
+            # tells it to look again. Anything else is a bad address.
+            with self._lock:
+                gone = region not in self._regions
+            code = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST if gone else LLMStatusCode.LLM_PARAM_INVALID
+            status = {"status": int(code), "message": message}
             channel.reply_later(req_id, lambda: (status, None))
             return
         if writing:

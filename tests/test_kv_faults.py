@@ -281,3 +281,15 @@ def test_a_linked_peer_sending_garbage_only_loses_its_own_link():
         s.close()
         assert not buf.any()
         good.call(good_peer, "engine.regions", {})
+
+
+def test_a_replaced_remote_cache_is_looked_up_again(pair):
+    prompt, decoder, src, dst = pair
+    decoder.call("pull_blocks", 1, dst, [0], [0])              # remembers the lookup
+    prompt.call("deallocate", src)
+    new = prompt.call("alloc_blocks", 2 * L, [BLOCKS, ELEMS], key_cluster=1)
+    prompt.call("fill", new, seed=9)                           # same key, new contents
+    decoder.call("pull_blocks", 1, dst, [3], [4])
+    got, want = decoder.call("tensors", dst), prompt.call("tensors", new)
+    for t in range(2 * L):
+        np.testing.assert_array_equal(got[t][4], want[t][3])
