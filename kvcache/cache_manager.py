@@ -40,7 +40,7 @@ def _layer_tensors(layer_range, num_tensors, per_layer, side):
 
 
 def _block_ids(ids, limit, side):
-    ids = np.asarray(list(ids), dtype=np.int64)
+    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
     if ids.size and (ids.min() < 0 or ids.max() >= limit):
         bad = ids[(ids < 0) | (ids >= limit)][0]
         raise _invalid(f"{side} block id {int(bad)} out of range 0..{limit - 1}")
