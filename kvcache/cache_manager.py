@@ -236,7 +236,10 @@ class CacheManager:
         """Run ``plan(peer, remote, *args)`` -> (peer, op, descriptors...) and
         move the bytes; when the peer says the cache we remembered is gone,
         look it up once more and retry (nothing was moved)."""
-        for fresh in (False, True):
+        # Where the transport is one-sided the peer cannot refuse a stale
+        # description, so it is looked up afresh every time.
+        one_sided = not self._engine.transport.checks_at_target
+        for fresh in (one_sided, True):
             peer, remote = self._peer_and_remote(cluster_id, remote_key, fresh)
             op, local, remote_addrs, lengths, regions, pieces = plan(remote, *args)
             if local.size == 0:

@@ -36,7 +36,15 @@ if os.environ.get("KVCACHE_DEBUG"):
     logging.basicConfig(level=logging.DEBUG)
 
 _NO_REGION = np.iinfo(np.uint64).max
-TRANSPORTS = {"tcp": TcpTransport}
+
+
+def _rdma_transport():
+    from kvcache.transports.rdma import RdmaTransport
+    return RdmaTransport()
+
+
+# Transport name -> factory. RDMA loads pyverbs_kv only when chosen.
+TRANSPORTS = {"tcp": TcpTransport, "rdma": _rdma_transport}
 
 
 def parse_address(text):
@@ -121,6 +129,9 @@ class TransferEngine:
         self._peers = {}
         self._handlers = {"engine.regions": self._rpc_regions,
                           "engine.notify": self._rpc_notify}
+        bind = getattr(self.transport, "bind", None)
+        if bind is not None:
+            bind(self)             # the transport's own control calls
         self._notifications = deque()
         self._pool = None
         self._closed = False
@@ -283,14 +294,16 @@ class TransferEngine:
             self._peers[peer.name] = peer
         if old is not None:
             old.channel.close("replaced by a new link from the same peer")
-        try:
-            self.transport.attach_peer(peer, self.timeout_ms)
-        except LLMException as exc:
-            peer.link.fail(str(exc))
-            peer.channel.close(str(exc))
-            raise
         peer.link.transition(LinkState.LINKED)
         peer.channel.start()
+        try:
+            # The data path may need the control channel (RDMA QP exchange).
+            self.transport.attach_peer(peer, self.timeout_ms)
+        except (LLMException, ChannelClosed) as exc:
+            peer.link.fail(str(exc))
+            peer.channel.close(str(exc))
+            raise LLMException(getattr(exc, "status_code", LLMStatusCode.LLM_LINK_FAILED),
+                               f"data path to {peer.name}: {exc}") from None
         log.info("%s: linked to %s (%s)", self.name, peer.name,
                  "inbound" if inbound else "outbound")
         return peer

@@ -70,6 +70,9 @@ def choose_transport(requested):
     if requested not in TRANSPORT_CHOICES:
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                            f"transport must be one of {TRANSPORT_CHOICES}, got {requested!r}")
+    if requested == "rdma" and not rdma_status().available:
+        raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                           f"transport 'rdma' unavailable: {rdma_status().reason}")
     if requested != "auto":
         if requested not in TRANSPORTS:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from kvcache import LLMException, LLMStatusCode
 from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
 from kvcache.link import Link, LinkState
+from kvcache.transports.rdma import _split_long
 from kvcache.protocol import (FRAME, MAX_HEADER_BYTES, MsgType, ProtocolError,
                               check_descriptor_payload, decode_frame, decode_header, encode)
 
@@ -140,3 +141,13 @@ def test_link_counts_concurrent_transfers():
     for t in threads:
         t.join()
     assert link.in_flight == 0
+
+
+def test_long_pieces_are_cut_to_the_max_message_size():
+    local = np.array([1000, 50_000], dtype=np.uint64)
+    remote = np.array([9000, 90_000], dtype=np.uint64)
+    lengths = np.array([25, 10], dtype=np.uint64)
+    l2, r2, n2 = _split_long(local, remote, lengths, 10)
+    assert l2.tolist() == [1000, 1010, 1020, 50_000]
+    assert r2.tolist() == [9000, 9010, 9020, 90_000]
+    assert n2.tolist() == [10, 10, 5, 10]

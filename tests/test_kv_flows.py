@@ -10,16 +10,28 @@ L, N = 4, 2                           # layers, tensors per layer (K, V)
 BLOCKS, BLOCK_ELEMS = 64, 512         # 1 KiB fp16 blocks
 
 
+# Every flow runs on each transport; RDMA ones run in the Soft-RoCE VM lane.
+TRANSPORTS = ["tcp", pytest.param("rdma", marks=pytest.mark.rdma)]
+
+
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    return request.param
+
+
+POOL = '{"buf_pool_size": 67108864}'      # small: RDMA registers (pins) all of it
+
+
 @pytest.fixture
-def prompt():
-    peer = PeerProcess("prompt", 1)
+def prompt(transport):
+    peer = PeerProcess("prompt", 1, transport=transport, buf_pool_cfg=POOL)
     yield peer
     peer.close()
 
 
 @pytest.fixture
-def decoder():
-    peer = PeerProcess("decoder", 2, listen="")
+def decoder(transport):
+    peer = PeerProcess("decoder", 2, listen="", transport=transport, buf_pool_cfg=POOL)
     yield peer
     peer.close()
 
@@ -124,9 +136,10 @@ def test_switch_role_pull_then_swap_and_push(prompt, decoder):
         np.testing.assert_array_equal(got[t][[3, 4, 20, 21]], want[t][[1, 2, 10, 11]])
 
 
-def test_xpyd_every_decoder_pulls_from_every_prompt():
-    prompts = [PeerProcess("prompt", c) for c in (1, 2)]
-    decoders = [PeerProcess("decoder", c, listen="") for c in (11, 12)]
+def test_xpyd_every_decoder_pulls_from_every_prompt(transport):
+    prompts = [PeerProcess("prompt", c, transport=transport, buf_pool_cfg=POOL) for c in (1, 2)]
+    decoders = [PeerProcess("decoder", c, listen="", transport=transport, buf_pool_cfg=POOL)
+                for c in (11, 12)]
     try:
         srcs = []
         for p in prompts:

@@ -1,0 +1,317 @@
+"""RDMA transport: one-sided RDMA WRITE/READ over RC queue pairs
+(pyverbs_kv), the only kvcache module that touches verbs.
+
+Memory is registered once per protection domain when the engine registers a
+top-level region (the buffer pool, user caches), never per connection or per
+transfer. Per link, a group of RC QPs (KVCACHE_RDMA_QPS, default 2) is set
+up over the engine's control channel: the initiator sends its QPNs, PSNs,
+GID and MTU; the peer creates its QPs, moves them to RTS and answers with
+its own and the rkeys of its regions; that answer is the ready-ACK before
+the first work request. A transfer is split across the link's QPs and is
+done when every QP's last signalled WR completed. Any error completion
+fails the link (re-linking creates new QPs).
+
+Environment (FastDeploy's names where they mean the same):
+KVCACHE_RDMA_NICS (comma-separated devices; default all, chosen round-robin
+per process), KVCACHE_RDMA_GID_INDEX (default: the RoCE v2 IPv4-mapped GID),
+KVCACHE_SOCKET_IFNAME (pick the GID on this netdev), KVCACHE_IB_TIMEOUT
+(ACK timeout exponent, default 14), KVCACHE_RELAX_ORDERING (1: register with
+relaxed ordering), KVCACHE_RDMA_QPS (QPs per link)."""
+import logging
+import os
+import random
+import threading
+
+import numpy as np
+
+from kvcache.descriptors import RegionTable
+from kvcache.status import LLMException, LLMStatusCode
+from kvcache.transports.base import Transport
+
+log = logging.getLogger("kvcache.rdma")
+
+_NO_REGION = np.iinfo(np.uint64).max
+SEND_QUEUE = 1024
+ATTACH_WAIT_S = 10
+
+
+def _env_int(name, default):
+    text = os.environ.get(name, "")
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                           f"{name}={text!r} is not an integer") from None
+
+
+def _failed(step, exc):
+    return LLMException(LLMStatusCode.LLM_LINK_FAILED, f"RDMA {step}: {exc}")
+
+
+class _QPGroup:
+    """The QPs of one link, their peer's memory keys, and a lock: one batch
+    at a time per link (the batch path tracks each QP's send queue)."""
+
+    def __init__(self):
+        self.qps = []
+        self.psns = []
+        self.cqs = []
+        self.remote_keys = RegionTable()
+        self.rkeys = {}
+        self.lock = threading.Lock()
+        self.ready = threading.Event()
+        self.error = None
+
+    def close(self):
+        for qp in self.qps:
+            qp.close()
+        for cq in self.cqs:
+            cq.close()
+        self.qps, self.cqs = [], []
+
+
+def _split_long(local, remote, lengths, limit):
+    """Cut pieces longer than the port's max message size."""
+    if not (lengths > limit).any():
+        return local, remote, lengths
+    counts = ((lengths + np.uint64(limit - 1)) // np.uint64(limit)).astype(np.int64)
+    index = np.repeat(np.arange(lengths.size), counts)
+    first = np.cumsum(counts) - counts
+    offset = ((np.arange(index.size) - np.repeat(first, counts)).astype(np.uint64)
+              * np.uint64(limit))
+    size = np.minimum(np.uint64(limit), lengths[index] - offset)
+    return local[index] + offset, remote[index] + offset, size
+
+
+class RdmaTransport(Transport):
+    """One-sided: the peer's CPU takes no part in a transfer, so it cannot
+    check pieces against its live caches; the initiator checks them against
+    the peer's memory keys (hardware enforces the registered bounds)."""
+    name = "rdma"
+    checks_at_target = False
+
+    def __init__(self):
+        try:
+            import pyverbs_kv as pv
+            from pyverbs_kv.enums import IBV_ACCESS_RELAXED_ORDERING
+        except (ImportError, OSError) as exc:
+            raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                               f"RDMA transport: pyverbs_kv cannot be loaded: {exc}") from None
+        self.pv = pv
+        devices = pv.get_device_list()
+        wanted = [d for d in os.environ.get("KVCACHE_RDMA_NICS", "").split(",") if d]
+        if wanted:
+            missing = [d for d in wanted if d not in devices]
+            if missing:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"KVCACHE_RDMA_NICS names {missing}, not present "
+                                   f"(have {devices})")
+            devices = wanted
+        if not devices:
+            raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                               "RDMA transport: no RDMA device found")
+        device = devices[os.getpid() % len(devices)]
+        try:
+            self.ctx = pv.Context(device)
+            self.pd = pv.PD(self.ctx)
+            port = self.ctx.query_port(1)
+        except pv.VerbsError as exc:
+            raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                               f"RDMA transport: opening {device}: {exc}") from None
+        if port["state_str"] != "active":
+            raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                               f"RDMA transport: {device} port 1 is {port['state_str']}")
+        self.device = device
+        self.mtu = port["active_mtu"]
+        self.max_msg = min(int(port["max_msg_sz"]), 1 << 30)
+        try:
+            self.gid_index = _env_int("KVCACHE_RDMA_GID_INDEX", -1)
+            if self.gid_index < 0:
+                self.gid_index = self.ctx.pick_gid(
+                    1, netdev=os.environ.get("KVCACHE_SOCKET_IFNAME") or None)
+            self.gid = self.ctx.query_gid(1, self.gid_index)
+        except pv.VerbsError as exc:
+            raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                               f"RDMA transport: GID on {device}: {exc}") from None
+        self.ack_timeout = _env_int("KVCACHE_IB_TIMEOUT", 14)
+        self.num_qps = max(1, _env_int("KVCACHE_RDMA_QPS", 2))
+        self.access = pv.DEFAULT_ACCESS
+        if os.environ.get("KVCACHE_RELAX_ORDERING") == "1":
+            self.access |= int(IBV_ACCESS_RELAXED_ORDERING)
+        self.mrs = {}
+        self.local_keys = RegionTable()
+        self._lock = threading.Lock()
+        log.info("RDMA transport on %s, GID[%d] %s, %d QPs per link", device, self.gid_index,
+                 self.gid, self.num_qps)
+
+    def bind(self, engine):
+        engine.add_handler("rdma.connect", self._rpc_connect)
+        engine.add_handler("rdma.keys", self._rpc_keys)
+        self.engine = engine
+
+    # --- memory ----------------------------------------------------------------
+
+    def register_region(self, region_id, addr, length):
+        try:
+            mr = self.pv.MR.from_address(self.pd, addr, length, self.access)
+        except self.pv.VerbsError as exc:
+            raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                               f"RDMA registration of {length} bytes: {exc}") from None
+        with self._lock:
+            self.mrs[region_id] = mr
+            self._rebuild_keys()
+
+    def unregister_region(self, region_id):
+        with self._lock:
+            mr = self.mrs.pop(region_id, None)
+            self._rebuild_keys()
+        if mr is not None:
+            mr.close()
+
+    def _rebuild_keys(self):
+        self.local_keys = RegionTable((i, mr.addr, mr.length) for i, mr in self.mrs.items())
+
+    def _key_list(self):
+        with self._lock:
+            return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.mrs.items()]
+
+    # --- link set-up -------------------------------------------------------------
+
+    def _new_group(self):
+        group = _QPGroup()
+        for _ in range(self.num_qps):
+            cq = self.pv.CQ(self.ctx, 2 * SEND_QUEUE)
+            qp = self.pv.QP(self.pd, cq, cq, cap=self.pv.QPCap(max_send_wr=SEND_QUEUE,
+                                                               max_recv_wr=16))
+            qp.to_init(1)
+            group.cqs.append(cq)
+            group.qps.append(qp)
+            group.psns.append(random.randrange(1 << 24))
+        return group
+
+    def _describe(self, group):
+        return {"gid": self.gid, "mtu": int(self.mtu),
+                "qps": [[qp.qp_num, psn] for qp, psn in zip(group.qps, group.psns)],
+                "keys": self._key_list()}
+
+    def _connect_group(self, group, remote):
+        if len(remote["qps"]) != len(group.qps):
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"peer has {len(remote['qps'])} QPs per link, we have "
+                               f"{len(group.qps)} (KVCACHE_RDMA_QPS must match)")
+        mtu = min(int(self.mtu), int(remote["mtu"]))
+        for qp, my_psn, (qpn, psn) in zip(group.qps, group.psns, remote["qps"]):
+            try:
+                qp.to_rtr(qpn, psn, remote["gid"], self.gid_index, path_mtu=mtu)
+                qp.to_rts(my_psn, timeout=self.ack_timeout)
+            except self.pv.VerbsError as exc:
+                raise _failed(f"bring-up of QP {qp.qp_num:#x} (step {exc.call})", exc)
+        self._set_keys(group, remote["keys"])
+
+    def _set_keys(self, group, keys):
+        group.remote_keys = RegionTable((k[0], k[1], k[2]) for k in keys)
+        group.rkeys = {int(k[0]): int(k[3]) for k in keys}
+
+    def _rpc_connect(self, peer, params):
+        """The peer's half of set-up: our QPs to RTS, then answer (the
+        ready-ACK: nothing of theirs can reach a QP that is not ready)."""
+        old = peer.attachments.pop("rdma", None)
+        if old is not None:
+            old.close()
+        group = self._new_group()
+        try:
+            self._connect_group(group, params)
+        except LLMException:
+            group.close()
+            raise
+        peer.attachments["rdma"] = group
+        group.ready.set()
+        return self._describe(group)
+
+    def _rpc_keys(self, peer, params):
+        return {"keys": self._key_list()}
+
+    def attach_peer(self, peer, timeout_ms):
+        if peer.inbound:
+            return                       # the initiator drives set-up
+        group = self._new_group()
+        try:
+            remote = self.engine.call(peer, "rdma.connect", self._describe(group), timeout_ms)
+            self._connect_group(group, remote)
+        except BaseException:
+            group.close()
+            raise
+        peer.attachments["rdma"] = group
+        group.ready.set()
+
+    def detach_peer(self, peer):
+        group = peer.attachments.pop("rdma", None)
+        if group is not None:
+            with group.lock:
+                group.close()
+
+    # --- transfers ---------------------------------------------------------------
+
+    def _group(self, peer):
+        group = peer.attachments.get("rdma")
+        deadline_wait = ATTACH_WAIT_S
+        if group is None:
+            # An inbound link whose initiator is still setting up QPs.
+            import time
+            end = time.monotonic() + deadline_wait
+            while group is None and time.monotonic() < end:
+                time.sleep(0.001)
+                group = peer.attachments.get("rdma")
+        if group is None:
+            raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                               f"RDMA queue pairs to {peer.name} are not set up")
+        return group
+
+    def _remote_keys(self, peer, group, remote, lengths):
+        ids = group.remote_keys.locate(remote, lengths)
+        if (ids == _NO_REGION).any():
+            self._set_keys(group, self.engine.call(peer, "rdma.keys", {})["keys"])
+            ids = group.remote_keys.check(remote, lengths, f"remote ({peer.name}, RDMA)")
+        return ids
+
+    def _move(self, op, peer, local, remote, lengths, timeout_ms):
+        group = self._group(peer)
+        local, remote, lengths = _split_long(local, remote, lengths, self.max_msg)
+        local_ids = self.local_keys.check(local, lengths, "local (RDMA)")
+        remote_ids = self._remote_keys(peer, group, remote, lengths)
+        pairs = np.stack([local_ids, remote_ids], axis=1)
+        with group.lock:
+            if not group.qps:
+                raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                   f"RDMA link to {peer.name} is closed")
+            batches = []
+            try:
+                for lid, rid in np.unique(pairs, axis=0):
+                    mask = (local_ids == lid) & (remote_ids == rid)
+                    lkey, rkey = self.mrs[int(lid)].lkey, group.rkeys[int(rid)]
+                    l_part, r_part, n_part = local[mask], remote[mask], lengths[mask]
+                    for chunk in np.array_split(np.arange(l_part.size), len(group.qps)):
+                        if not chunk.size:
+                            continue
+                        qp = group.qps[len(batches) % len(group.qps)]
+                        post = qp.post_write_batch if op == "write" else qp.post_read_batch
+                        batches.append(post(l_part[chunk], n_part[chunk], lkey, r_part[chunk],
+                                            rkey, timeout_ms=timeout_ms))
+                self.pv.wait_batches(batches, timeout_ms)
+            except self.pv.VerbsTimeout as exc:
+                peer.link.fail(f"RDMA {op} timed out: {exc}")
+                raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                                   f"RDMA {op} to {peer.name}: {exc}") from None
+            except self.pv.VerbsError as exc:
+                peer.link.fail(f"RDMA {op} failed: {exc}")
+                raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                   f"RDMA {op} to {peer.name} failed: {exc}") from None
+
+    def write(self, peer, local, remote, lengths, regions, timeout_ms):
+        self._move("write", peer, local, remote, lengths, timeout_ms)
+
+    def read(self, peer, local, remote, lengths, regions, timeout_ms):
+        self._move("read", peer, local, remote, lengths, timeout_ms)
+
+    def close(self):
+        self.ctx.close()

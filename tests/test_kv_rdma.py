@@ -1,0 +1,122 @@
+"""The RDMA transport inside the Soft-RoCE VM: engines in one process and
+peers in others, over real RC QPs."""
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from kv_peer import PeerError, PeerProcess
+from kvcache import LLMException, LLMStatusCode, TransferEngine
+
+pytestmark = pytest.mark.rdma
+
+POOL = '{"buf_pool_size": 67108864}'
+
+
+def rdma_resources():
+    out = subprocess.run(["rdma", "resource", "show"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return {k: int(out[i + 1]) for i, k in enumerate(out) if k in ("qp", "mr", "pd", "cq")}
+
+
+def test_engine_write_read_and_notify_over_rdma():
+    with TransferEngine("a", transport="rdma") as a, TransferEngine("b", transport="rdma") as b:
+        src = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+        dst = np.zeros(1 << 20, dtype=np.uint8)
+        a.register_memory(src.ctypes.data, src.nbytes)
+        b.register_memory(dst.ctypes.data, dst.nbytes)
+        peer = a.connect(b.address)
+        order = np.random.default_rng(1).permutation(256).astype(np.uint64)
+        local = src.ctypes.data + np.arange(256, dtype=np.uint64) * 4096
+        remote = dst.ctypes.data + order * 4096
+        assert a.transfer_sync(peer, "write", local, remote, [4096] * 256) == 1 << 20
+        np.testing.assert_array_equal(dst.reshape(256, 4096)[order], src.reshape(256, 4096))
+        a.notify(peer, "done", b"layer-0")
+        assert b.get_notifications() == [("a", "done", b"layer-0")]
+        back = np.zeros_like(src)
+        a.register_memory(back.ctypes.data, back.nbytes)
+        a.transfer_sync(peer, "read", back.ctypes.data + np.arange(256, dtype=np.uint64) * 4096,
+                        remote, [4096] * 256)
+        np.testing.assert_array_equal(back, src)
+        # The inbound side initiates too, over the same QPs.
+        b_peer = b.peers()[0]
+        dst[:] = 7
+        b.transfer_sync(b_peer, "write", [dst.ctypes.data], [src.ctypes.data], [100])
+        assert (src[:100] == 7).all()
+
+
+def test_unregistered_memory_is_refused_before_posting():
+    with TransferEngine("a", transport="rdma") as a, TransferEngine("b", transport="rdma") as b:
+        mine = np.zeros(8192, dtype=np.uint8)
+        theirs = np.zeros(8192, dtype=np.uint8)
+        a.register_memory(mine.ctypes.data, 4096)
+        b.register_memory(theirs.ctypes.data, 4096)
+        peer = a.connect(b.address)
+        with pytest.raises(LLMException) as err:
+            a.transfer_sync(peer, "write", [mine.ctypes.data + 4000], [theirs.ctypes.data],
+                            [200])
+        assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+        with pytest.raises(LLMException) as err:
+            a.transfer_sync(peer, "write", [mine.ctypes.data], [theirs.ctypes.data + 4096],
+                            [10], remote_regions=[1])
+        assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+        assert "RDMA" in str(err.value)
+        assert not theirs.any()
+        a.transfer_sync(peer, "write", [mine.ctypes.data], [theirs.ctypes.data], [10])
+
+
+def test_a_hundred_link_unlink_cycles_leak_no_qps_or_mrs():
+    with TransferEngine("server", transport="rdma") as server:
+        buf = np.zeros(1 << 16, dtype=np.uint8)
+        server.register_memory(buf.ctypes.data, buf.nbytes)
+        with TransferEngine("client", transport="rdma") as client:
+            mine = np.ones(1 << 16, dtype=np.uint8)
+            client.register_memory(mine.ctypes.data, mine.nbytes)
+            before = rdma_resources()
+            for i in range(100):
+                peer = client.connect(server.address)
+                client.transfer_sync(peer, "write", [mine.ctypes.data + i], [buf.ctypes.data],
+                                     [64])
+                client.disconnect(peer)
+                deadline = time.monotonic() + 5
+                while server.peers() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+            assert rdma_resources() == before
+        assert buf[:64].all()
+
+
+def test_peer_killed_mid_transfer_then_restarted_and_relinked():
+    prompt = PeerProcess("prompt", 1, transport="rdma", buf_pool_cfg=POOL)
+    decoder = PeerProcess("decoder", 2, listen="", transport="rdma", buf_pool_cfg=POOL,
+                          sync_kv_timeout=20_000)
+    try:
+        prompt.call("alloc_blocks", 2, [256, 32768], key_cluster=1)       # 2 x 16 MiB
+        assert decoder.call("link", 1, prompt.address) == LLMStatusCode.LLM_SUCCESS
+        dst = decoder.call("alloc_blocks", 2, [256, 32768])
+        decoder.send("pull_blocks", 1, dst, list(range(256)), list(range(256)), per_layer=1)
+        time.sleep(0.3)
+        started = time.monotonic()
+        prompt.kill(signal.SIGKILL)
+        try:
+            decoder.result()
+            finished_first = True           # the emulated NIC was quicker than the kill
+        except PeerError as err:
+            finished_first = False
+            assert err.status_code in (LLMStatusCode.LLM_LINK_FAILED, LLMStatusCode.LLM_TIMEOUT)
+            assert time.monotonic() - started < 15
+        address = prompt.address
+        prompt = PeerProcess("prompt", 1, listen=address, transport="rdma", buf_pool_cfg=POOL)
+        src = prompt.call("alloc_blocks", 2, [256, 32768], key_cluster=1)
+        prompt.call("fill", src, seed=4)
+        deadline = time.monotonic() + 10
+        while decoder.call("link_state", 1) == "LINKED" and time.monotonic() < deadline:
+            time.sleep(0.1)                  # the dead peer's control link drops
+        assert decoder.call("link", 1, prompt.address) == LLMStatusCode.LLM_SUCCESS
+        decoder.call("pull_blocks", 1, dst, [7, 8], [0, 1], per_layer=1)
+        got, want = decoder.call("tensors", dst), prompt.call("tensors", src)
+        np.testing.assert_array_equal(got[0][[0, 1]], want[0][[7, 8]])
+    finally:
+        prompt.close()
+        decoder.close()
