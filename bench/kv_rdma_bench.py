@@ -1,6 +1,7 @@
 """Overhead of the cache layer over RDMA (Soft-RoCE VM): kvcache pull_blocks
-of 1538 scattered blocks between two processes, next to pyverbs_kv's raw
-batch write of the same blocks, in one run.
+(RDMA READ) and push_blocks (RDMA WRITE) of 1538 scattered blocks between
+two processes, next to pyverbs_kv's raw batch read and write of the same
+blocks between two QPs, all in one run; medians of --repeat.
 
     scripts/rdma-vm -- python bench/kv_rdma_bench.py [--sizes 4K,16K,64K] [--repeat 5]
 """
@@ -48,19 +49,21 @@ def prefill(addresses, done, sizes):
     dd.finalize()
 
 
-def raw_write(pair, pd, size, slots):
+def raw(pair, pd, size, slots, op):
+    """pyverbs_kv's batch path alone: bytes/s of one batch."""
     a, _ = pair
-    src = np.ones((BATCH, size), dtype=np.uint8)
-    dst = np.zeros((2 * BATCH, size), dtype=np.uint8)
-    src_mr, dst_mr = pv.MR(pd, src), pv.MR(pd, dst)
-    local = src_mr.addr + np.arange(BATCH, dtype=np.uint64) * size
-    remote = dst_mr.addr + slots.astype(np.uint64) * size
+    mine = np.ones((BATCH, size), dtype=np.uint8)
+    theirs = np.zeros((2 * BATCH, size), dtype=np.uint8)
+    mine_mr, theirs_mr = pv.MR(pd, mine), pv.MR(pd, theirs)
+    local = mine_mr.addr + np.arange(BATCH, dtype=np.uint64) * size
+    remote = theirs_mr.addr + slots.astype(np.uint64) * size
+    post = a.qp.post_write_batch if op == "write" else a.qp.post_read_batch
     t0 = time.perf_counter()
-    a.qp.post_write_batch(local, np.full(BATCH, size, dtype=np.uint32), src_mr.lkey, remote,
-                          dst_mr.rkey).wait(600_000)
+    post(local, np.full(BATCH, size, dtype=np.uint32), mine_mr.lkey, remote,
+         theirs_mr.rkey).wait(600_000)
     elapsed = time.perf_counter() - t0
-    src_mr.close()
-    dst_mr.close()
+    mine_mr.close()
+    theirs_mr.close()
     return BATCH * size / elapsed
 
 
@@ -86,21 +89,28 @@ def main():
     pair = connected_pair(vctx, vpd, max_send_wr=1024)
     rng = np.random.default_rng(0)
     slots = rng.permutation(2 * BATCH)[:BATCH]
-    print(f"{'block':>7} {'raw batch write GB/s':>21} {'kvcache pull_blocks GB/s':>25} "
-          f"{'ratio':>6}", flush=True)
+    print(f"{'block':>7} {'raw read':>9} {'pull_blocks':>11} {'ratio':>6} {'raw write':>10} "
+          f"{'push_blocks':>11} {'ratio':>6}   (GB/s)", flush=True)
     for i, size in enumerate(sizes):
         cache = dd.cache_manager.allocate_blocks_cache(
             CacheDesc(1, DataType.DT_UINT8, [2 * BATCH, size]))
-        src_blocks = rng.permutation(2 * BATCH)[:BATCH]
-        raw, kv = [], []
+        remote_blocks = rng.permutation(2 * BATCH)[:BATCH]
+        cells = {k: [] for k in ("raw_read", "pull", "raw_write", "push")}
         for _ in range(args.repeat):
-            raw.append(raw_write(pair, vpd, size, slots))
+            cells["raw_read"].append(raw(pair, vpd, size, slots, "read"))
             t0 = time.perf_counter()
-            dd.cache_manager.pull_blocks(BlocksCacheKey(1, model_id=i), cache, src_blocks,
+            dd.cache_manager.pull_blocks(BlocksCacheKey(1, model_id=i), cache, remote_blocks,
                                          slots, tensor_num_per_layer=1)
-            kv.append(BATCH * size / (time.perf_counter() - t0))
-        r, k = statistics.median(raw) / 1e9, statistics.median(kv) / 1e9
-        print(f"{size // 1024:>6}K {r:>21.4f} {k:>25.4f} {k / r:>6.2f}", flush=True)
+            cells["pull"].append(BATCH * size / (time.perf_counter() - t0))
+            cells["raw_write"].append(raw(pair, vpd, size, slots, "write"))
+            t0 = time.perf_counter()
+            dd.cache_manager.push_blocks(BlocksCacheKey(cluster_id=1, model_id=i), cache,
+                                         slots, remote_blocks, tensor_num_per_layer=1)
+            cells["push"].append(BATCH * size / (time.perf_counter() - t0))
+        m = {k: statistics.median(v) / 1e9 for k, v in cells.items()}
+        print(f"{size // 1024:>6}K {m['raw_read']:>9.4f} {m['pull']:>11.4f} "
+              f"{m['pull'] / m['raw_read']:>6.2f} {m['raw_write']:>10.4f} {m['push']:>11.4f} "
+              f"{m['push'] / m['raw_write']:>6.2f}", flush=True)
         dd.cache_manager.deallocate_cache(cache)
     for end in pair:
         end.close()

@@ -5,7 +5,7 @@ import multiprocessing as mp
 
 import numpy as np
 
-from kvcache import LLMClusterInfo, LLMConfig, LLMDataDist, LLMRole, LLMStatusCode
+from kvcache import LLMClusterInfo, LLMConfig, LLMDataDist, LLMStatusCode
 
 TIMEOUT_S = 60
 

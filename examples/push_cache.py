@@ -4,7 +4,7 @@
 """
 import numpy as np
 
-from common import expected, fill, finish, link, spawn, start
+from common import expected, fill, link, start
 from kvcache import CacheDesc, CacheKeyByIdAndIndex, DataType, LLMRole
 
 LAYERS = 4

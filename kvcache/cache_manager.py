@@ -3,10 +3,12 @@
 Caches are allocated from the buffer pool (registered once) or registered
 from user memory; pull_*/push_* turn (cache layout, block ids, layer range)
 into descriptor arrays and hand them to the engine. The peer's cache is
-looked up by key once per link and remembered; every transfer names the
-cache's region id, so a cache the peer freed or replaced is never written
-by mistake: the peer refuses, and the call looks the key up again."""
+looked up by key once per link and remembered. Before a cache's memory is
+freed, every linked peer is told to forget it and finish its transfers on
+the link; on top of that, over TCP every transfer names the cache's region
+id, so the peer refuses a stale description and the call looks it up again."""
 import itertools
+import logging
 import threading
 
 import numpy as np
@@ -14,10 +16,12 @@ import numpy as np
 from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors
+from kvcache.link import LinkState
 from kvcache.status import LLMException, LLMStatusCode
-from kvcache.values import BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex
+from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
 
 TENSOR_ALIGN = 512
+log = logging.getLogger("kvcache.cache")
 
 
 def _invalid(message):
@@ -72,6 +76,7 @@ class CacheManager:
         # an id of its own.
         self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False)
         engine.add_handler("cache.lookup", self._rpc_lookup)
+        engine.add_handler("cache.forget", self._rpc_forget)
 
     # --- local caches ----------------------------------------------------------
 
@@ -160,6 +165,30 @@ class CacheManager:
                                    f"cache {cache.cache_id} is not allocated or registered")
             for key in cache.keys:
                 self._by_key.pop(key, None)
+        self._announce_gone(cache.cache_id)
+
+    def _announce_gone(self, cache_id):
+        """Before the memory goes: every linked peer forgets its description
+        of the cache and lets its transfers on the link finish. A peer that
+        does not answer is failing; its link fails without us."""
+        for peer in self._engine.peers():
+            if peer.state != LinkState.LINKED:
+                continue
+            try:
+                self._engine.call(peer, "cache.forget", {"cache_id": cache_id},
+                                  self.sync_timeout_ms)
+            except LLMException as exc:
+                log.warning("cluster %d: %s did not acknowledge freeing cache %d: %s",
+                            self._cluster_id, peer.name, cache_id, exc)
+
+    def _rpc_forget(self, peer, params):
+        cache_id = params.get("cache_id")
+        known = peer.attachments.get("cache.lookup", {})
+        for key in [k for k, remote in known.items() if remote.cache_id == cache_id]:
+            del known[key]
+        # Our transfers on this link may still use the cache's memory.
+        peer.link.wait_idle(self.sync_timeout_ms / 1000)
+        return {}
 
     def deallocate_cache(self, cache):
         """Free a pool cache (or unregister a registered one)."""
@@ -236,10 +265,7 @@ class CacheManager:
         """Run ``plan(peer, remote, *args)`` -> (peer, op, descriptors...) and
         move the bytes; when the peer says the cache we remembered is gone,
         look it up once more and retry (nothing was moved)."""
-        # Where the transport is one-sided the peer cannot refuse a stale
-        # description, so it is looked up afresh every time.
-        one_sided = not self._engine.transport.checks_at_target
-        for fresh in (one_sided, True):
+        for fresh in (False, True):
             peer, remote = self._peer_and_remote(cluster_id, remote_key, fresh)
             op, local, remote_addrs, lengths, regions, pieces = plan(remote, *args)
             if local.size == 0:

@@ -71,6 +71,11 @@ class Link:
             self.in_flight -= 1
             self._cond.notify_all()
 
+    def wait_idle(self, timeout_s):
+        """Wait until no transfer runs on the link; False at the deadline."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.in_flight == 0, timeout_s)
+
     def begin_unlink(self, force=False):
         """LINKED -> UNLINKING; FAILED passes straight through. Returns True
         when the peer should be told (the link was healthy)."""

@@ -2,7 +2,6 @@
 peers that stall, die or restart, garbage on the listen port."""
 import signal
 import socket
-import threading
 import time
 
 import numpy as np
@@ -11,18 +10,23 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kv_peer import PeerError, PeerProcess, pattern
-from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMException, LLMStatusCode,
-                     TransferEngine)
+from kvcache import DataType, LLMException, LLMStatusCode, TransferEngine
 from kvcache.protocol import MsgType, encode
 
 L, N = 2, 2
 BLOCKS, ELEMS = 32, 512
 
 
-@pytest.fixture
-def pair():
-    prompt = PeerProcess("prompt", 1, sync_kv_timeout=2000)
-    decoder = PeerProcess("decoder", 2, listen="", sync_kv_timeout=2000)
+POOL = '{"buf_pool_size": 67108864}'
+
+
+# Refusals happen before any byte moves, on every transport; the RDMA runs
+# are in the Soft-RoCE VM lane.
+@pytest.fixture(params=["tcp", pytest.param("rdma", marks=pytest.mark.rdma)])
+def pair(request):
+    options = dict(transport=request.param, buf_pool_cfg=POOL, sync_kv_timeout=2000)
+    prompt = PeerProcess("prompt", 1, **options)
+    decoder = PeerProcess("decoder", 2, listen="", **options)
     src = prompt.call("alloc_blocks", 2 * L, [BLOCKS, ELEMS], key_cluster=1)
     prompt.call("fill", src, seed=1)
     dst = decoder.call("alloc_blocks", 2 * L, [BLOCKS, ELEMS])

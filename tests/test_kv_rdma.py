@@ -100,10 +100,8 @@ def test_peer_killed_mid_transfer_then_restarted_and_relinked():
         started = time.monotonic()
         prompt.kill(signal.SIGKILL)
         try:
-            decoder.result()
-            finished_first = True           # the emulated NIC was quicker than the kill
+            decoder.result()                # the emulated NIC may beat the kill
         except PeerError as err:
-            finished_first = False
             assert err.status_code in (LLMStatusCode.LLM_LINK_FAILED, LLMStatusCode.LLM_TIMEOUT)
             assert time.monotonic() - started < 15
         address = prompt.address

@@ -1,9 +1,4 @@
 """pyverbs_kv behaviour that needs no RDMA device."""
-import os
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 

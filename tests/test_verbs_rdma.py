@@ -10,7 +10,7 @@ import pytest
 import pyverbs_kv as pv
 from pyverbs_kv.enums import (IBV_QPS_ERR, IBV_WC_REM_ACCESS_ERR, IBV_WC_RECV_RDMA_WITH_IMM,
                               IBV_WR_SEND, IBV_WC_RECV, IBV_WC_SUCCESS, IBV_WC_WR_FLUSH_ERR)
-from rdma_util import Endpoint, address_of, connected_pair, pattern
+from rdma_util import Endpoint, connected_pair, pattern
 
 pytestmark = pytest.mark.rdma
 

@@ -9,9 +9,6 @@ from abc import ABC, abstractmethod
 
 class Transport(ABC):
     name = "abstract"
-    # Whether the peer itself checks every piece against its live regions
-    # (two-sided emulation) or the transfer is truly one-sided.
-    checks_at_target = True
 
     def register_region(self, region_id, addr, length):
         """A region was registered with the engine (default: nothing to do)."""

@@ -84,11 +84,10 @@ def _split_long(local, remote, lengths, limit):
 
 
 class RdmaTransport(Transport):
-    """One-sided: the peer's CPU takes no part in a transfer, so it cannot
-    check pieces against its live caches; the initiator checks them against
-    the peer's memory keys (hardware enforces the registered bounds)."""
+    """One-sided: the peer's CPU takes no part in a transfer; the initiator
+    checks every piece against the peer's memory keys (and the hardware
+    enforces the registered bounds)."""
     name = "rdma"
-    checks_at_target = False
 
     def __init__(self):
         try:
