@@ -74,7 +74,8 @@ class CacheManager:
         self._by_key = {}
         # The pool is registered once; each cache in it is a sub-region with
         # an id of its own.
-        self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False)
+        self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False,
+                                                   share=(pool.memory.fd, 0))
         engine.add_handler("cache.lookup", self._rpc_lookup)
         engine.add_handler("cache.forget", self._rpc_forget)
 

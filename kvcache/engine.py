@@ -43,8 +43,13 @@ def _rdma_transport():
     return RdmaTransport()
 
 
-# Transport name -> factory. RDMA loads pyverbs_kv only when chosen.
-TRANSPORTS = {"tcp": TcpTransport, "rdma": _rdma_transport}
+def _shm_transport():
+    from kvcache.transports.shm import ShmTransport
+    return ShmTransport()
+
+
+# Transport name -> factory. RDMA loads pyverbs_kv's verbs only when chosen.
+TRANSPORTS = {"tcp": TcpTransport, "shm": _shm_transport, "rdma": _rdma_transport}
 
 
 def parse_address(text):
@@ -167,15 +172,16 @@ class TransferEngine:
 
     # --- memory ------------------------------------------------------------------
 
-    def register_memory(self, addr, length, *, parent=None, addressable=True):
+    def register_memory(self, addr, length, *, parent=None, addressable=True, share=None):
         """Make [addr, addr + length) reachable by peers; returns its region id.
 
         ``parent``: a logical sub-region of a registered region (a cache
         inside the buffer pool): it gets its own id, so a peer holding a
         stale description of a freed cache is refused, while the transport
         keeps using the parent's registration. ``addressable=False``: a
-        container that only its sub-regions expose. Addressable regions
-        never overlap."""
+        container that only its sub-regions expose. ``share``: (fd, offset)
+        of a mapping of this memory that a peer on this host may map (the
+        shared-memory transport). Addressable regions never overlap."""
         addr, length = int(addr), int(length)
         if addr <= 0 or length <= 0:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
@@ -195,7 +201,7 @@ class TransferEngine:
             regions[region_id] = (addr, length, parent, addressable)
             table = _table_of(regions)              # refuses overlaps
             if parent is None:
-                self.transport.register_region(region_id, addr, length)
+                self.transport.register_region(region_id, addr, length, share=share)
             self._regions, self._table = regions, table
         return region_id
 

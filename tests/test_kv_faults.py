@@ -22,7 +22,7 @@ POOL = '{"buf_pool_size": 67108864}'
 
 # Refusals happen before any byte moves, on every transport; the RDMA runs
 # are in the Soft-RoCE VM lane.
-@pytest.fixture(params=["tcp", pytest.param("rdma", marks=pytest.mark.rdma)])
+@pytest.fixture(params=["tcp", "shm", pytest.param("rdma", marks=pytest.mark.rdma)])
 def pair(request):
     options = dict(transport=request.param, buf_pool_cfg=POOL, sync_kv_timeout=2000)
     prompt = PeerProcess("prompt", 1, **options)

@@ -11,7 +11,7 @@ BLOCKS, BLOCK_ELEMS = 64, 512         # 1 KiB fp16 blocks
 
 
 # Every flow runs on each transport; RDMA ones run in the Soft-RoCE VM lane.
-TRANSPORTS = ["tcp", pytest.param("rdma", marks=pytest.mark.rdma)]
+TRANSPORTS = ["tcp", "shm", pytest.param("rdma", marks=pytest.mark.rdma)]
 
 
 @pytest.fixture(params=TRANSPORTS)

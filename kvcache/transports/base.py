@@ -10,8 +10,10 @@ from abc import ABC, abstractmethod
 class Transport(ABC):
     name = "abstract"
 
-    def register_region(self, region_id, addr, length):
-        """A region was registered with the engine (default: nothing to do)."""
+    def register_region(self, region_id, addr, length, share=None):
+        """A region was registered with the engine (default: nothing to do).
+        ``share`` is (fd, offset) when the memory can be mapped by another
+        process on this host (the buffer pool's memfd)."""
 
     def unregister_region(self, region_id):
         """A region was unregistered."""

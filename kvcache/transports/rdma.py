@@ -150,7 +150,7 @@ class RdmaTransport(Transport):
 
     # --- memory ----------------------------------------------------------------
 
-    def register_region(self, region_id, addr, length):
+    def register_region(self, region_id, addr, length, share=None):
         try:
             mr = self.pv.MR.from_address(self.pd, addr, length, self.access)
         except self.pv.VerbsError as exc:

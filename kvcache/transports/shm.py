@@ -1,0 +1,209 @@
+"""Same-host shared-memory transport: a transfer is one memcpy per piece.
+
+The buffer pool lives in a memfd. When a link first needs a peer's memory,
+the peer grants it: a control call returns a one-time token and the name of
+its abstract Unix socket; over that socket the peer sends the memfds of its
+shareable regions (SCM_RIGHTS), and we map them. A WRITE or READ is then a
+copy between our memory and the mapping, done by the initiator with the GIL
+released (pyverbs_kv.sgio.copy_pieces), no per-block Python loop. Pieces in
+peer memory that is not shareable (user memory from register_*) go over TCP
+instead, and the log says so. Only regions the peer granted are mapped, and
+unlinking unmaps them."""
+import json
+import logging
+import mmap
+import os
+import secrets
+import socket
+import threading
+
+import numpy as np
+
+from kvcache.descriptors import RegionTable
+from kvcache.status import LLMException, LLMStatusCode
+from kvcache.transports.tcp import TcpTransport
+from pyverbs_kv import sgio
+
+log = logging.getLogger("kvcache.shm")
+
+_NO_REGION = np.iinfo(np.uint64).max
+GRANT_TIMEOUT_S = 5
+
+
+class _Mappings:
+    """The peer's granted regions as mapped here."""
+
+    def __init__(self):
+        self.maps = []                      # mmap objects, kept to unmap on unlink
+        self.table = RegionTable()
+        # Sorted region ids and, for each, local address - peer address.
+        self.ids = np.empty(0, dtype=np.uint64)
+        self.shift = np.empty(0, dtype=np.int64)
+        self.lock = threading.Lock()
+
+    def close(self):
+        for m in self.maps:
+            m.close()
+        self.maps = []
+        self.table = RegionTable()
+        self.ids = np.empty(0, dtype=np.uint64)
+        self.shift = np.empty(0, dtype=np.int64)
+
+
+class ShmTransport(TcpTransport):
+    """TCP for everything a peer cannot share; memcpy for what it can."""
+    name = "shm"
+
+    def __init__(self):
+        self._shared = {}                   # region id -> (addr, length, fd, offset)
+        self._grants = {}                   # token -> peer name
+        self._lock = threading.Lock()
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.socket_name = f"kvcache-shm-{os.getpid()}-{secrets.token_hex(8)}"
+        self._listener.bind("\0" + self.socket_name)
+        self._listener.listen(16)
+        threading.Thread(target=self._serve_grants, name="kv-shm-grants", daemon=True).start()
+
+    def bind(self, engine):
+        self.engine = engine
+        engine.add_handler("shm.grant", self._rpc_grant)
+
+    def register_region(self, region_id, addr, length, share=None):
+        if share is not None:
+            with self._lock:
+                self._shared[region_id] = (addr, length, share[0], share[1])
+
+    def unregister_region(self, region_id):
+        with self._lock:
+            self._shared.pop(region_id, None)
+
+    # --- granting (the side that owns the memory) ------------------------------
+
+    def _rpc_grant(self, peer, params):
+        token = secrets.token_hex(16)
+        with self._lock:
+            self._grants[token] = peer.name
+            regions = [[i, a, n] for i, (a, n, _, _) in self._shared.items()]
+        return {"socket": self.socket_name, "token": token, "regions": regions}
+
+    def _serve_grants(self):
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(GRANT_TIMEOUT_S)
+                    token = conn.recv(64).decode(errors="replace")
+                    with self._lock:
+                        if self._grants.pop(token, None) is None:
+                            continue                # not a grant we made: drop it
+                        shared = list(self._shared.items())
+                    header = json.dumps([[i, a, n, off] for i, (a, n, _, off) in shared]).encode()
+                    socket.send_fds(conn, [len(header).to_bytes(4, "big") + header],
+                                    [fd for _, (_, _, fd, _) in shared])
+                except OSError as exc:
+                    log.info("shm grant failed: %s", exc)
+
+    # --- mapping (the side that initiates) -----------------------------------
+
+    def _mappings(self, peer):
+        mappings = peer.attachments.get("shm")
+        if mappings is not None:
+            return mappings
+        mappings = peer.attachments.setdefault("shm", _Mappings())
+        with mappings.lock:
+            if not mappings.maps:
+                self._map_peer(peer, mappings)
+        return mappings
+
+    def _map_peer(self, peer, mappings):
+        grant = self.engine.call(peer, "shm.grant", {})
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(GRANT_TIMEOUT_S)
+                conn.connect("\0" + grant["socket"])
+                conn.sendall(grant["token"].encode())
+                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 64)
+        except OSError as exc:
+            log.warning("%s is not reachable over shared memory (%s); using TCP", peer.name, exc)
+            return
+        try:
+            size = int.from_bytes(data[:4], "big")
+            regions = _parse_regions(data[4:4 + size])
+            if len(regions) != len(fds):
+                raise ValueError(f"{len(regions)} regions but {len(fds)} descriptors")
+            rows, shifts = [], {}
+            for (region_id, addr, length, offset), fd in zip(regions, fds):
+                m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                              offset=offset)
+                mappings.maps.append(m)
+                shifts[region_id] = np.frombuffer(m, dtype=np.uint8).ctypes.data - addr
+                rows.append((region_id, addr, length))
+            mappings.table = RegionTable(rows)
+            mappings.ids = np.array(sorted(shifts), dtype=np.uint64)
+            mappings.shift = np.array([shifts[i] for i in sorted(shifts)], dtype=np.int64)
+            log.info("%s: mapped %d shared region(s) of %s", self.engine.name, len(rows),
+                     peer.name)
+        except (ValueError, OSError) as exc:
+            mappings.close()
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"mapping {peer.name}'s shared memory: {exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def detach_peer(self, peer):
+        mappings = peer.attachments.pop("shm", None)
+        if mappings is not None:
+            with mappings.lock:
+                mappings.close()
+
+    # --- transfers ---------------------------------------------------------------
+
+    def _split(self, peer, remote, lengths):
+        """Region ids of pieces inside a mapped peer region, and a mask of them."""
+        mappings = self._mappings(peer)
+        ids = mappings.table.locate(remote, lengths)
+        return mappings, ids, ids != _NO_REGION
+
+    def _move(self, op, peer, local, remote, lengths, regions, timeout_ms):
+        mappings, ids, mapped = self._split(peer, remote, lengths)
+        if not mapped.all():
+            rest = ~mapped
+            log.debug("%d pieces to %s are not in shared memory: TCP", int(rest.sum()),
+                      peer.name)
+            tcp = TcpTransport.write if op == "write" else TcpTransport.read
+            tcp(self, peer, local[rest], remote[rest], lengths[rest], regions[rest], timeout_ms)
+        if mapped.any():
+            with mappings.lock:
+                if not mappings.maps:
+                    raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                       f"shared memory of {peer.name} was unmapped")
+                shift = mappings.shift[np.searchsorted(mappings.ids, ids[mapped])]
+                there = (remote[mapped].astype(np.int64) + shift).astype(np.uint64)
+                here = local[mapped]
+                if op == "write":
+                    sgio.copy_pieces(there, here, lengths[mapped])
+                else:
+                    sgio.copy_pieces(here, there, lengths[mapped])
+
+    def write(self, peer, local, remote, lengths, regions, timeout_ms):
+        self._move("write", peer, local, remote, lengths, regions, timeout_ms)
+
+    def read(self, peer, local, remote, lengths, regions, timeout_ms):
+        self._move("read", peer, local, remote, lengths, regions, timeout_ms)
+
+    def close(self):
+        self._listener.close()
+
+
+def _parse_regions(raw):
+    """[[id, addr, length, offset], ...] sent by the granting peer."""
+    value = json.loads(raw)
+    if not isinstance(value, list) or not all(
+            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and v >= 0 for v in r)
+            for r in value):
+        raise ValueError("malformed region list")
+    return value

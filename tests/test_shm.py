@@ -1,0 +1,78 @@
+"""The shared-memory transport: grants, mapping, fallback, unmapping."""
+import ctypes
+import socket
+
+import numpy as np
+import pytest
+
+from kvcache import TransferEngine
+from kvcache.bufpool import SharedMemory
+
+
+def view(memory):
+    return np.frombuffer((ctypes.c_uint8 * memory.size).from_address(memory.addr),
+                         dtype=np.uint8)
+
+
+@pytest.fixture
+def engines():
+    a, b = TransferEngine("a", transport="shm"), TransferEngine("b", transport="shm")
+    memory = SharedMemory(1 << 20)
+    b.register_memory(memory.addr, memory.size, share=(memory.fd, 0))
+    src = np.random.default_rng(0).integers(0, 256, 1 << 20, dtype=np.uint8)
+    a.register_memory(src.ctypes.data, src.nbytes)
+    yield a, b, memory, src
+    a.close()
+    b.close()
+    memory.close()
+
+
+def test_shared_pieces_are_copied_through_the_mapping(engines):
+    a, b, memory, src = engines
+    peer = a.connect(b.address)
+    order = np.random.default_rng(1).permutation(256).astype(np.uint64)
+    a.transfer_sync(peer, "write", src.ctypes.data + np.arange(256, dtype=np.uint64) * 4096,
+                    memory.addr + order * 4096, [4096] * 256)
+    np.testing.assert_array_equal(view(memory).reshape(256, 4096)[order],
+                                  src.reshape(256, 4096))
+    # The peer's memory was mapped here (not sent over the socket).
+    assert len(peer.attachments["shm"].maps) == 1
+    back = np.zeros(4096, dtype=np.uint8)
+    a.register_memory(back.ctypes.data, back.nbytes)
+    a.transfer_sync(peer, "read", [back.ctypes.data], [memory.addr + int(order[3]) * 4096],
+                    [4096])
+    np.testing.assert_array_equal(back, src[3 * 4096:4 * 4096])
+
+
+def test_memory_the_peer_cannot_share_goes_over_tcp(engines, caplog):
+    a, b, memory, src = engines
+    private = np.zeros(1000, dtype=np.uint8)
+    b.register_memory(private.ctypes.data, private.nbytes)
+    peer = a.connect(b.address)
+    with caplog.at_level("DEBUG", logger="kvcache.shm"):
+        a.transfer_sync(peer, "write", [src.ctypes.data, src.ctypes.data + 10],
+                        [private.ctypes.data, memory.addr], [10, 20])
+    np.testing.assert_array_equal(private[:10], src[:10])
+    np.testing.assert_array_equal(view(memory)[:20], src[10:30])
+    assert any("not in shared memory: TCP" in r.message for r in caplog.records)
+
+
+def test_unlink_unmaps_the_peer_memory(engines):
+    a, b, memory, src = engines
+    peer = a.connect(b.address)
+    a.transfer_sync(peer, "write", [src.ctypes.data], [memory.addr], [10])
+    mappings = peer.attachments["shm"]
+    a.disconnect(peer)
+    assert mappings.maps == [] and "shm" not in peer.attachments
+
+
+def test_the_grant_socket_gives_nothing_without_a_token(engines):
+    a, b, memory, src = engines
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect("\0" + b.transport.socket_name)
+        s.sendall(b"not-a-token")
+        data, fds, _, _ = socket.recv_fds(s, 4096, 8)
+    assert data == b"" and fds == []
+    peer = a.connect(b.address)                   # the server is unharmed
+    a.transfer_sync(peer, "write", [src.ctypes.data], [memory.addr], [10])
