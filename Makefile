@@ -49,7 +49,7 @@ test-rdma:
 	    --junitxml=.ci-out/rdma-junit.xml tests
 
 bench: build
-	$(PY) bench/transfer_bench.py
+	$(PY) bench/transfer_bench.py --transports tcp,shm --readme
 
 bench-verbs: setup-vm build
 	scripts/rdma-vm --timeout 2400 -- python bench/verbs_bench.py
