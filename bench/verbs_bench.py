@@ -87,6 +87,8 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--ip", default=os.environ.get("PYVERBS_KV_TEST_IP", "10.99.0.1"))
+    parser.add_argument("--send-queue", type=int, default=4096,
+                        help="max_send_wr of our QP (credits bound what is in flight)")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
 
@@ -97,9 +99,9 @@ def main():
     slots = np.random.default_rng(0).permutation(BATCH)
     while np.any(np.diff(slots) == 1):
         slots = np.random.default_rng(int(slots[0])).permutation(BATCH)
-    # A send queue deeper than the batch: posting never waits for credits, so
-    # the post time below is the cost of posting alone.
-    pair = connected_pair(ctx, pd, max_send_wr=4096)
+    # By default a send queue deeper than the batch: posting never waits for
+    # credits, so the post time below is the cost of posting alone.
+    pair = connected_pair(ctx, pd, max_send_wr=args.send_queue)
     rows = []
     port = 18600
     print(f"device {ctx.name}, gid index {gid_index}, batch {BATCH} permuted blocks, "

@@ -43,6 +43,21 @@ def _layer_tensors(layer_range, num_tensors, per_layer, side):
     return np.arange(layer_range.start * per_layer, layer_range.stop * per_layer)
 
 
+def _matching_tensors(op, local_desc, remote_desc, local_layers, remote_layers, per_layer):
+    """Side names ("dst"/"src" for a read) and the tensor indices of both
+    layer ranges, checked to match in data type and count."""
+    here, there = ("dst", "src") if op == "read" else ("src", "dst")
+    if remote_desc.data_type != local_desc.data_type:
+        raise _invalid(f"data types differ: {here} {local_desc.data_type.name}, {there} "
+                       f"{remote_desc.data_type.name}")
+    local_t = _layer_tensors(local_layers, local_desc.num_tensors, per_layer, here)
+    remote_t = _layer_tensors(remote_layers, remote_desc.num_tensors, per_layer, there)
+    if local_t.size != remote_t.size:
+        raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
+                       f"{there} {remote_layers}")
+    return here, there, local_t, remote_t
+
+
 def _block_ids(ids, limit, side):
     ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
     if ids.size and (ids.min() < 0 or ids.max() >= limit):
@@ -288,17 +303,10 @@ class CacheManager:
 
     def _plan_blocks(self, remote, op, local_cache, local_blocks, remote_blocks, local_layers,
                      remote_layers, per_layer):
-        local_desc = local_cache.cache_desc
-        remote_desc = remote.cache_desc
-        here, there = ("dst", "src") if op == "read" else ("src", "dst")
-        if remote_desc.data_type != local_desc.data_type:
-            raise _invalid(f"data types differ: {here} {local_desc.data_type.name}, {there} "
-                           f"{remote_desc.data_type.name}")
-        local_t = _layer_tensors(local_layers, local_desc.num_tensors, per_layer, here)
-        remote_t = _layer_tensors(remote_layers, remote_desc.num_tensors, per_layer, there)
-        if local_t.size != remote_t.size:
-            raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
-                           f"{there} {remote_layers}")
+        local_desc, remote_desc = local_cache.cache_desc, remote.cache_desc
+        here, there, local_t, remote_t = _matching_tensors(op, local_desc, remote_desc,
+                                                           local_layers, remote_layers,
+                                                           per_layer)
         local_ids = _block_ids(local_blocks, local_desc.shape[0], here)
         block = local_desc.row_bytes
         if remote.kind == "blocks":
@@ -374,16 +382,10 @@ class CacheManager:
 
     def _plan_rows(self, remote, op, local_cache, local_row, remote_row, size, local_layers,
                    remote_layers, per_layer):
-        here, there = ("dst", "src") if op == "read" else ("src", "dst")
         local_desc, remote_desc = local_cache.cache_desc, remote.cache_desc
-        if remote_desc.data_type != local_desc.data_type:
-            raise _invalid(f"data types differ: {here} {local_desc.data_type.name}, {there} "
-                           f"{remote_desc.data_type.name}")
-        local_t = _layer_tensors(local_layers, local_desc.num_tensors, per_layer, here)
-        remote_t = _layer_tensors(remote_layers, remote_desc.num_tensors, per_layer, there)
-        if local_t.size != remote_t.size:
-            raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
-                           f"{there} {remote_layers}")
+        here, there, local_t, remote_t = _matching_tensors(op, local_desc, remote_desc,
+                                                           local_layers, remote_layers,
+                                                           per_layer)
         for row, desc, side in ((local_row, local_desc, here), (remote_row, remote_desc, there)):
             if not 0 <= row < desc.shape[0]:
                 raise _invalid(f"{side} batch index {row} out of range 0..{desc.shape[0] - 1}")

@@ -8,7 +8,7 @@ from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint8_t
 from libc.string cimport memset
 from posix.fcntl cimport fcntl, F_GETFL, F_SETFL, O_NONBLOCK
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from pyverbs_kv.clock cimport now_s
 
 from pyverbs_kv.base import VerbsError, VerbsTimeout
 from pyverbs_kv.cq cimport CQ
@@ -20,13 +20,7 @@ from pyverbs_kv.librdmacm cimport *
 from pyverbs_kv.pd cimport PD
 from pyverbs_kv.qp cimport QP, QPCap
 
-cdef extern from "poll.h" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum: POLLIN
+from pyverbs_kv.posix_poll cimport pollfd, poll, POLLIN
 
 cdef extern from "arpa/inet.h" nogil:
     unsigned short ntohs(unsigned short)
@@ -35,10 +29,6 @@ CMEvent = namedtuple("CMEvent", "event event_str status id listen_id private_dat
 CMEvent.__doc__ = "One rdma_cm event; ``id`` is the CMID it concerns."
 
 
-cdef double now_s() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 def _sockaddr(ip, int port):

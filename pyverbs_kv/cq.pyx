@@ -15,13 +15,7 @@ cnp.import_array()
 cdef extern from "arpa/inet.h" nogil:
     uint32_t ntohl(uint32_t)
 
-cdef extern from "poll.h" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum: POLLIN
+from pyverbs_kv.posix_poll cimport pollfd, poll, POLLIN
 
 # One polled completion, as returned by CQ.poll. Field order follows C
 # alignment so the numpy dtype and WCRecord share one layout.

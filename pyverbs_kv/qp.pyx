@@ -6,7 +6,7 @@ import numpy as np
 from libc.errno cimport errno
 from libc.stdint cimport int64_t, uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.string cimport memset, memcpy
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from pyverbs_kv.clock cimport now_s
 
 from pyverbs_kv.base import VerbsError, VerbsTimeout, CompletionError
 from pyverbs_kv.device import gid_from_str
@@ -24,10 +24,6 @@ cdef uint64_t BATCH_TAG = 1ULL << 63
 cdef int MAX_CHAIN = 64
 DEF CHAIN_CAPACITY = 64
 
-cdef double now_s() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec + ts.tv_nsec * 1e-9
 
 
 cdef class QPCap:

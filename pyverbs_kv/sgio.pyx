@@ -10,7 +10,7 @@ import numpy as np
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.string cimport memcpy
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from pyverbs_kv.clock cimport now_s
 
 cdef extern from "sys/uio.h" nogil:
     struct iovec:
@@ -19,22 +19,13 @@ cdef extern from "sys/uio.h" nogil:
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
     ssize_t readv(int fd, const iovec *iov, int iovcnt)
 
-cdef extern from "poll.h" nogil:
-    struct pollfd:
-        int fd
-        short events
-        short revents
-    int poll(pollfd *fds, unsigned long nfds, int timeout)
-    enum: POLLIN
-    enum: POLLOUT
+from pyverbs_kv.posix_poll cimport pollfd, poll, POLLIN, POLLOUT
 
 DEF IOV_BATCH = 1024        # IOV_MAX on Linux
 
 
-cdef double now_ms() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1000.0 + ts.tv_nsec / 1e6
+cdef inline double now_ms() noexcept nogil:
+    return now_s() * 1000.0
 
 
 cdef int wait_ready(int fd, short events, double deadline) noexcept nogil:
@@ -124,9 +115,7 @@ def _arrays(addrs, lengths):
     return a, n
 
 
-def send_pieces(int fd, addrs, lengths, int timeout_ms):
-    """Write every [addrs[i], addrs[i] + lengths[i]) to ``fd`` in order.
-    Returns the byte count; TimeoutError at the deadline, OSError on error."""
+cdef uint64_t _stream(int fd, addrs, lengths, int timeout_ms, bint sending) except? 0:
     a, n = _arrays(addrs, lengths)
     cdef const uint64_t[::1] av = a
     cdef const uint64_t[::1] nv = n
@@ -138,28 +127,21 @@ def send_pieces(int fd, addrs, lengths, int timeout_ms):
     if count == 0:
         return 0
     with nogil:
-        rc = transfer(fd, True, &av[0], &nv[0], count, deadline, &done)
-    _check(rc, "send", done, total, timeout_ms)
+        rc = transfer(fd, sending, &av[0], &nv[0], count, deadline, &done)
+    _check(rc, "send" if sending else "recv", done, total, timeout_ms)
     return done
+
+
+def send_pieces(int fd, addrs, lengths, int timeout_ms):
+    """Write every [addrs[i], addrs[i] + lengths[i]) to ``fd`` in order.
+    Returns the byte count; TimeoutError at the deadline, OSError on error."""
+    return _stream(fd, addrs, lengths, timeout_ms, True)
 
 
 def recv_pieces(int fd, addrs, lengths, int timeout_ms):
     """Read from ``fd`` straight into every [addrs[i], addrs[i] + lengths[i])
     in order. ConnectionError if the peer closes early."""
-    a, n = _arrays(addrs, lengths)
-    cdef const uint64_t[::1] av = a
-    cdef const uint64_t[::1] nv = n
-    cdef uint64_t done = 0
-    cdef uint64_t total = int(n.sum())
-    cdef double deadline = now_ms() + timeout_ms
-    cdef int rc
-    cdef Py_ssize_t count = av.shape[0]
-    if count == 0:
-        return 0
-    with nogil:
-        rc = transfer(fd, False, &av[0], &nv[0], count, deadline, &done)
-    _check(rc, "recv", done, total, timeout_ms)
-    return done
+    return _stream(fd, addrs, lengths, timeout_ms, False)
 
 
 def copy_pieces(dst_addrs, src_addrs, lengths):
