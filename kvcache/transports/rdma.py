@@ -214,9 +214,7 @@ class RdmaTransport(Transport):
     def _rpc_connect(self, peer, params):
         """The peer's half of set-up: our QPs to RTS, then answer (the
         ready-ACK: nothing of theirs can reach a QP that is not ready)."""
-        old = peer.attachments.pop("rdma", None)
-        if old is not None:
-            old.close()
+        self._close_group(peer.attachments.pop("rdma", None))
         group = self._new_group()
         try:
             self._connect_group(group, params)
@@ -244,9 +242,14 @@ class RdmaTransport(Transport):
         group.ready.set()
 
     def detach_peer(self, peer):
-        group = peer.attachments.pop("rdma", None)
+        self._close_group(peer.attachments.pop("rdma", None))
+
+    def _close_group(self, group):
+        # After the group's transfer (group.lock); never beside another close
+        # of the same verbs objects (a reader thread unlinking while the
+        # engine closes): self._lock.
         if group is not None:
-            with group.lock:
+            with group.lock, self._lock:
                 group.close()
 
     # --- transfers ---------------------------------------------------------------
@@ -313,4 +316,5 @@ class RdmaTransport(Transport):
         self._move("read", peer, local, remote, lengths, timeout_ms)
 
     def close(self):
-        self.ctx.close()
+        with self._lock:
+            self.ctx.close()
