@@ -1,4 +1,5 @@
 """Real verbs on rxe0 (inside scripts/rdma-vm)."""
+import gc
 import os
 import subprocess
 import sys
@@ -277,6 +278,7 @@ def _rdma_resources():
 
 
 def test_a_thousand_create_destroy_cycles_leak_nothing(ctx):
+    gc.collect()              # what earlier tests left behind is not ours to count
     before = _rdma_resources()
     fds_before = len(os.listdir("/proc/self/fd"))
     buf = bytearray(1 << 16)
@@ -292,8 +294,9 @@ def test_a_thousand_create_destroy_cycles_leak_nothing(ctx):
             obj.close()
         for obj in (qp, mr, cq, pd):
             obj.close()
+    gc.collect()
     assert _rdma_resources() == before
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
     buf.append(0)              # the MRs released their buffer exports
 
 

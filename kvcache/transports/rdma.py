@@ -21,10 +21,12 @@ import logging
 import os
 import random
 import threading
+import time
 
 import numpy as np
 
 from kvcache.descriptors import RegionTable
+from kvcache.link import LinkState
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import Transport
 
@@ -33,6 +35,7 @@ log = logging.getLogger("kvcache.rdma")
 _NO_REGION = np.iinfo(np.uint64).max
 SEND_QUEUE = 1024
 ATTACH_WAIT_S = 10
+LINK_CHECK_MS = 100        # how often a waiting transfer looks at its link
 
 
 def _env_int(name, default):
@@ -259,7 +262,6 @@ class RdmaTransport(Transport):
         deadline_wait = ATTACH_WAIT_S
         if group is None:
             # An inbound link whose initiator is still setting up QPs.
-            import time
             end = time.monotonic() + deadline_wait
             while group is None and time.monotonic() < end:
                 time.sleep(0.001)
@@ -299,7 +301,7 @@ class RdmaTransport(Transport):
                         post = qp.post_write_batch if op == "write" else qp.post_read_batch
                         batches.append(post(l_part[chunk], n_part[chunk], lkey, r_part[chunk],
                                             rkey, timeout_ms=timeout_ms))
-                self.pv.wait_batches(batches, timeout_ms)
+                self._wait(peer, op, batches, timeout_ms)
             except self.pv.VerbsTimeout as exc:
                 peer.link.fail(f"RDMA {op} timed out: {exc}")
                 raise LLMException(LLMStatusCode.LLM_TIMEOUT,
@@ -308,6 +310,25 @@ class RdmaTransport(Transport):
                 peer.link.fail(f"RDMA {op} failed: {exc}")
                 raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                    f"RDMA {op} to {peer.name} failed: {exc}") from None
+
+    def _wait(self, peer, op, batches, timeout_ms):
+        """Wait for every batch, watching the link: when the peer's control
+        connection drops (it died), fail now instead of when the NIC gives
+        up retrying."""
+        deadline = time.monotonic() + timeout_ms / 1000
+        for batch in batches:
+            while True:
+                remaining = int((deadline - time.monotonic()) * 1000)
+                try:
+                    batch.wait(max(1, min(LINK_CHECK_MS, remaining)))
+                    break
+                except self.pv.VerbsTimeout:
+                    if peer.link.state == LinkState.FAILED:
+                        raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                           f"RDMA {op} to {peer.name}: the link failed "
+                                           f"during the transfer ({peer.link.reason})") from None
+                    if remaining <= LINK_CHECK_MS:
+                        raise
 
     def write(self, peer, local, remote, lengths, regions, timeout_ms):
         self._move("write", peer, local, remote, lengths, timeout_ms)
