@@ -376,7 +376,8 @@ class TransferEngine:
         peer = getattr(channel, "peer", None)
         if peer is None:
             return
-        self.transport.detach_peer(peer)
+        # The state first: a transfer waiting on the data path watches it,
+        # and detaching the data path waits for that transfer.
         if peer.closing_by_peer or peer.state == LinkState.UNLINKING:
             peer.link.transition(LinkState.IDLE, "unlinked")
             with self._lock:
@@ -385,6 +386,7 @@ class TransferEngine:
         else:
             peer.link.fail(reason)
             log.warning("%s: link to %s failed: %s", self.name, peer.name, reason)
+        self.transport.detach_peer(peer)
 
     def peers(self):
         with self._lock:
