@@ -116,7 +116,6 @@ class CacheManager:
                                               parent=self._pool_region)
         cache = Cache(next(self._ids), desc, addrs, kind, [region] * len(addrs), owned=True,
                       keys=keys)
-        cache.base = base
         try:
             return self._add(cache, keys)
         except LLMException:
@@ -212,7 +211,7 @@ class CacheManager:
             return self.unregister_cache(cache.cache_id)
         self._drop(cache)
         self._engine.unregister_memory(cache.region_ids[0])
-        self._pool.free(cache.base)
+        self._pool.free(cache.tensor_addrs[0])     # a pool cache starts at its first tensor
 
     def unregister_cache(self, cache_id):
         cache = self.get_cache(cache_id)

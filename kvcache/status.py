@@ -36,7 +36,3 @@ class LLMException(RuntimeError):
         self.status_code = LLMStatusCode(status_code)
         super().__init__(f"{self.status_code.name}: {message}" if message
                          else self.status_code.name)
-
-
-def raise_status(status_code, message):
-    raise LLMException(status_code, message)

@@ -259,10 +259,9 @@ class RdmaTransport(Transport):
 
     def _group(self, peer):
         group = peer.attachments.get("rdma")
-        deadline_wait = ATTACH_WAIT_S
         if group is None:
             # An inbound link whose initiator is still setting up QPs.
-            end = time.monotonic() + deadline_wait
+            end = time.monotonic() + ATTACH_WAIT_S
             while group is None and time.monotonic() < end:
                 time.sleep(0.001)
                 group = peer.attachments.get("rdma")
