@@ -76,6 +76,11 @@ class Link:
         with self._cond:
             return self._cond.wait_for(lambda: self.in_flight == 0, timeout_s)
 
+    def wait_leaves(self, state, timeout_s):
+        """Wait until the link is no longer in ``state``; False at the deadline."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self.state != state, timeout_s)
+
     def begin_unlink(self, force=False):
         """LINKED -> UNLINKING; FAILED passes straight through. Returns True
         when the peer should be told (the link was healthy)."""

@@ -2,6 +2,7 @@
 over the TransferEngine, with the CacheManager as ``cache_manager``."""
 import logging
 import threading
+import time
 
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache_manager import CacheManager
@@ -219,6 +220,11 @@ class LLMDataDist:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                "switch_role needs LLMConfig.enable_switch_role = True")
         role = LLMRole(role)
+        # A peer's unlink returns once we answered its BYE; our side of that
+        # link closes a moment later, when the connection drops.
+        deadline = time.monotonic() + engine.timeout_ms / 1000
+        for peer in engine.peers():
+            peer.link.wait_leaves(LinkState.UNLINKING, max(0.0, deadline - time.monotonic()))
         live = [p for p in engine.peers() if p.state != LinkState.IDLE]
         if live:
             raise LLMException(LLMStatusCode.LLM_EXIST_LINK,
