@@ -6,7 +6,7 @@ from setuptools import Extension, setup
 VERBS_MODULES = ["libibverbs_enums", "librdmacm", "base", "device", "pd", "mr", "cq", "qp",
                  "cm"]
 # Modules that must load where libibverbs is missing link nothing of rdma-core.
-PLAIN_MODULES = ["sgio"]
+PLAIN_MODULES = ["sgio", "pieces"]
 
 
 def extension(name, libraries):

@@ -15,7 +15,7 @@ import numpy as np
 
 from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
-from kvcache.descriptors import block_descriptors
+from kvcache.descriptors import block_descriptors, checked_block_ids
 from kvcache.link import LinkState
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
@@ -56,14 +56,6 @@ def _matching_tensors(op, local_desc, remote_desc, local_layers, remote_layers, 
         raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
                        f"{there} {remote_layers}")
     return here, there, local_t, remote_t
-
-
-def _block_ids(ids, limit, side):
-    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
-    if ids.size and (ids.min() < 0 or ids.max() >= limit):
-        bad = ids[(ids < 0) | (ids >= limit)][0]
-        raise _invalid(f"{side} block id {int(bad)} out of range 0..{limit - 1}")
-    return ids
 
 
 def _key_params(key):
@@ -306,18 +298,16 @@ class CacheManager:
         here, there, local_t, remote_t = _matching_tensors(op, local_desc, remote_desc,
                                                            local_layers, remote_layers,
                                                            per_layer)
-        local_ids = _block_ids(local_blocks, local_desc.shape[0], here)
+        local_ids = checked_block_ids(local_blocks, local_desc.shape[0], here, op == "read")
         block = local_desc.row_bytes
         if remote.kind == "blocks":
-            remote_ids = _block_ids(remote_blocks, remote_desc.shape[0], there)
+            remote_ids = checked_block_ids(remote_blocks, remote_desc.shape[0], there, op == "write")
             if remote_desc.row_bytes != block:
                 raise _invalid(f"block sizes differ: {here} {block} bytes, {there} "
                                f"{remote_desc.row_bytes} bytes")
             if remote_ids.size != local_ids.size:
                 raise _invalid(f"{remote_ids.size} {there} blocks but {local_ids.size} "
                                f"{here} blocks")
-            if np.unique(local_ids if op == "read" else remote_ids).size != local_ids.size:
-                raise _invalid("destination block ids repeat")
             local, remote_addrs, lengths = block_descriptors(
                 np.asarray(local_cache.tensor_addrs)[local_t], block, local_ids,
                 np.asarray(remote.tensor_addrs)[remote_t], block, remote_ids)
@@ -332,8 +322,6 @@ class CacheManager:
             if local_ids.size != chunks:
                 raise _invalid(f"the source cache holds {chunks} blocks of {block} bytes per "
                                f"tensor; {local_ids.size} destination blocks given")
-            if np.unique(local_ids).size != local_ids.size:
-                raise _invalid("destination block ids repeat")
             offsets = np.arange(chunks, dtype=np.uint64) * np.uint64(block)
             lengths_one = np.minimum(np.uint64(block), np.uint64(tensor) - offsets)
             local_bases = np.asarray(local_cache.tensor_addrs, dtype=np.uint64)[local_t]

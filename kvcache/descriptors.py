@@ -1,9 +1,11 @@
 """Transfers as numpy descriptor arrays (local address, remote address,
 length): building them from cache layouts, merging runs contiguous on both
 sides, and checking every piece against registered regions before anything
-moves. Vectorised: no Python loop per block."""
+moves. The loops run in C (``pyverbs_kv.pieces``): no Python loop per block."""
 import numpy as np
 
+from pyverbs_kv import pieces
+from pyverbs_kv.pieces import NO_REGION
 from kvcache.status import LLMException, LLMStatusCode
 
 
@@ -13,19 +15,12 @@ def _invalid(message):
 
 def merge_runs(local, remote, lengths, *groups):
     """Merge consecutive descriptors contiguous on both sides into one.
-    Each array in ``groups`` (e.g. region ids) must also agree for two
-    pieces to merge; they come back reduced alongside."""
-    if len(local) <= 1:
-        return (local, remote, lengths) + groups
-    joined = ((local[1:] == local[:-1] + lengths[:-1])
-              & (remote[1:] == remote[:-1] + lengths[:-1]))
-    for group in groups:
-        joined &= group[1:] == group[:-1]
-    if not joined.any():
-        return (local, remote, lengths) + groups
-    starts = np.flatnonzero(np.concatenate(([True], ~joined)))
-    return ((local[starts], remote[starts], np.add.reduceat(lengths, starts))
-            + tuple(group[starts] for group in groups))
+    Each array in ``groups`` (at most two, e.g. region ids) must also agree
+    for two pieces to merge; they come back reduced alongside."""
+    if len(groups) > 2:
+        raise ValueError("merge_runs takes at most two group arrays")
+    merged = pieces.merge_pieces(local, remote, lengths, *groups)
+    return merged[:3 + len(groups)]
 
 
 def as_descriptor_arrays(local_addrs, remote_addrs, lengths):
@@ -46,23 +41,26 @@ def block_descriptors(local_bases, local_block_bytes, local_ids, remote_bases,
     """Descriptors for copying block local_ids[j] of local tensor i to block
     remote_ids[j] of remote tensor i, for every tensor pair i and block j.
     A block is ``piece_bytes`` long (default: the local block size)."""
-    local_bases = np.asarray(local_bases, dtype=np.uint64)
-    remote_bases = np.asarray(remote_bases, dtype=np.uint64)
-    lid = np.asarray(local_ids, dtype=np.int64).ravel()
-    rid = np.asarray(remote_ids, dtype=np.int64).ravel()
-    if lid.size != rid.size:
-        raise _invalid(f"{lid.size} source blocks but {rid.size} destination blocks")
-    if local_bases.size != remote_bases.size:
-        raise _invalid(f"{local_bases.size} source tensors but {remote_bases.size} "
-                       "destination tensors")
-    if (lid < 0).any() or (rid < 0).any():
-        raise _invalid("block ids must be non-negative")
     piece = int(piece_bytes if piece_bytes is not None else local_block_bytes)
-    local = (local_bases[:, None] + lid.astype(np.uint64)[None, :]
-             * np.uint64(local_block_bytes)).ravel()
-    remote = (remote_bases[:, None] + rid.astype(np.uint64)[None, :]
-              * np.uint64(remote_block_bytes)).ravel()
-    return local, remote, np.full(local.size, piece, dtype=np.uint64)
+    try:
+        return pieces.block_pieces(local_bases, local_block_bytes, local_ids, remote_bases,
+                                   remote_block_bytes, remote_ids, piece)
+    except ValueError as exc:
+        raise _invalid(str(exc)) from None
+
+
+def checked_block_ids(ids, limit, side, destination):
+    """Block ids as int64, each in range; a destination's ids must not
+    repeat (two pieces landing on one block)."""
+    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
+    problem = pieces.check_block_ids(ids, limit, destination)
+    if problem is not None:
+        i, reason = problem
+        if reason == "range":
+            raise _invalid(f"{side} block id {int(ids[i])} out of range 0..{limit - 1}")
+        raise _invalid(f"destination block ids repeat: {side} block {int(ids[i])} "
+                       f"(position {i})")
+    return ids
 
 
 class RegionTable:
@@ -89,24 +87,17 @@ class RegionTable:
                                                                  self.ends)]
 
     def locate(self, addrs, lengths):
-        """Region id of every piece; -1 (as uint64 max) where a piece is not
-        wholly inside one region."""
-        addrs = np.asarray(addrs, dtype=np.uint64)
-        lengths = np.asarray(lengths, dtype=np.uint64)
-        if self.starts.size == 0:
-            return np.full(addrs.size, np.iinfo(np.uint64).max, dtype=np.uint64)
-        index = np.searchsorted(self.starts, addrs, side="right").astype(np.int64) - 1
-        safe = np.maximum(index, 0)
-        ends = addrs + lengths
-        inside = (index >= 0) & (ends <= self.ends[safe]) & (ends >= addrs)
-        return np.where(inside, self.ids[safe], np.iinfo(np.uint64).max)
+        """(region id of every piece, count of misses): NO_REGION where a
+        piece is not wholly inside one region."""
+        return pieces.region_lookup(self.starts, self.ends, self.ids, addrs, lengths,
+                                    NO_REGION)
 
     def check(self, addrs, lengths, what):
         """Region ids of every piece, or LLM_PARAM_INVALID naming the first
         piece outside the registered regions."""
-        ids = self.locate(addrs, lengths)
-        bad = np.flatnonzero(ids == np.iinfo(np.uint64).max)
-        if bad.size:
+        ids, misses = self.locate(addrs, lengths)
+        if misses:
+            bad = np.flatnonzero(ids == NO_REGION)
             i = int(bad[0])
             raise _invalid(f"{what} piece {i} [{int(addrs[i]):#x}, +{int(lengths[i])}) is "
                            f"outside registered memory ({bad.size} such pieces)")

@@ -35,7 +35,6 @@ log = logging.getLogger("kvcache.engine")
 if os.environ.get("KVCACHE_DEBUG"):
     logging.basicConfig(level=logging.DEBUG)
 
-_NO_REGION = np.iinfo(np.uint64).max
 
 
 def _rdma_transport():
@@ -456,7 +455,7 @@ class TransferEngine:
         if int(table["length"].sum()) != total:
             raise ProtocolError("descriptor lengths do not add up to the announced bytes")
         with self._lock:
-            found = self._table.locate(table["addr"], table["length"])
+            found, _ = self._table.locate(table["addr"], table["length"])
             bad = np.flatnonzero(found != table["region"])
             ids = np.unique(table["region"]).tolist() if not bad.size else []
             self._pin(ids)
@@ -542,8 +541,8 @@ class TransferEngine:
         peer.regions.set(result["regions"])
 
     def _remote_regions(self, peer, remote, lengths):
-        ids = peer.regions.locate(remote, lengths)
-        if (ids == _NO_REGION).any():
+        ids, misses = peer.regions.locate(remote, lengths)
+        if misses:
             self.refresh_regions(peer)
             ids = peer.regions.check(remote, lengths, f"remote ({peer.name})")
         return ids

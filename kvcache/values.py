@@ -1,5 +1,6 @@
 """Plain value types of the public API, after llm_datadist: roles, data
 types, placements, cache descriptions and keys, cluster info."""
+import math
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
 
@@ -81,7 +82,7 @@ class CacheDesc:
 
     @property
     def tensor_bytes(self):
-        return int(np.prod(self.shape)) * self.data_type.itemsize
+        return math.prod(self.shape) * self.data_type.itemsize
 
     @property
     def row_bytes(self):

@@ -1,6 +1,7 @@
 """pyverbs_kv: Cython bindings of libibverbs and librdmacm with a vectorised
-RDMA data path (see README.md), plus ``pyverbs_kv.sgio`` (scatter/gather I/O
-for sockets and shared memory, no RDMA library needed).
+RDMA data path (see README.md), plus two modules that need no RDMA library:
+``pyverbs_kv.sgio`` (scatter/gather I/O for sockets and shared memory) and
+``pyverbs_kv.pieces`` (building, locating and merging descriptor arrays).
 
 The verbs names below load on first use, so ``import pyverbs_kv.sgio`` works
 where libibverbs is missing; touching a verbs name there raises ImportError."""
@@ -18,7 +19,7 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_WHERE) + ["enums", "cm", "sgio"]
+__all__ = sorted(_WHERE) + ["enums", "cm", "sgio", "pieces"]
 
 
 def __getattr__(name):
@@ -26,6 +27,6 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f"pyverbs_kv.{_WHERE[name]}"), name)
         globals()[name] = value
         return value
-    if name in ("enums", "cm", "sgio"):
+    if name in ("enums", "cm", "sgio", "pieces"):
         return importlib.import_module(f"pyverbs_kv.{name}")
     raise AttributeError(f"module 'pyverbs_kv' has no attribute {name!r}")

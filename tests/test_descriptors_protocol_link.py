@@ -57,7 +57,67 @@ def test_region_table_checks_bounds():
         table.check([1000, 1095], [10, 10], "x")
     with pytest.raises(LLMException, match="overlap"):
         RegionTable([(1, 0, 100), (2, 50, 100)])
-    assert (table.locate([999, 5010], [1, 1]) == np.iinfo(np.uint64).max).all()
+    ids, misses = table.locate([999, 5010], [1, 1])
+    assert (ids == np.iinfo(np.uint64).max).all() and misses == 2
+
+
+def _oracle_region(regions, addr, length):
+    """Region id wholly holding [addr, addr + length), by brute force."""
+    for region_id, start, size in regions:
+        if start <= addr and addr + length <= start + size:
+            return region_id
+    return None
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40)), min_size=0, max_size=8),
+       st.lists(st.tuples(st.integers(0, 400), st.integers(1, 60)), min_size=0, max_size=300))
+def test_region_lookup_matches_brute_force(layout, queries):
+    regions, cursor = [], 0
+    for i, (gap, size) in enumerate(layout):     # disjoint, possibly adjacent regions
+        cursor += gap
+        regions.append((i + 7, cursor, size))
+        cursor += size
+    table = RegionTable(regions)
+    addrs = [a for a, _ in queries]
+    lengths = [n for _, n in queries]
+    ids, misses = table.locate(addrs, lengths)
+    expect = [_oracle_region(regions, a, n) for a, n in queries]
+    assert misses == sum(e is None for e in expect)
+    assert [None if i == np.iinfo(np.uint64).max else i for i in ids.tolist()] == expect
+
+
+def test_region_lookup_rejects_a_piece_that_wraps_the_address_space():
+    table = RegionTable([(1, 0, 1 << 20)])
+    ids, misses = table.locate([2**64 - 16], [32])
+    assert misses == 1
+
+
+def test_block_descriptors_reject_negative_ids_and_mismatched_counts():
+    with pytest.raises(LLMException, match="non-negative") as err:
+        block_descriptors([0], 8, [1, -1], [0], 8, [2, 3])
+    assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+    with pytest.raises(LLMException, match="2 source blocks but 1 destination"):
+        block_descriptors([0], 8, [1, 2], [0], 8, [3])
+    with pytest.raises(LLMException, match="1 source tensors but 2 destination"):
+        block_descriptors([0], 8, [1], [0, 64], 8, [3])
+
+
+@given(st.lists(st.tuples(st.integers(0, 30), st.integers(0, 30), st.integers(0, 2)),
+                min_size=0, max_size=200))
+def test_merge_runs_matches_a_python_merge(rows):
+    local = np.array([r[0] * 4 for r in rows], dtype=np.uint64)
+    remote = np.array([r[1] * 4 for r in rows], dtype=np.uint64)
+    lengths = np.full(len(rows), 4, dtype=np.uint64)
+    groups = np.array([r[2] for r in rows], dtype=np.uint64)
+    expect = []
+    for l, r, g in zip(local.tolist(), remote.tolist(), groups.tolist()):
+        if expect and expect[-1][0] + expect[-1][2] == l and expect[-1][1] + expect[-1][2] == r \
+                and expect[-1][3] == g:
+            expect[-1][2] += 4
+        else:
+            expect.append([l, r, 4, g])
+    got = merge_runs(local, remote, lengths, groups)
+    assert [list(t) for t in zip(*(a.tolist() for a in got))] == expect
 
 
 def test_frames_round_trip_and_reject_bad_input():

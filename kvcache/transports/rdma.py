@@ -32,7 +32,6 @@ from kvcache.transports.base import Transport
 
 log = logging.getLogger("kvcache.rdma")
 
-_NO_REGION = np.iinfo(np.uint64).max
 SEND_QUEUE = 1024
 ATTACH_WAIT_S = 10
 LINK_CHECK_MS = 100        # how often a waiting transfer looks at its link
@@ -271,8 +270,8 @@ class RdmaTransport(Transport):
         return group
 
     def _remote_keys(self, peer, group, remote, lengths):
-        ids = group.remote_keys.locate(remote, lengths)
-        if (ids == _NO_REGION).any():
+        ids, misses = group.remote_keys.locate(remote, lengths)
+        if misses:
             self._set_keys(group, self.engine.call(peer, "rdma.keys", {})["keys"])
             ids = group.remote_keys.check(remote, lengths, f"remote ({peer.name}, RDMA)")
         return ids

@@ -22,11 +22,11 @@ import numpy as np
 from kvcache.descriptors import RegionTable
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp import TcpTransport
-from pyverbs_kv import sgio
+from pyverbs_kv import pieces, sgio
+from pyverbs_kv.pieces import NO_REGION
 
 log = logging.getLogger("kvcache.shm")
 
-_NO_REGION = np.iinfo(np.uint64).max
 GRANT_TIMEOUT_S = 5
 
 
@@ -36,9 +36,8 @@ class _Mappings:
     def __init__(self):
         self.maps = []                      # mmap objects, kept to unmap on unlink
         self.table = RegionTable()
-        # Sorted region ids and, for each, local address - peer address.
-        self.ids = np.empty(0, dtype=np.uint64)
-        self.shift = np.empty(0, dtype=np.int64)
+        # For each row of the table: local address - peer address, mod 2**64.
+        self.shift = np.empty(0, dtype=np.uint64)
         self.lock = threading.Lock()
 
     def close(self):
@@ -46,8 +45,7 @@ class _Mappings:
             m.close()
         self.maps = []
         self.table = RegionTable()
-        self.ids = np.empty(0, dtype=np.uint64)
-        self.shift = np.empty(0, dtype=np.int64)
+        self.shift = np.empty(0, dtype=np.uint64)
 
 
 class ShmTransport(TcpTransport):
@@ -142,8 +140,8 @@ class ShmTransport(TcpTransport):
                 shifts[region_id] = np.frombuffer(m, dtype=np.uint8).ctypes.data - addr
                 rows.append((region_id, addr, length))
             mappings.table = RegionTable(rows)
-            mappings.ids = np.array(sorted(shifts), dtype=np.uint64)
-            mappings.shift = np.array([shifts[i] for i in sorted(shifts)], dtype=np.int64)
+            mappings.shift = np.array([shifts[int(i)] for i in mappings.table.ids],
+                                      dtype=np.int64).view(np.uint64)
             log.info("%s: mapped %d shared region(s) of %s", self.engine.name, len(rows),
                      peer.name)
         except (ValueError, OSError) as exc:
@@ -162,32 +160,29 @@ class ShmTransport(TcpTransport):
 
     # --- transfers ---------------------------------------------------------------
 
-    def _split(self, peer, remote, lengths):
-        """Region ids of pieces inside a mapped peer region, and a mask of them."""
-        mappings = self._mappings(peer)
-        ids = mappings.table.locate(remote, lengths)
-        return mappings, ids, ids != _NO_REGION
-
     def _move(self, op, peer, local, remote, lengths, regions, timeout_ms):
-        mappings, ids, mapped = self._split(peer, remote, lengths)
-        if not mapped.all():
-            rest = ~mapped
+        mappings = self._mappings(peer)
+        rest = None
+        with mappings.lock:
+            table = mappings.table
+            shift, misses = pieces.region_lookup(table.starts, table.ends, mappings.shift,
+                                                 remote, lengths, 0)
+            if misses:
+                rest = table.locate(remote, lengths)[0] == NO_REGION
+                mapped = ~rest
+                here, there, size = local[mapped], remote[mapped] + shift[mapped], lengths[mapped]
+            else:
+                here, there, size = local, remote + shift, lengths
+            if size.size:
+                if op == "write":
+                    sgio.copy_pieces(there, here, size)
+                else:
+                    sgio.copy_pieces(here, there, size)
+        if rest is not None:
             log.debug("%d pieces to %s are not in shared memory: TCP", int(rest.sum()),
                       peer.name)
             tcp = TcpTransport.write if op == "write" else TcpTransport.read
             tcp(self, peer, local[rest], remote[rest], lengths[rest], regions[rest], timeout_ms)
-        if mapped.any():
-            with mappings.lock:
-                if not mappings.maps:
-                    raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
-                                       f"shared memory of {peer.name} was unmapped")
-                shift = mappings.shift[np.searchsorted(mappings.ids, ids[mapped])]
-                there = (remote[mapped].astype(np.int64) + shift).astype(np.uint64)
-                here = local[mapped]
-                if op == "write":
-                    sgio.copy_pieces(there, here, lengths[mapped])
-                else:
-                    sgio.copy_pieces(here, there, lengths[mapped])
 
     def write(self, peer, local, remote, lengths, regions, timeout_ms):
         self._move("write", peer, local, remote, lengths, regions, timeout_ms)
