@@ -500,17 +500,18 @@ class TransferEngine:
         self._handlers[method] = handler
 
     def call(self, peer, method, params, timeout_ms=None):
-        """A control call to the peer's handler; returns its result dict."""
+        """A control call to the peer's handler; returns its result dict.
+        Not a transfer: it touches no registered memory, so a peer waiting
+        for our transfers to finish (freeing a cache) does not wait for it,
+        which would deadlock when our call is what made the peer free."""
         peer = self.peer(peer)
-        peer.link.begin_transfer()
+        peer.link.require_linked()
         try:
             reply = peer.channel.call(MsgType.CALL, {"method": method, "params": params},
                                       timeout_ms=timeout_ms or self.timeout_ms)
         except ChannelClosed as exc:
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"link to {peer.name} failed: {exc}") from None
-        finally:
-            peer.link.end_transfer()
         if reply["status"] != LLMStatusCode.LLM_SUCCESS:
             raise LLMException(reply["status"], reply["message"])
         result = reply.get("result")

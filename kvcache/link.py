@@ -57,13 +57,21 @@ class Link:
             self.reason = reason
             self._cond.notify_all()
 
+    def require_linked(self):
+        """LLM_LINK_FAILED / LLM_NOT_YET_LINK unless the link is LINKED."""
+        with self._cond:
+            self._require_linked()
+
+    def _require_linked(self):
+        if self.state != LinkState.LINKED:
+            code = (LLMStatusCode.LLM_LINK_FAILED if self.state == LinkState.FAILED
+                    else LLMStatusCode.LLM_NOT_YET_LINK)
+            detail = f": {self.reason}" if self.reason else ""
+            raise LLMException(code, f"link {self.name} is {self.state.name}{detail}")
+
     def begin_transfer(self):
         with self._cond:
-            if self.state != LinkState.LINKED:
-                code = (LLMStatusCode.LLM_LINK_FAILED if self.state == LinkState.FAILED
-                        else LLMStatusCode.LLM_NOT_YET_LINK)
-                detail = f": {self.reason}" if self.reason else ""
-                raise LLMException(code, f"link {self.name} is {self.state.name}{detail}")
+            self._require_linked()
             self.in_flight += 1
 
     def end_transfer(self):

@@ -114,6 +114,17 @@ class Actions:
         self.dd.switch_role(LLMRole(role), {"llm.ListenIpInfo": listen} if listen else None)
         return self.dd.listen_address
 
+    def free_on_call(self, cache_id, method):
+        """Serve control calls ``method`` by freeing a cache: the caller's
+        call is what makes us free memory it looked up."""
+        def free(peer, params):
+            self.deallocate(cache_id)
+            return {}
+        self.dd.engine.add_handler(method, free)
+
+    def call_peer(self, cluster, method, timeout_ms):
+        return self.dd.engine.call(self.dd.engine.find_peer(cluster), method, {}, timeout_ms)
+
     def link_state(self, remote_cluster_id):
         return self.dd.check_link_status(remote_cluster_id).name
 

@@ -290,6 +290,18 @@ def test_a_linked_peer_sending_garbage_only_loses_its_own_link():
         good.call(good_peer, "engine.regions", {})
 
 
+def test_a_peer_frees_a_cache_inside_our_call_without_deadlock(pair):
+    # Freeing asks us to forget the cache and finish our transfers first; our
+    # own control call that triggered the free is not one of them.
+    prompt, decoder, src, dst = pair
+    decoder.call("pull_blocks", 1, dst, [0], [0])            # remembers the lookup
+    prompt.call("free_on_call", src, "test.free")
+    assert decoder.call("call_peer", 1, "test.free", 1000) == {}
+    with pytest.raises(PeerError) as err:
+        decoder.call("pull_blocks", 1, dst, [0], [0])
+    assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+
+
 def test_a_replaced_remote_cache_is_looked_up_again(pair):
     prompt, decoder, src, dst = pair
     decoder.call("pull_blocks", 1, dst, [0], [0])              # remembers the lookup
