@@ -1,11 +1,13 @@
 """The shared-memory transport: grants, mapping, fallback, unmapping."""
 import ctypes
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
 
-from kvcache import TransferEngine
+from kvcache import LLMException, LLMStatusCode, TransferEngine
 from kvcache.bufpool import SharedMemory
 
 
@@ -76,3 +78,35 @@ def test_the_grant_socket_gives_nothing_without_a_token(engines):
     assert data == b"" and fds == []
     peer = a.connect(b.address)                   # the server is unharmed
     a.transfer_sync(peer, "write", [src.ctypes.data], [memory.addr], [10])
+
+
+def test_threads_copy_at_once_and_unlink_waits_for_their_copies(engines):
+    a, b, memory, src = engines
+    peer = a.connect(b.address)
+    quarter = (1 << 20) // 4
+    errors, rounds = [], [0] * 4
+
+    def writer(t):
+        base = np.arange(quarter // 4096, dtype=np.uint64) * 4096 + t * quarter
+        try:
+            while True:
+                a.transfer_sync(peer, "write", src.ctypes.data + base, memory.addr + base,
+                                np.full(base.size, 4096))
+                rounds[t] += 1
+        except LLMException as exc:
+            errors.append(exc.status_code)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while min(rounds) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert min(rounds) >= 3
+    np.testing.assert_array_equal(view(memory), src)
+    a.disconnect(peer, force=True)               # unmaps only after running copies end
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert set(errors) <= {LLMStatusCode.LLM_LINK_FAILED, LLMStatusCode.LLM_NOT_YET_LINK}
+    assert len(errors) == 4

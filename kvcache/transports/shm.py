@@ -28,10 +28,12 @@ from pyverbs_kv.pieces import NO_REGION
 log = logging.getLogger("kvcache.shm")
 
 GRANT_TIMEOUT_S = 5
+UNMAP_WAIT_S = 60
 
 
 class _Mappings:
-    """The peer's granted regions as mapped here."""
+    """The peer's granted regions as mapped here. Copies run outside the
+    lock, so threads copy at once; unmapping waits for them."""
 
     def __init__(self):
         self.maps = []                      # mmap objects, kept to unmap on unlink
@@ -39,10 +41,23 @@ class _Mappings:
         # For each row of the table: local address - peer address, mod 2**64.
         self.shift = np.empty(0, dtype=np.uint64)
         self.lock = threading.Lock()
+        self.copies = 0
+        self.idle = threading.Condition(self.lock)
+
+    def end_copy(self):
+        with self.lock:
+            self.copies -= 1
+            self.idle.notify_all()
 
     def close(self):
-        for m in self.maps:
-            m.close()
+        """Unmap (the lock held). A copy still running past UNMAP_WAIT_S keeps
+        the mappings alive rather than fault on them."""
+        if not self.idle.wait_for(lambda: self.copies == 0, UNMAP_WAIT_S):
+            log.error("%d shared-memory copies still running after %d s; the peer's "
+                      "memory stays mapped", self.copies, UNMAP_WAIT_S)
+        else:
+            for m in self.maps:
+                m.close()
         self.maps = []
         self.table = RegionTable()
         self.shift = np.empty(0, dtype=np.uint64)
@@ -145,7 +160,7 @@ class ShmTransport(TcpTransport):
             log.info("%s: mapped %d shared region(s) of %s", self.engine.name, len(rows),
                      peer.name)
         except (ValueError, OSError) as exc:
-            mappings.close()
+            mappings.close()                # the lock is held by _mappings
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"mapping {peer.name}'s shared memory: {exc}") from None
         finally:
@@ -173,11 +188,15 @@ class ShmTransport(TcpTransport):
                 here, there, size = local[mapped], remote[mapped] + shift[mapped], lengths[mapped]
             else:
                 here, there, size = local, remote + shift, lengths
+            mappings.copies += 1
+        try:
             if size.size:
                 if op == "write":
                     sgio.copy_pieces(there, here, size)
                 else:
                     sgio.copy_pieces(here, there, size)
+        finally:
+            mappings.end_copy()
         if rest is not None:
             log.debug("%d pieces to %s are not in shared memory: TCP", int(rest.sum()),
                       peer.name)
