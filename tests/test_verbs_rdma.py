@@ -81,9 +81,10 @@ def test_write_batch_to_permuted_slots_then_read_back(ctx, pd, block_size):
     src_mr, dst_mr, back_mr = pv.MR(pd, src), pv.MR(pd, dst), pv.MR(pd, back)
     slots = np.random.default_rng(1).permutation(num_slots)[:NUM_BLOCKS]
 
+    # 100 MB through Soft-RoCE under TCG: posting waits for send-queue credits.
     batch = a.qp.post_write_blocks(src_mr.addr, block_size, np.arange(NUM_BLOCKS),
                                    dst_mr.addr, block_size, slots, block_size,
-                                   src_mr.lkey, dst_mr.rkey)
+                                   src_mr.lkey, dst_mr.rkey, timeout_ms=120_000)
     assert batch.num_descriptors == NUM_BLOCKS
     batch.wait(timeout_ms=120_000)
     assert batch.done
@@ -93,7 +94,7 @@ def test_write_batch_to_permuted_slots_then_read_back(ctx, pd, block_size):
 
     read = a.qp.post_read_blocks(back_mr.addr, block_size, np.arange(NUM_BLOCKS),
                                  dst_mr.addr, block_size, slots, block_size,
-                                 back_mr.lkey, dst_mr.rkey)
+                                 back_mr.lkey, dst_mr.rkey, timeout_ms=120_000)
     read.wait(timeout_ms=120_000)
     np.testing.assert_array_equal(back, src)
 
@@ -139,7 +140,7 @@ def test_batch_larger_than_the_send_queue_keeps_credits(ctx, pd):
     slots = np.random.default_rng(9).permutation(n)
     batch = a.qp.post_write_blocks(src_mr.addr, block, np.arange(n), dst_mr.addr, block,
                                    slots, block, src_mr.lkey, dst_mr.rkey,
-                                   signal_every=1000, chain=64)
+                                   signal_every=1000, chain=64, timeout_ms=60_000)
     adjacent = int(np.count_nonzero(np.diff(slots) == 1))    # merged pairs
     assert batch.num_wrs == n - adjacent
     batch.wait(60_000)
