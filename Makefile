@@ -49,7 +49,9 @@ test-rdma:
 	    --junitxml=.ci-out/rdma-junit.xml tests
 
 bench: build
-	$(PY) bench/transfer_bench.py --transports tcp,shm --readme
+	$(PY) -m pip install -q matplotlib
+	$(PY) -m kvcache bench --transports tcp,shm --threads 1,2 --plot docs/transfer_bench.png \
+	    --readme
 
 bench-verbs: setup-vm build
 	scripts/rdma-vm --timeout 2400 -- python bench/verbs_bench.py

@@ -320,13 +320,21 @@ def plot(path, rows, memcpy, tcp_ref, sizes):
     kib = [s // 1024 for s in sizes]
     ax.plot(kib, [memcpy[s]["GBps"] for s in sizes], "k--", label="memcpy (1 thread)")
     ax.axhline(tcp_ref, color="grey", linestyle=":", label="TCP loopback")
-    series = {}
-    for r in rows:
-        label = f"{r['transport']} {r['path']} {r['op']} x{r['threads']}"
-        series.setdefault(label, []).append((r["block"] // 1024, r["GBps"]))
-    for label, points in series.items():
-        xs, ys = zip(*sorted(points))
-        ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    # One colour per transport/path/op, one line style per thread count.
+    kinds = list(dict.fromkeys((r["transport"], r["path"], r["op"]) for r in rows))
+    counts = sorted({r["threads"] for r in rows})
+    colours = plt.get_cmap("tab20").colors
+    styles = ["-", "--", "-.", ":"]
+    for n, kind in enumerate(kinds):
+        for threads in counts:
+            points = sorted((r["block"] // 1024, r["GBps"]) for r in rows
+                            if (r["transport"], r["path"], r["op"]) == kind
+                            and r["threads"] == threads)
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", markersize=3, color=colours[n % len(colours)],
+                        linestyle=styles[counts.index(threads) % len(styles)],
+                        label=f"{' '.join(kind)} x{threads}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(kib, [f"{k}K" for k in kib])
     ax.set_xlabel("block size")

@@ -1,4 +1,5 @@
 """Every example runs as real processes and checks its own results."""
+import json
 import os
 import subprocess
 import sys
@@ -18,3 +19,19 @@ def test_example_runs_and_verifies_its_transfer(name):
     out = subprocess.run(args, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK:" in out.stdout
+
+
+def test_transfer_bench_runs_every_cell_and_checks_what_it_read(tmp_path):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    out = subprocess.run([sys.executable, "-m", "kvcache", "bench", "--sizes", "4K,8K",
+                          "--batch", "64", "--seconds", "0.05", "--transports", "tcp,shm",
+                          "--threads", "1,2", "--json", str(out_json), "--markdown",
+                          str(out_md)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out_json.read_text())
+    cells = {(r["transport"], r["path"], r["op"], r["threads"], r["block"])
+             for r in result["rows"]}
+    # 2 transports x 2 thread counts x 2 sizes x (engine write, engine read, pull_blocks)
+    assert len(cells) == 24 and all(r["GBps"] > 0 for r in result["rows"])
+    assert result["tcp_loopback_GBps"] > 0 and set(result["memcpy"]) == {"4096", "8192"}
+    assert out_md.read_text().count("\n| shm |") == 12
