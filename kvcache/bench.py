@@ -94,27 +94,56 @@ class Progress:
 
 
 def measure(run_batch, batch_bytes, seconds, threads=1):
-    """Run batches for about ``seconds`` (at least 5); per-batch stats."""
-    run_batch(0)                                      # warm-up
-    times = []
-    cpu0 = time.process_time()
-    deadline = time.perf_counter() + seconds
-    while len(times) < 5 or time.perf_counter() < deadline:
-        if threads == 1:
-            t0 = time.perf_counter()
+    """Run batches for about ``seconds`` (at least 5); per-batch stats. With
+    several threads, each runs its batch at once (persistent workers
+    released together, so thread start-up is not timed)."""
+    if threads == 1:
+        def one_round():
             run_batch(0)
-            times.append(time.perf_counter() - t0)
-        else:
-            workers = [threading.Thread(target=run_batch, args=(i,)) for i in range(threads)]
+        workers = []
+    else:
+        start, finish = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+        stop = []
+        errors = []
+
+        def work(t):
+            while True:
+                start.wait()
+                if stop:
+                    return
+                try:
+                    run_batch(t)
+                except BaseException as exc:          # reported by the main thread
+                    errors.append(exc)
+                finish.wait()
+
+        def one_round():
+            start.wait()
+            finish.wait()
+            if errors:
+                raise errors[0]
+        workers = [threading.Thread(target=work, args=(t,), daemon=True)
+                   for t in range(threads)]
+        for w in workers:
+            w.start()
+    try:
+        one_round()                                   # warm-up
+        times = []
+        cpu0 = time.process_time()
+        deadline = time.perf_counter() + seconds
+        while len(times) < 5 or time.perf_counter() < deadline:
             t0 = time.perf_counter()
-            for w in workers:
-                w.start()
+            one_round()
+            times.append(time.perf_counter() - t0)
+            if len(times) >= 2000:
+                break
+        cpu = (time.process_time() - cpu0) / len(times)
+    finally:
+        if workers:
+            stop.append(True)
+            start.wait()
             for w in workers:
                 w.join()
-            times.append(time.perf_counter() - t0)
-        if len(times) >= 2000:
-            break
-    cpu = (time.process_time() - cpu0) / len(times)
     p50 = statistics.median(times)
     p99 = float(np.percentile(times, 99))
     return dict(GBps=batch_bytes * threads / p50 / 1e9, p50_ms=p50 * 1e3, p99_ms=p99 * 1e3,

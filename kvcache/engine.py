@@ -37,18 +37,23 @@ if os.environ.get("KVCACHE_DEBUG"):
 
 
 
-def _rdma_transport():
-    from kvcache.transports.rdma import RdmaTransport
-    return RdmaTransport()
+def _tcp_transport(device_id):
+    return TcpTransport()
 
 
-def _shm_transport():
+def _shm_transport(device_id):
     from kvcache.transports.shm import ShmTransport
     return ShmTransport()
 
 
-# Transport name -> factory. RDMA loads pyverbs_kv's verbs only when chosen.
-TRANSPORTS = {"tcp": TcpTransport, "shm": _shm_transport, "rdma": _rdma_transport}
+def _rdma_transport(device_id):
+    from kvcache.transports.rdma import RdmaTransport
+    return RdmaTransport(device_id)
+
+
+# Transport name -> factory(local device id). RDMA loads pyverbs_kv's verbs
+# only when chosen.
+TRANSPORTS = {"tcp": _tcp_transport, "shm": _shm_transport, "rdma": _rdma_transport}
 
 
 def parse_address(text):
@@ -113,7 +118,7 @@ class TransferRequest:
 class TransferEngine:
     def __init__(self, name=None, *, listen="127.0.0.1:0", cluster_id=0, role="mix",
                  transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
-                 io_timeout_ms=30_000):
+                 io_timeout_ms=30_000, device_id=0):
         if transport not in TRANSPORTS:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"transport {transport!r} not available here; have "
@@ -123,7 +128,7 @@ class TransferEngine:
         self.timeout_ms = timeout_ms
         self.handshake_timeout_ms = handshake_timeout_ms
         self.io_timeout_ms = io_timeout_ms
-        self.transport = TRANSPORTS[transport]()
+        self.transport = TRANSPORTS[transport](int(device_id))
         self._lock = threading.RLock()
         self._regions = {}                       # id -> (addr, length, parent, addressable)
         self._table = RegionTable()

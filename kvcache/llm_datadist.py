@@ -112,7 +112,7 @@ class LLMDataDist:
         self._switchable = options.get(OPT_ENABLE_SWITCH_ROLE, "0") == "1"
         self.sync_timeout_ms = _int_option(options, OPT_SYNC_TIMEOUT, 1000)
         self.link_timeout_ms = _int_option(options, OPT_LINK_TIMEOUT, 3000)
-        _int_option(options, OPT_DEVICE_ID, 0)
+        self.device_id = _int_option(options, OPT_DEVICE_ID, 0)
         self.transport, self.transport_reason = choose_transport(
             options.get(OPT_TRANSPORT, "auto") or "auto")
         log.info("cluster %d: transport %s (%s)", self.cluster_id, self.transport,
@@ -122,7 +122,8 @@ class LLMDataDist:
             self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=listen or None,
                                           cluster_id=self.cluster_id, role=self.role.value,
                                           transport=self.transport,
-                                          timeout_ms=self.link_timeout_ms)
+                                          timeout_ms=self.link_timeout_ms,
+                                          device_id=self.device_id)
             self._cache_manager = CacheManager(self._engine, pool, self.cluster_id,
                                                self.sync_timeout_ms)
         except BaseException:

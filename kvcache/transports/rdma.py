@@ -12,8 +12,8 @@ done when every QP's last signalled WR completed. Any error completion
 fails the link (re-linking creates new QPs).
 
 Environment (FastDeploy's names where they mean the same):
-KVCACHE_RDMA_NICS (comma-separated devices; default all, chosen round-robin
-per process), KVCACHE_RDMA_GID_INDEX (default: the RoCE v2 IPv4-mapped GID),
+KVCACHE_RDMA_NICS (comma-separated devices, default all; local device i,
+the engine's device_id, uses NIC i modulo their count), KVCACHE_RDMA_GID_INDEX (default: the RoCE v2 IPv4-mapped GID),
 KVCACHE_SOCKET_IFNAME (pick the GID on this netdev), KVCACHE_IB_TIMEOUT
 (ACK timeout exponent, default 14), KVCACHE_RELAX_ORDERING (1: register with
 relaxed ordering), KVCACHE_RDMA_QPS (QPs per link)."""
@@ -91,7 +91,7 @@ class RdmaTransport(Transport):
     enforces the registered bounds)."""
     name = "rdma"
 
-    def __init__(self):
+    def __init__(self, device_id=0):
         try:
             import pyverbs_kv as pv
             from pyverbs_kv.enums import IBV_ACCESS_RELAXED_ORDERING
@@ -111,7 +111,7 @@ class RdmaTransport(Transport):
         if not devices:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                "RDMA transport: no RDMA device found")
-        device = devices[os.getpid() % len(devices)]
+        device = devices[device_id % len(devices)]
         try:
             self.ctx = pv.Context(device)
             self.pd = pv.PD(self.ctx)
