@@ -47,6 +47,28 @@ def test_engine_write_read_and_notify_over_rdma():
         assert (src[:100] == 7).all()
 
 
+def test_one_transfer_across_several_registered_regions():
+    # Pieces from two local regions to two remote ones: four memory-key pairs,
+    # interleaved, in one transfer.
+    with TransferEngine("a", transport="rdma") as a, TransferEngine("b", transport="rdma") as b:
+        rng = np.random.default_rng(4)
+        srcs = [rng.integers(0, 256, 64 * 1024, dtype=np.uint8) for _ in range(2)]
+        dsts = [np.zeros(64 * 1024, dtype=np.uint8) for _ in range(2)]
+        for src in srcs:
+            a.register_memory(src.ctypes.data, src.nbytes)
+        for dst in dsts:
+            b.register_memory(dst.ctypes.data, dst.nbytes)
+        peer = a.connect(b.address)
+        which_src, which_dst = rng.integers(0, 2, 64), rng.integers(0, 2, 64)
+        slot_src, slot_dst = rng.permutation(64), rng.permutation(64)
+        local = [srcs[w].ctypes.data + int(s) * 1024 for w, s in zip(which_src, slot_src)]
+        remote = [dsts[w].ctypes.data + int(s) * 1024 for w, s in zip(which_dst, slot_dst)]
+        a.transfer_sync(peer, "write", local, remote, [1024] * 64)
+        for ws, ss, wd, sd in zip(which_src, slot_src, which_dst, slot_dst):
+            np.testing.assert_array_equal(dsts[wd].reshape(64, 1024)[sd],
+                                          srcs[ws].reshape(64, 1024)[ss])
+
+
 def test_unregistered_memory_is_refused_before_posting():
     with TransferEngine("a", transport="rdma") as a, TransferEngine("b", transport="rdma") as b:
         mine = np.zeros(8192, dtype=np.uint8)

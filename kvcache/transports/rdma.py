@@ -85,6 +85,17 @@ def _split_long(local, remote, lengths, limit):
     return local[index] + offset, remote[index] + offset, size
 
 
+def _key_groups(local_ids, remote_ids):
+    """(local region, remote region, selection) for each pair of memory keys
+    the pieces use; one pair (one pool, one remote cache) is the usual case
+    and costs no sorting."""
+    if local_ids.min() == local_ids.max() and remote_ids.min() == remote_ids.max():
+        return [(int(local_ids[0]), int(remote_ids[0]), slice(None))]
+    pairs = np.unique(np.stack([local_ids, remote_ids], axis=1), axis=0)
+    return [(int(lid), int(rid), np.flatnonzero((local_ids == lid) & (remote_ids == rid)))
+            for lid, rid in pairs]
+
+
 class RdmaTransport(Transport):
     """One-sided: the peer's CPU takes no part in a transfer; the initiator
     checks every piece against the peer's memory keys (and the hardware
@@ -281,23 +292,22 @@ class RdmaTransport(Transport):
         local, remote, lengths = _split_long(local, remote, lengths, self.max_msg)
         local_ids = self.local_keys.check(local, lengths, "local (RDMA)")
         remote_ids = self._remote_keys(peer, group, remote, lengths)
-        pairs = np.stack([local_ids, remote_ids], axis=1)
         with group.lock:
             if not group.qps:
                 raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                    f"RDMA link to {peer.name} is closed")
             batches = []
             try:
-                for lid, rid in np.unique(pairs, axis=0):
-                    mask = (local_ids == lid) & (remote_ids == rid)
-                    lkey, rkey = self.mrs[int(lid)].lkey, group.rkeys[int(rid)]
-                    l_part, r_part, n_part = local[mask], remote[mask], lengths[mask]
-                    for chunk in np.array_split(np.arange(l_part.size), len(group.qps)):
-                        if not chunk.size:
-                            continue
+                for lid, rid, chosen in _key_groups(local_ids, remote_ids):
+                    lkey, rkey = self.mrs[lid].lkey, group.rkeys[rid]
+                    l_part, r_part, n_part = local[chosen], remote[chosen], lengths[chosen]
+                    # Contiguous shares, one per QP (views, no copies).
+                    share = -(-l_part.size // len(group.qps))
+                    for start in range(0, l_part.size, share):
+                        part = slice(start, start + share)
                         qp = group.qps[len(batches) % len(group.qps)]
                         post = qp.post_write_batch if op == "write" else qp.post_read_batch
-                        batches.append(post(l_part[chunk], n_part[chunk], lkey, r_part[chunk],
+                        batches.append(post(l_part[part], n_part[part], lkey, r_part[part],
                                             rkey, timeout_ms=timeout_ms))
                 self._wait(peer, op, batches, timeout_ms)
             except self.pv.VerbsTimeout as exc:
