@@ -36,8 +36,7 @@ class _Pending:
         self.error = None
 
 
-def _address(buf):
-    return np.frombuffer(buf, dtype=np.uint8).ctypes.data
+_NO_PIECES = np.empty(0, dtype=np.uint64)
 
 
 class Channel:
@@ -77,26 +76,27 @@ class Channel:
 
     # --- sending ------------------------------------------------------------
 
-    def send(self, msg_type, req_id, header, pieces=None, timeout_ms=None):
-        """One frame: header, then the payload gathered from ``pieces``
-        (addresses, lengths). The whole frame goes out under one lock."""
-        addrs, lengths = pieces if pieces is not None else ((), ())
-        lengths = np.asarray(lengths, dtype=np.uint64)
-        prefix = encode(msg_type, req_id, header, int(lengths.sum()))
-        all_addrs = np.concatenate(([_address(prefix)], np.asarray(addrs, dtype=np.uint64)))
-        all_lengths = np.concatenate(([len(prefix)], lengths))
+    def send(self, msg_type, req_id, header, pieces=None, timeout_ms=None, prefix=()):
+        """One frame: header, then the payload: the contiguous buffers in
+        ``prefix`` (e.g. descriptor columns), then the bytes gathered from
+        ``pieces`` (addresses, lengths). The whole frame goes out under one
+        lock, in writev calls straight from memory."""
+        addrs, lengths = pieces if pieces is not None else (_NO_PIECES, _NO_PIECES)
+        payload = int(lengths.sum()) + sum(memoryview(b).nbytes for b in prefix)
+        frame = encode(msg_type, req_id, header, payload)
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
         with self._send_lock:
             if self.closed:
                 raise ChannelClosed(self.close_reason)
             try:
-                sgio.send_pieces(self.fd, all_addrs, all_lengths, timeout)
+                sgio.send_pieces(self.fd, addrs, lengths, timeout, (frame,) + tuple(prefix))
             except (OSError, TimeoutError) as exc:
                 # A frame cut in the middle leaves the stream unusable.
                 self.close(f"send failed: {exc}")
                 raise ChannelClosed(self.close_reason) from None
 
-    def call(self, msg_type, header, pieces=None, reply_into=None, timeout_ms=None):
+    def call(self, msg_type, header, pieces=None, reply_into=None, timeout_ms=None,
+             prefix=()):
         """Send a request and wait for its reply; the reply's payload lands in
         ``reply_into`` (addresses, lengths). Returns the reply header;
         LLMException(LLM_TIMEOUT) at the deadline (the channel is then closed:
@@ -109,7 +109,7 @@ class Channel:
             self._pending[req_id] = pending
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
         try:
-            self.send(msg_type, req_id, header, pieces, timeout)
+            self.send(msg_type, req_id, header, pieces, timeout, prefix)
         except ChannelClosed:
             with self._pending_lock:
                 self._pending.pop(req_id, None)

@@ -26,8 +26,9 @@ import numpy as np
 from kvcache.channel import Channel, ChannelClosed
 from kvcache.descriptors import RegionTable, as_descriptor_arrays, merge_runs
 from kvcache.link import Link, LinkState
-from kvcache.protocol import (DESC_DTYPE, FRAME, MsgType, ProtocolError,
-                              check_descriptor_payload, decode_frame, decode_header, encode)
+from kvcache.protocol import (DESC_BYTES, FRAME, MsgType, ProtocolError,
+                              check_descriptor_payload, decode_frame, decode_header,
+                              descriptor_columns, encode)
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp import TcpTransport
 
@@ -35,6 +36,16 @@ log = logging.getLogger("kvcache.engine")
 if os.environ.get("KVCACHE_DEBUG"):
     logging.basicConfig(level=logging.DEBUG)
 
+_OK = {"status": 0, "message": ""}
+
+
+def _distinct(values):
+    """Distinct values of a uint64 array as ints; one region (the usual case)
+    without sorting."""
+    first = values[0]
+    if (values == first).all():
+        return [int(first)]
+    return np.unique(values).tolist()
 
 
 def _tcp_transport(device_id):
@@ -456,18 +467,19 @@ class TransferEngine:
     def _serve_data(self, channel, msg_type, req_id, header, payload_len):
         writing = msg_type == MsgType.WRITE
         count, total = check_descriptor_payload(header, payload_len, writing)
-        table = np.frombuffer(channel.recv_bytes(count * DESC_DTYPE.itemsize), dtype=DESC_DTYPE)
-        if int(table["length"].sum()) != total:
+        regions, addrs, lengths = descriptor_columns(channel.recv_bytes(count * DESC_BYTES),
+                                                     count)
+        if int(lengths.sum()) != total:
             raise ProtocolError("descriptor lengths do not add up to the announced bytes")
         with self._lock:
-            found, _ = self._table.locate(table["addr"], table["length"])
-            bad = np.flatnonzero(found != table["region"])
-            ids = np.unique(table["region"]).tolist() if not bad.size else []
+            found, _ = self._table.locate(addrs, lengths)
+            bad = np.flatnonzero(found != regions)
+            ids = [] if bad.size else _distinct(regions)
             self._pin(ids)
         if bad.size:
             i = int(bad[0])
-            region = int(table["region"][i])
-            message = (f"piece {i} [{int(table['addr'][i]):#x}, +{int(table['length'][i])}) is "
+            region = int(regions[i])
+            message = (f"piece {i} [{int(addrs[i]):#x}, +{int(lengths[i])}) is "
                        f"not inside live region {region} of {self.name} "
                        f"({bad.size} such pieces; stale or foreign address)")
             if writing:
@@ -483,13 +495,12 @@ class TransferEngine:
             return
         if writing:
             try:
-                channel.recv_payload(table["addr"], table["length"])
+                channel.recv_payload(addrs, lengths)
             finally:
                 self._unpin(ids)
-            channel.reply_later(req_id, lambda: ({"status": 0, "message": ""}, None))
+            channel.reply_later(req_id, lambda: (_OK, None))
         else:
-            pieces = (table["addr"].copy(), table["length"].copy())
-            channel.reply_later(req_id, lambda: ({"status": 0, "message": ""}, pieces),
+            channel.reply_later(req_id, lambda: (_OK, (addrs, lengths)),
                                 after=lambda: self._unpin(ids))
 
     def _run_handler(self, peer, header):

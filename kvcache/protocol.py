@@ -12,15 +12,24 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = b"KVC1"
-VERSION = 1
+VERSION = 2
 FRAME = struct.Struct("!4sHHQIQ")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 40
 MAX_DESCRIPTORS = 1 << 22
 MAX_REGIONS = 1 << 16
 
-# A descriptor as sent to the target: which region, where, how long.
-DESC_DTYPE = np.dtype([("region", "<u8"), ("addr", "<u8"), ("length", "<u8")])
+# Descriptors as sent to the target, in three little-endian uint64 columns
+# (which region, where, how long): each column is sent straight from, and
+# read straight into, a contiguous array.
+DESC_COLUMNS = 3
+DESC_BYTES = DESC_COLUMNS * 8
+
+
+def descriptor_columns(raw, count):
+    """(regions, addrs, lengths) views of a received descriptor table."""
+    columns = np.frombuffer(raw, dtype="<u8").reshape(DESC_COLUMNS, count)
+    return columns[0], columns[1], columns[2]
 
 
 class ProtocolError(Exception):
@@ -114,7 +123,7 @@ def check_descriptor_payload(header, payload_len, with_data):
     count, total = header["count"], header["bytes"]
     if not 0 < count <= MAX_DESCRIPTORS:
         raise ProtocolError(f"descriptor count {count} outside 1..{MAX_DESCRIPTORS}")
-    expected = count * DESC_DTYPE.itemsize + (total if with_data else 0)
+    expected = count * DESC_BYTES + (total if with_data else 0)
     if payload_len != expected:
         raise ProtocolError(f"payload of {payload_len} bytes, expected {expected}")
     return count, total

@@ -7,6 +7,7 @@ the GIL released: writev/readv with up to IOV_MAX pieces per system call,
 partial transfers resumed, a poll() deadline on a non-blocking fd."""
 import numpy as np
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.string cimport memcpy
@@ -115,8 +116,36 @@ def _arrays(addrs, lengths):
     return a, n
 
 
-cdef uint64_t _stream(int fd, addrs, lengths, int timeout_ms, bint sending) except? 0:
+DEF MAX_PREFIX = 8
+
+
+cdef uint64_t _stream(int fd, addrs, lengths, int timeout_ms, bint sending,
+                      tuple prefix=()) except? 0:
     a, n = _arrays(addrs, lengths)
+    cdef Py_buffer views[MAX_PREFIX]
+    cdef Py_ssize_t k = len(prefix), held = 0, i
+    if k > MAX_PREFIX:
+        raise ValueError(f"at most {MAX_PREFIX} prefix buffers, got {k}")
+    try:
+        if k:
+            # The prefix buffers go first, in the same writev calls.
+            all_a = np.empty(k + a.shape[0], dtype=np.uint64)
+            all_n = np.empty(k + a.shape[0], dtype=np.uint64)
+            for i in range(k):
+                PyObject_GetBuffer(prefix[i], &views[i], PyBUF_SIMPLE)
+                held += 1
+                all_a[i] = <uintptr_t>views[i].buf
+                all_n[i] = <uint64_t>views[i].len
+            all_a[k:] = a
+            all_n[k:] = n
+            a, n = all_a, all_n
+        return _move_all(fd, a, n, timeout_ms, sending)
+    finally:
+        for i in range(held):
+            PyBuffer_Release(&views[i])
+
+
+cdef uint64_t _move_all(int fd, a, n, int timeout_ms, bint sending) except? 0:
     cdef const uint64_t[::1] av = a
     cdef const uint64_t[::1] nv = n
     cdef uint64_t done = 0
@@ -132,10 +161,12 @@ cdef uint64_t _stream(int fd, addrs, lengths, int timeout_ms, bint sending) exce
     return done
 
 
-def send_pieces(int fd, addrs, lengths, int timeout_ms):
-    """Write every [addrs[i], addrs[i] + lengths[i]) to ``fd`` in order.
-    Returns the byte count; TimeoutError at the deadline, OSError on error."""
-    return _stream(fd, addrs, lengths, timeout_ms, True)
+def send_pieces(int fd, addrs, lengths, int timeout_ms, tuple prefix=()):
+    """Write every [addrs[i], addrs[i] + lengths[i]) to ``fd`` in order,
+    after the bytes of each contiguous buffer in ``prefix`` (a frame header,
+    descriptor columns: at most 8). Returns the byte count; TimeoutError at
+    the deadline, OSError on error."""
+    return _stream(fd, addrs, lengths, timeout_ms, True, prefix)
 
 
 def recv_pieces(int fd, addrs, lengths, int timeout_ms):

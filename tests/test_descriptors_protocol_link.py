@@ -12,7 +12,7 @@ from kvcache import LLMException, LLMStatusCode
 from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
 from kvcache.link import Link, LinkState
 from kvcache.transports.rdma import _split_long
-from kvcache.protocol import (FRAME, MAX_HEADER_BYTES, MsgType, ProtocolError,
+from kvcache.protocol import (FRAME, MAX_HEADER_BYTES, VERSION, MsgType, ProtocolError,
                               check_descriptor_payload, decode_frame, decode_header, encode)
 
 
@@ -131,7 +131,7 @@ def test_frames_round_trip_and_reject_bad_input():
         decode_frame(frame[:4] + b"\x00\x09" + frame[6:FRAME.size])
     with pytest.raises(ProtocolError, match="unknown message type"):
         decode_frame(frame[:6] + b"\x00\x63" + frame[8:FRAME.size])
-    big = FRAME.pack(b"KVC1", 1, 20, 1, MAX_HEADER_BYTES + 1, 0)
+    big = FRAME.pack(b"KVC1", VERSION, 20, 1, MAX_HEADER_BYTES + 1, 0)
     with pytest.raises(ProtocolError, match="header length"):
         decode_frame(big)
     with pytest.raises(ProtocolError, match="'params' missing"):

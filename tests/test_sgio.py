@@ -67,3 +67,20 @@ def test_copy_pieces_is_a_gather_scatter_memcpy():
 def test_mismatched_arrays_are_rejected():
     with pytest.raises(ValueError):
         sgio.copy_pieces([1, 2], [3], [4])
+
+
+def test_prefix_buffers_go_out_first_in_the_same_call():
+    a, b = socket.socketpair()
+    a.settimeout(5)
+    b.settimeout(5)
+    column = np.arange(5, dtype="<u8")
+    data = np.frombuffer(b"payload!", dtype=np.uint8)
+    sent = sgio.send_pieces(a.fileno(), [addr(data)], [data.size], 5000,
+                            (b"head", column, bytearray(b"!")))
+    assert sent == 4 + 40 + 1 + 8
+    got = b.recv(1024)
+    assert got == b"head" + column.tobytes() + b"!" + b"payload!"
+    with pytest.raises(ValueError, match="at most 8 prefix buffers"):
+        sgio.send_pieces(a.fileno(), [], [], 5000, (b"x",) * 9)
+    with pytest.raises(TypeError):
+        sgio.send_pieces(a.fileno(), [], [], 5000, ("not a buffer",))
