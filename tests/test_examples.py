@@ -35,3 +35,12 @@ def test_transfer_bench_runs_every_cell_and_checks_what_it_read(tmp_path):
     assert len(cells) == 24 and all(r["GBps"] > 0 for r in result["rows"])
     assert result["tcp_loopback_GBps"] > 0 and set(result["memcpy"]) == {"4096", "8192"}
     assert out_md.read_text().count("\n| shm |") == 12
+
+
+def test_post_cost_bench_runs_the_batch_path_on_the_null_provider():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "post_cost_bench.py"),
+                          "--sizes", "1K", "--repeat", "3"],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    row = out.stdout.splitlines()[-1].split()
+    assert row[0] == "1K" and row[1] == "1538"          # one WR per permuted block
