@@ -1,6 +1,6 @@
 """Batch RDMA WRITE sweep against ib_write_bw, in one run (Soft-RoCE VM).
 
-    scripts/rdma-vm -- python bench/verbs_bench.py [--sizes 1K,4K,...] [--repeat 3]
+    scripts/rdma-vm -- python bench/verbs_bench.py [--sizes 1K,4K,...] [--repeat 7]
 
 For each block size: ib_write_bw (perftest) moving 1538 messages of that size
 between two processes on rxe0, then pyverbs_kv posting one batch of 1538
@@ -70,7 +70,8 @@ def ours(pair, pd, size, slots):
     remote = dst_mr.addr + slots.astype(np.uint64) * size
     lengths = np.full(BATCH, size, dtype=np.uint32)
     t0 = time.perf_counter()
-    batch = a.qp.post_write_batch(local, lengths, src_mr.lkey, remote, dst_mr.rkey)
+    batch = a.qp.post_write_batch(local, lengths, src_mr.lkey, remote, dst_mr.rkey,
+                                  timeout_ms=600_000)
     batch.wait(timeout_ms=600_000)
     elapsed = time.perf_counter() - t0
     assert batch.num_wrs == BATCH
@@ -84,7 +85,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default=",".join(str(s) for s in SIZES),
                         help="comma-separated block sizes (1K, 64K, ...)")
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--device", default=None)
     parser.add_argument("--ip", default=os.environ.get("PYVERBS_KV_TEST_IP", "10.99.0.1"))
     parser.add_argument("--send-queue", type=int, default=4096,
