@@ -18,7 +18,7 @@ from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
 from kvcache.link import LinkState
 from kvcache.status import LLMException, LLMStatusCode
-from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
+from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, Placement
 
 TENSOR_ALIGN = 512
 log = logging.getLogger("kvcache.cache")
@@ -56,6 +56,16 @@ def _matching_tensors(op, local_desc, remote_desc, local_layers, remote_layers, 
         raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
                        f"{there} {remote_layers}")
     return here, there, local_t, remote_t
+
+
+def _host_only(desc):
+    """Device (GPU/NPU) memory is not reachable by any transport yet; taking
+    it for host memory would crash the process at the first copy."""
+    if desc.placement != Placement.HOST:
+        raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                           f"{desc.placement.name} placement: only host memory can be "
+                           "allocated or registered (copy device caches through pinned host "
+                           "memory)")
 
 
 def _key_params(key):
@@ -100,6 +110,7 @@ class CacheManager:
         return cache
 
     def _allocate(self, desc, kind, keys):
+        _host_only(desc)
         stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
         base = self._pool.alloc(stride * desc.num_tensors)
         populate(base, stride * desc.num_tensors)
@@ -130,6 +141,7 @@ class CacheManager:
         return self._allocate(cache_desc, "blocks", keys)
 
     def _register(self, desc, addrs, kind, keys):
+        _host_only(desc)
         addrs = [int(a) for a in addrs]
         if len(addrs) != desc.num_tensors:
             raise _invalid(f"{len(addrs)} addresses for {desc.num_tensors} tensors")

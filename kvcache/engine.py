@@ -48,6 +48,28 @@ def _distinct(values):
     return np.unique(values).tolist()
 
 
+def _check_host_mapped(addr, length):
+    """LLM_PARAM_INVALID unless [addr, addr + length) is host memory mapped
+    readable and writable here: a device pointer, a freed buffer or a wrong
+    address would otherwise crash the process at the first copy into it."""
+    end, covered = addr + length, addr
+    with open("/proc/self/maps") as maps:        # sorted by address
+        for line in maps:
+            span, perms = line.split(None, 2)[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if hi <= covered:
+                continue
+            if lo > covered or perms[:2] != "rw":
+                break
+            covered = hi
+            if covered >= end:
+                return
+    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                       f"[{addr:#x}, +{length}) is not host memory mapped readable and "
+                       f"writable in this process (from {covered:#x} on); device memory "
+                       "cannot be registered")
+
+
 def _tcp_transport(device_id):
     return TcpTransport()
 
@@ -201,6 +223,8 @@ class TransferEngine:
         if addr <= 0 or length <= 0:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"cannot register addr={addr:#x} length={length}")
+        if parent is None:
+            _check_host_mapped(addr, length)
         with self._lock:
             if parent is not None:
                 if parent not in self._regions or self._regions[parent][2] is not None:

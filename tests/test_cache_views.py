@@ -1,9 +1,11 @@
 """Caches in one process: allocation, views, keys, deallocation."""
+import mmap
+
 import numpy as np
 import pytest
 
 from kvcache import (BlocksCacheKey, CacheDesc, CacheKey, DataType, LLMConfig, LLMDataDist,
-                     LLMException, LLMRole, LLMStatusCode)
+                     LLMException, LLMRole, LLMStatusCode, Placement)
 
 
 @pytest.fixture
@@ -83,3 +85,28 @@ def test_bad_descriptions_and_options_are_param_invalid():
 def test_transport_choice_is_reported(dd):
     assert dd.transport in ("tcp", "shm", "rdma")
     assert dd.transport_reason
+
+
+def test_only_host_memory_that_is_mapped_read_write_can_be_registered(dd):
+    cm = dd.cache_manager
+    desc = CacheDesc(1, DataType.DT_UINT8, [4, 4096])
+    with pytest.raises(LLMException) as err:
+        cm.allocate_blocks_cache(CacheDesc(1, DataType.DT_UINT8, [4, 4096], Placement.DEVICE))
+    assert err.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    host = np.zeros((4, 4096), dtype=np.uint8)
+    with pytest.raises(LLMException) as err:
+        cm.register_blocks_cache(CacheDesc(1, DataType.DT_UINT8, [4, 4096], Placement.DEVICE),
+                                 [host.ctypes.data])
+    assert err.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+    # Reserved but inaccessible (how a device allocation looks from the host)
+    # or read-only: refused.
+    reserved = mmap.mmap(-1, 4 * 4096, prot=0)                      # PROT_NONE
+    read_only = mmap.mmap(-1, 4 * 4096, prot=mmap.PROT_READ)
+    for region in (reserved, read_only):
+        address = np.frombuffer(region, dtype=np.uint8).ctypes.data  # touches nothing
+        with pytest.raises(LLMException) as err:
+            cm.register_blocks_cache(desc, [address])
+        assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+        assert "not host memory mapped readable and writable" in str(err.value)
+    cache = cm.register_blocks_cache(desc, [host.ctypes.data])       # host memory is fine
+    cm.deallocate_cache(cache)
