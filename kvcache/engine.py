@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from kvcache.channel import Channel, ChannelClosed
-from kvcache.descriptors import RegionTable, as_descriptor_arrays, merge_runs
+from kvcache.descriptors import NO_REGION, RegionTable, as_descriptor_arrays, merge_runs
 from kvcache.link import Link, LinkState
 from kvcache.protocol import (DESC_BYTES, FRAME, MsgType, ProtocolError,
                               check_descriptor_payload, decode_frame, decode_header,
@@ -496,8 +496,10 @@ class TransferEngine:
         if int(lengths.sum()) != total:
             raise ProtocolError("descriptor lengths do not add up to the announced bytes")
         with self._lock:
-            found, _ = self._table.locate(addrs, lengths)
-            bad = np.flatnonzero(found != regions)
+            found, misses = self._table.locate(addrs, lengths)
+            # A miss is NO_REGION, which a lying peer can name as well.
+            bad = np.flatnonzero((found != regions) | (found == NO_REGION) if misses
+                                 else found != regions)
             ids = [] if bad.size else _distinct(regions)
             self._pin(ids)
         if bad.size:

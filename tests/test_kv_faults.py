@@ -290,6 +290,32 @@ def test_a_linked_peer_sending_garbage_only_loses_its_own_link():
         good.call(good_peer, "engine.regions", {})
 
 
+def test_a_write_naming_no_region_to_unregistered_memory_is_refused():
+    # The "no region" marker (2**64 - 1) as the region id of a piece outside
+    # every registered region must not pass for a match.
+    with TransferEngine("server") as server:
+        buf = np.zeros(4096, dtype=np.uint8)
+        server.register_memory(buf.ctypes.data, buf.nbytes)
+        victim = np.zeros(4096, dtype=np.uint8)                  # not registered
+        s = socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1])))
+        s.settimeout(5)
+        s.sendall(encode(MsgType.HELLO, 0, {"name": "liar", "cluster_id": 0, "role": "mix",
+                                            "regions": [], "transports": ["tcp"],
+                                            "listen": ""}))
+        time.sleep(0.2)
+        s.sendall(encode(MsgType.READY, 0, {}))
+        columns = np.array([[2**64 - 1], [victim.ctypes.data], [16]], dtype="<u8")
+        s.sendall(encode(MsgType.WRITE, 7, {"count": 1, "bytes": 16}, payload_len=24 + 16)
+                  + columns.tobytes() + b"\xab" * 16)
+        replies = b""
+        deadline = time.monotonic() + 5
+        while b"not inside live region" not in replies and time.monotonic() < deadline:
+            replies += s.recv(65536)
+        s.close()
+        assert b"not inside live region" in replies
+        assert not victim.any() and not buf.any()
+
+
 def test_a_peer_frees_a_cache_inside_our_call_without_deadlock(pair):
     # Freeing asks us to forget the cache and finish our transfers first; our
     # own control call that triggered the free is not one of them.
