@@ -11,6 +11,7 @@ buf_pool_size (ours) is the whole pool; what the tiers do not take serves
 large allocations. The tiers sit at the start of the pool."""
 import bisect
 import ctypes
+import fcntl
 import json
 import mmap
 import os
@@ -111,15 +112,21 @@ def populate(addr, length):
     np.frombuffer(view, dtype=np.uint8)[::page] = 0
 
 
+# What a peer's memfd must carry before we map it (see SharedMemory).
+SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
 class SharedMemory:
     """Anonymous shared memory (memfd) mapped here; another process on the
-    host can map the same pages from the fd."""
+    host can map the same pages from the fd. Its size is sealed: a mapping
+    of a file that shrinks raises SIGBUS in every process touching it."""
 
     def __init__(self, size, name="kvcache-pool"):
         self.size = size
-        self.fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        self.fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SIZE_SEALS | fcntl.F_SEAL_SEAL)
             self._map = mmap.mmap(self.fd, size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:

@@ -1,5 +1,7 @@
 """The shared-memory transport: grants, mapping, fallback, unmapping."""
 import ctypes
+import mmap
+import os
 import socket
 import threading
 import time
@@ -110,3 +112,27 @@ def test_threads_copy_at_once_and_unlink_waits_for_their_copies(engines):
     assert not any(t.is_alive() for t in threads)
     assert set(errors) <= {LLMStatusCode.LLM_LINK_FAILED, LLMStatusCode.LLM_NOT_YET_LINK}
     assert len(errors) == 4
+
+
+def test_memory_not_sealed_at_its_size_is_not_mapped(engines, caplog):
+    # A peer could shrink such a file under our mapping, and the next copy
+    # would die of SIGBUS: TCP carries it instead.
+    a, b, memory, src = engines
+    with pytest.raises(PermissionError):
+        os.ftruncate(memory.fd, 4096)                   # the pool is sealed
+    fd = os.memfd_create("unsealed")
+    os.ftruncate(fd, 1 << 16)
+    plain = mmap.mmap(fd, 1 << 16)
+    plain_addr = np.frombuffer(plain, dtype=np.uint8).ctypes.data
+    b.register_memory(plain_addr, 1 << 16, share=(fd, 0))
+    peer = a.connect(b.address)
+    with caplog.at_level("DEBUG", logger="kvcache.shm"):
+        a.transfer_sync(peer, "write", [src.ctypes.data, src.ctypes.data + 100],
+                        [plain_addr, memory.addr], [100, 50])
+    assert bytes(plain[:100]) == src[:100].tobytes()
+    np.testing.assert_array_equal(view(memory)[:50], src[100:150])
+    assert len(peer.attachments["shm"].maps) == 1           # only the sealed pool
+    assert any("not a memfd sealed" in r.message for r in caplog.records)
+    a.disconnect(peer)
+    b.close()
+    os.close(fd)

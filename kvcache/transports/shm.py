@@ -9,6 +9,7 @@ released (pyverbs_kv.sgio.copy_pieces), no per-block Python loop. Pieces in
 peer memory that is not shareable (user memory from register_*) go over TCP
 instead, and the log says so. Only regions the peer granted are mapped, and
 unlinking unmaps them."""
+import fcntl
 import json
 import logging
 import mmap
@@ -19,6 +20,7 @@ import threading
 
 import numpy as np
 
+from kvcache.bufpool import SIZE_SEALS
 from kvcache.descriptors import RegionTable
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp import TcpTransport
@@ -149,6 +151,10 @@ class ShmTransport(TcpTransport):
                 raise ValueError(f"{len(regions)} regions but {len(fds)} descriptors")
             rows, shifts = [], {}
             for (region_id, addr, length, offset), fd in zip(regions, fds):
+                if not _size_sealed(fd, offset + length):
+                    log.warning("%s: region %d of %s is not a memfd sealed at its size; "
+                                "using TCP for it", self.engine.name, region_id, peer.name)
+                    continue
                 m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                               offset=offset)
                 mappings.maps.append(m)
@@ -211,6 +217,16 @@ class ShmTransport(TcpTransport):
 
     def close(self):
         self._listener.close()
+
+
+def _size_sealed(fd, end):
+    """Whether ``fd`` is at least ``end`` bytes and sealed against shrinking
+    (and growing): only then can a mapping of it never fault with SIGBUS."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:                        # not a memfd, or sealing not allowed
+        return False
+    return seals & SIZE_SEALS == SIZE_SEALS and os.fstat(fd).st_size >= end
 
 
 def _parse_regions(raw):
