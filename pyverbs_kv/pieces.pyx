@@ -60,6 +60,9 @@ cdef class _Block:
         global _kept_bytes
         if self.ptr == NULL:
             return
+        if _free_blocks is None:            # the module is being torn down
+            free(self.ptr)
+            return
         free_list = _free_blocks.setdefault(self.nbytes, [])
         if len(free_list) < RECYCLE_KEEP_PER_SIZE and \
                 _kept_bytes + self.nbytes <= RECYCLE_KEEP_BYTES:

@@ -211,3 +211,18 @@ def test_long_pieces_are_cut_to_the_max_message_size():
     assert l2.tolist() == [1000, 1010, 1020, 50_000]
     assert r2.tolist() == [9000, 9010, 9020, 90_000]
     assert n2.tolist() == [10, 10, 5, 10]
+
+
+def test_recycled_descriptor_buffers_never_alias_live_arrays():
+    # 10000 pieces (80 KB per array) come from the recycler; arrays still
+    # referenced must keep their contents while others are freed and reused.
+    base = np.zeros(1, dtype=np.uint64)
+    live = []
+    for round_ in range(30):
+        local, _, _ = block_descriptors(base, 1, np.arange(10000) + round_, base, 1,
+                                        np.arange(10000))
+        live.append((round_, local))
+        if round_ % 3 == 0:
+            live.pop(0)
+    for round_, local in live:
+        np.testing.assert_array_equal(local, np.arange(10000) + round_)
