@@ -313,7 +313,8 @@ class CacheManager:
         local_ids = checked_block_ids(local_blocks, local_desc.shape[0], here, op == "read")
         block = local_desc.row_bytes
         if remote.kind == "blocks":
-            remote_ids = checked_block_ids(remote_blocks, remote_desc.shape[0], there, op == "write")
+            remote_ids = checked_block_ids(remote_blocks, remote_desc.shape[0], there,
+                                           op == "write")
             if remote_desc.row_bytes != block:
                 raise _invalid(f"block sizes differ: {here} {block} bytes, {there} "
                                f"{remote_desc.row_bytes} bytes")
@@ -393,8 +394,9 @@ class CacheManager:
                 raise _invalid(f"row sizes differ ({here} {local_desc.row_bytes}, {there} "
                                f"{remote_desc.row_bytes} bytes); pass size")
             size = local_desc.row_bytes
-        if size == 0 or size > min(local_desc.row_bytes, remote_desc.row_bytes):
-            raise _invalid(f"size {size} outside 1..{min(local_desc.row_bytes, remote_desc.row_bytes)}")
+        largest = min(local_desc.row_bytes, remote_desc.row_bytes)
+        if size == 0 or size > largest:
+            raise _invalid(f"size {size} outside 1..{largest}")
         local = (np.asarray(local_cache.tensor_addrs, dtype=np.uint64)[local_t]
                  + np.uint64(local_row * local_desc.row_bytes))
         remote_addrs = (np.asarray(remote.tensor_addrs, dtype=np.uint64)[remote_t]

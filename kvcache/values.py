@@ -140,7 +140,8 @@ class BlocksCacheKey:
         return hash(("blocks", self.prompt_cluster_id, self.model_id))
 
     def __repr__(self):
-        return f"BlocksCacheKey(prompt_cluster_id={self.prompt_cluster_id}, model_id={self.model_id})"
+        return (f"BlocksCacheKey(prompt_cluster_id={self.prompt_cluster_id}, "
+                f"model_id={self.model_id})")
 
 
 @dataclass

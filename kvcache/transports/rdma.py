@@ -13,7 +13,8 @@ fails the link (re-linking creates new QPs).
 
 Environment (FastDeploy's names where they mean the same):
 KVCACHE_RDMA_NICS (comma-separated devices, default all; local device i,
-the engine's device_id, uses NIC i modulo their count), KVCACHE_RDMA_GID_INDEX (default: the RoCE v2 IPv4-mapped GID),
+the engine's device_id, uses NIC i modulo their count),
+KVCACHE_RDMA_GID_INDEX (default: the RoCE v2 IPv4-mapped GID),
 KVCACHE_SOCKET_IFNAME (pick the GID on this netdev), KVCACHE_IB_TIMEOUT
 (ACK timeout exponent, default 14), KVCACHE_RELAX_ORDERING (1: register with
 relaxed ordering), KVCACHE_RDMA_QPS (QPs per link)."""
