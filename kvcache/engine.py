@@ -325,7 +325,17 @@ class TransferEngine:
         except LLMException:
             sock.close()
             raise
-        return self._add_peer(sock, ack, inbound=False)
+        peer = self._add_peer(sock, ack, inbound=False)
+        # The peer marks the link LINKED once it has read READY. One round trip
+        # makes sure it has, so it can use the link as soon as we return (a
+        # prompt pushing to the decoder that just linked to it).
+        try:
+            self.refresh_regions(peer, timeout)
+        except LLMException as exc:
+            self.disconnect(peer, force=True)
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"{address} did not confirm the link: {exc}") from None
+        return peer
 
     def _add_peer(self, sock, info, inbound):
         peer = Peer(info["name"], info["cluster_id"], info["role"], None, info["regions"],

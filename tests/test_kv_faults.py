@@ -290,6 +290,22 @@ def test_a_linked_peer_sending_garbage_only_loses_its_own_link():
         good.call(good_peer, "engine.regions", {})
 
 
+def test_connect_returns_only_once_the_listener_has_the_link(monkeypatch):
+    # A slow listener (it reads READY late): the side that linked must not be
+    # told "linked" before the listener can use the link itself.
+    original = TransferEngine._add_peer
+
+    def slow_inbound(self, sock, info, inbound):
+        if inbound:
+            time.sleep(0.3)
+        return original(self, sock, info, inbound)
+
+    monkeypatch.setattr(TransferEngine, "_add_peer", slow_inbound)
+    with TransferEngine("a") as a, TransferEngine("b") as b:
+        b.connect(a.address)
+        assert [p.name for p in a.peers() if p.state.name == "LINKED"] == ["b"]
+
+
 def test_a_write_naming_no_region_to_unregistered_memory_is_refused():
     # The "no region" marker (2**64 - 1) as the region id of a piece outside
     # every registered region must not pass for a match.
