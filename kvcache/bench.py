@@ -345,10 +345,7 @@ def render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes):
 def plot(path, rows, memcpy, tcp_ref, sizes):
     """GB/s vs block size: one line per transport/path/op/threads, with the
     two baselines."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--plot needs matplotlib (pip install matplotlib)") from None
+    import matplotlib                 # main() checked it is installed before the run
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 5.5))

@@ -68,6 +68,11 @@ def _host_only(desc):
                            "memory)")
 
 
+def _lookup_key(params):
+    """How a remembered lookup of the cache named by ``params`` is filed."""
+    return tuple(sorted(params.items()))
+
+
 def _key_params(key):
     if isinstance(key, BlocksCacheKey):
         return {"by": "blocks", "cluster_id": key.prompt_cluster_id, "model_id": key.model_id}
@@ -264,7 +269,7 @@ class CacheManager:
                                f"cluster {cluster_id} is not linked")
         params = _key_params(key)
         known = peer.attachments.setdefault("cache.lookup", {})
-        cache_key = tuple(sorted(params.items()))
+        cache_key = _lookup_key(params)
         if not fresh and cache_key in known:
             return peer, known[cache_key]
         info = self._engine.call(peer, "cache.lookup", params, self.sync_timeout_ms)
@@ -277,13 +282,13 @@ class CacheManager:
         return peer, remote
 
     def _forget(self, peer, key):
-        peer.attachments.get("cache.lookup", {}).pop(tuple(sorted(_key_params(key).items())),
-                                                     None)
+        peer.attachments.get("cache.lookup", {}).pop(_lookup_key(_key_params(key)), None)
 
     def _with_retry(self, plan, cluster_id, remote_key, *args):
-        """Run ``plan(peer, remote, *args)`` -> (peer, op, descriptors...) and
-        move the bytes; when the peer says the cache we remembered is gone,
-        look it up once more and retry (nothing was moved)."""
+        """Run ``plan(remote, *args)`` -> (op, local, remote addrs, lengths,
+        remote region per tensor, pieces per tensor) and move the bytes; when
+        the peer says the cache we remembered is gone, look it up once more
+        and retry (nothing was moved)."""
         for fresh in (False, True):
             peer, remote = self._peer_and_remote(cluster_id, remote_key, fresh)
             op, local, remote_addrs, lengths, regions, pieces = plan(remote, *args)

@@ -94,18 +94,13 @@ def _empty_u64(Py_ssize_t count):
     return np.frombuffer(block, dtype=np.uint64, count=count)
 
 
+# Contiguous 1-D arrays of the kernels' types (no copy when they already are).
 def _u64(values):
-    array = np.ascontiguousarray(values, dtype=np.uint64)
-    if array.ndim != 1:
-        array = array.ravel()
-    return array
+    return np.ascontiguousarray(values, dtype=np.uint64).ravel()
 
 
 def _i64(values):
-    array = np.ascontiguousarray(values, dtype=np.int64)
-    if array.ndim != 1:
-        array = array.ravel()
-    return array
+    return np.ascontiguousarray(values, dtype=np.int64).ravel()
 
 
 def block_pieces(local_bases, uint64_t local_block_bytes, local_ids, remote_bases,

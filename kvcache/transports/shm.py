@@ -7,8 +7,9 @@ shareable regions (SCM_RIGHTS), and we map them. A WRITE or READ is then a
 copy between our memory and the mapping, done by the initiator with the GIL
 released (pyverbs_kv.sgio.copy_pieces), no per-block Python loop. Pieces in
 peer memory that is not shareable (user memory from register_*) go over TCP
-instead, and the log says so. Only regions the peer granted are mapped, and
-unlinking unmaps them."""
+instead, and the log says so. Only regions the peer granted are mapped, only
+memfds sealed at their size (a file shrunk under a mapping kills us with
+SIGBUS), and unlinking unmaps them."""
 import fcntl
 import json
 import logging
