@@ -1,5 +1,6 @@
 """Faults between real processes: bad input refused with nothing written,
 peers that stall, die or restart, garbage on the listen port."""
+import json
 import signal
 import socket
 import time
@@ -11,7 +12,7 @@ from hypothesis import strategies as st
 
 from kv_peer import PeerError, PeerProcess, pattern
 from kvcache import DataType, LLMException, LLMStatusCode, TransferEngine
-from kvcache.protocol import MsgType, encode
+from kvcache.protocol import FRAME, MsgType, decode_frame, encode
 
 L, N = 2, 2
 BLOCKS, ELEMS = 32, 512
@@ -261,6 +262,31 @@ def _fuzz_server():
     return _SERVER[0][0]
 
 
+def _hand_made_peer(server):
+    """A socket that has linked to ``server`` as peer "liar" by the protocol's
+    handshake (HELLO, the listener's HELLO_ACK, READY); what it sends next is
+    up to the test."""
+    s = socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1])))
+    s.settimeout(5)
+    s.sendall(encode(MsgType.HELLO, 0, {"name": "liar", "cluster_id": 0, "role": "mix",
+                                        "regions": [], "transports": ["tcp"], "listen": ""}))
+    frame = _recv_all(s, FRAME.size)
+    msg_type, _, header_len, _ = decode_frame(frame)
+    assert msg_type == MsgType.HELLO_ACK
+    assert json.loads(_recv_all(s, header_len))["status"] == LLMStatusCode.LLM_SUCCESS
+    s.sendall(encode(MsgType.READY, 0, {}))
+    return s
+
+
+def _recv_all(s, size):
+    data = b""
+    while len(data) < size:
+        chunk = s.recv(size - len(data))
+        assert chunk, "the server closed the connection"
+        data += chunk
+    return data
+
+
 def test_a_linked_peer_sending_garbage_only_loses_its_own_link():
     with TransferEngine("server") as server, TransferEngine("good") as good:
         buf = np.zeros(4096, dtype=np.uint8)
@@ -269,12 +295,7 @@ def test_a_linked_peer_sending_garbage_only_loses_its_own_link():
         good_peer = good.connect(server.address)
         # A hand-made peer: valid handshake, then a WRITE announcing more
         # descriptors than its payload holds.
-        s = socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1])))
-        s.sendall(encode(MsgType.HELLO, 0, {"name": "liar", "cluster_id": 0, "role": "mix",
-                                            "regions": [], "transports": ["tcp"],
-                                            "listen": ""}))
-        time.sleep(0.2)
-        s.sendall(encode(MsgType.READY, 0, {}))
+        s = _hand_made_peer(server)
         s.sendall(encode(MsgType.WRITE, 1, {"count": 1000, "bytes": 10}, payload_len=24))
         s.sendall(b"\0" * 24)
         deadline = time.monotonic() + 5
@@ -313,13 +334,7 @@ def test_a_write_naming_no_region_to_unregistered_memory_is_refused():
         buf = np.zeros(4096, dtype=np.uint8)
         server.register_memory(buf.ctypes.data, buf.nbytes)
         victim = np.zeros(4096, dtype=np.uint8)                  # not registered
-        s = socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1])))
-        s.settimeout(5)
-        s.sendall(encode(MsgType.HELLO, 0, {"name": "liar", "cluster_id": 0, "role": "mix",
-                                            "regions": [], "transports": ["tcp"],
-                                            "listen": ""}))
-        time.sleep(0.2)
-        s.sendall(encode(MsgType.READY, 0, {}))
+        s = _hand_made_peer(server)
         columns = np.array([[2**64 - 1], [victim.ctypes.data], [16]], dtype="<u8")
         s.sendall(encode(MsgType.WRITE, 7, {"count": 1, "bytes": 16}, payload_len=24 + 16)
                   + columns.tobytes() + b"\xab" * 16)
