@@ -36,10 +36,29 @@ class _Pending:
         self.error = None
 
 
-_NO_PIECES = np.empty(0, dtype=np.uint64)
+class PayloadReader:
+    """Payload reads shared by the control channel and data lanes (needs
+    ``fd`` and ``io_timeout_ms``)."""
+    NO_PIECES = np.empty(0, dtype=np.uint64)
+
+    def recv_payload(self, addrs, lengths, timeout_ms=None):
+        """Receive payload bytes straight into memory."""
+        timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
+        try:
+            sgio.recv_pieces(self.fd, addrs, lengths, timeout)
+        except (OSError, TimeoutError, ConnectionError) as exc:
+            raise ChannelClosed(f"payload receive failed: {exc}") from None
+
+    def discard(self, size):
+        """Read and drop ``size`` payload bytes (a rejected request's data)."""
+        scratch = np.empty(min(size, 1 << 20) or 1, dtype=np.uint8)
+        while size:
+            chunk = min(size, scratch.size)
+            self.recv_payload([scratch.ctypes.data], [chunk])
+            size -= chunk
 
 
-class Channel:
+class Channel(PayloadReader):
     """``handler(channel, msg_type, req_id, header, payload_len)`` serves
     requests from the peer in the reader thread and must consume exactly
     ``payload_len`` bytes (``recv_payload`` / ``discard``). ``io_timeout_ms``
@@ -81,7 +100,7 @@ class Channel:
         ``prefix`` (e.g. descriptor columns), then the bytes gathered from
         ``pieces`` (addresses, lengths). The whole frame goes out under one
         lock, in writev calls straight from memory."""
-        addrs, lengths = pieces if pieces is not None else (_NO_PIECES, _NO_PIECES)
+        addrs, lengths = pieces if pieces is not None else (self.NO_PIECES, self.NO_PIECES)
         payload = int(lengths.sum()) + sum(memoryview(b).nbytes for b in prefix)
         frame = encode(msg_type, req_id, header, payload)
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
@@ -151,23 +170,8 @@ class Channel:
             first_wait_forever = False
         return bytes(buf)
 
-    def recv_payload(self, addrs, lengths):
-        """Receive payload bytes straight into memory (reader thread only)."""
-        try:
-            sgio.recv_pieces(self.fd, addrs, lengths, self.io_timeout_ms)
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            raise ChannelClosed(f"payload receive failed: {exc}") from None
-
     def recv_bytes(self, size):
         return self._recv_exact(size) if size else b""
-
-    def discard(self, size):
-        """Read and drop ``size`` payload bytes (a rejected request's data)."""
-        scratch = np.empty(min(size, 1 << 20) or 1, dtype=np.uint8)
-        while size:
-            chunk = min(size, scratch.size)
-            self.recv_payload([scratch.ctypes.data], [chunk])
-            size -= chunk
 
     def _read_loop(self):
         reason = "reader stopped"

@@ -16,6 +16,7 @@ import base64
 import itertools
 import logging
 import os
+import secrets
 import socket
 import threading
 from collections import deque
@@ -25,6 +26,7 @@ import numpy as np
 
 from kvcache.channel import Channel, ChannelClosed
 from kvcache.descriptors import NO_REGION, RegionTable, as_descriptor_arrays, merge_runs
+from kvcache.lane import IDLE_POLL_MS, Lane
 from kvcache.link import Link, LinkState
 from kvcache.protocol import (DESC_BYTES, FRAME, MsgType, ProtocolError,
                               check_descriptor_payload, decode_frame, decode_header,
@@ -170,7 +172,9 @@ class TransferEngine:
         self._region_ids = itertools.count(1)
         self._peers = {}
         self._handlers = {"engine.regions": self._rpc_regions,
-                          "engine.notify": self._rpc_notify}
+                          "engine.notify": self._rpc_notify,
+                          "engine.lane": self._rpc_lane}
+        self._lane_tokens = {}                   # one-time token -> Peer
         bind = getattr(self.transport, "bind", None)
         if bind is not None:
             bind(self)             # the transport's own control calls
@@ -373,13 +377,17 @@ class TransferEngine:
                              name="kv-handshake").start()
 
     def _handshake(self, sock, addr):
-        """Listener side. Anything but a well-formed HELLO drops the connection."""
+        """Listener side. Anything but a well-formed HELLO, or LANE with a
+        token we granted, drops the connection."""
         try:
             sock.settimeout(self.handshake_timeout_ms / 1000)
             msg_type, _, header_len, payload_len = decode_frame(_recv_exact(sock, FRAME.size))
-            if msg_type != MsgType.HELLO or payload_len:
+            if msg_type not in (MsgType.HELLO, MsgType.LANE) or payload_len:
                 raise ProtocolError(f"expected HELLO, got {msg_type.name}")
             hello = decode_header(msg_type, _recv_exact(sock, header_len))
+            if msg_type == MsgType.LANE:
+                self._serve_lane(sock, hello)
+                return
             status, message = self._admit(hello)
             ack = {"status": int(status), "message": message, "name": self.name,
                    "cluster_id": self.cluster_id, "role": self.role,
@@ -435,6 +443,11 @@ class TransferEngine:
         else:
             peer.link.fail(reason)
             log.warning("%s: link to %s failed: %s", self.name, peer.name, reason)
+        with self._lock:
+            self._lane_tokens = {t: p for t, p in self._lane_tokens.items() if p is not peer}
+            served = list(peer.attachments.get("lanes.served", ()))
+        for lane in served:
+            lane.shutdown()            # its thread closes it
         self.transport.detach_peer(peer)
 
     def peers(self):
@@ -499,9 +512,17 @@ class TransferEngine:
             raise ProtocolError(f"unexpected {msg_type.name} on a linked channel")
 
     def _serve_data(self, channel, msg_type, req_id, header, payload_len):
+        reply, pieces, after = self._take_data_request(channel, msg_type, header, payload_len)
+        channel.reply_later(req_id, lambda: (reply, pieces), after=after)
+
+    def _take_data_request(self, stream, msg_type, header, payload_len):
+        """The target's side of a WRITE or READ from a control channel or a
+        data lane: check every piece against our live regions, receive a
+        WRITE's data. Returns the reply (header, pieces to send or None,
+        and what to run once it is sent)."""
         writing = msg_type == MsgType.WRITE
         count, total = check_descriptor_payload(header, payload_len, writing)
-        regions, addrs, lengths = descriptor_columns(channel.recv_bytes(count * DESC_BYTES),
+        regions, addrs, lengths = descriptor_columns(stream.recv_bytes(count * DESC_BYTES),
                                                      count)
         if int(lengths.sum()) != total:
             raise ProtocolError("descriptor lengths do not add up to the announced bytes")
@@ -519,25 +540,64 @@ class TransferEngine:
                        f"not inside live region {region} of {self.name} "
                        f"({bad.size} such pieces; stale or foreign address)")
             if writing:
-                channel.discard(total)
+                stream.discard(total)
             # A region that no longer exists means the memory the peer
             # described was released (e.g. a freed cache): KV_CACHE_NOT_EXIST
             # tells it to look again. Anything else is a bad address.
             with self._lock:
                 gone = region not in self._regions
             code = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST if gone else LLMStatusCode.LLM_PARAM_INVALID
-            status = {"status": int(code), "message": message}
-            channel.reply_later(req_id, lambda: (status, None))
-            return
+            return {"status": int(code), "message": message}, None, None
         if writing:
             try:
-                channel.recv_payload(addrs, lengths)
+                stream.recv_payload(addrs, lengths)
             finally:
                 self._unpin(ids)
-            channel.reply_later(req_id, lambda: (_OK, None))
-        else:
-            channel.reply_later(req_id, lambda: (_OK, (addrs, lengths)),
-                                after=lambda: self._unpin(ids))
+            return _OK, None, None
+        return _OK, (addrs, lengths), lambda: self._unpin(ids)
+
+    # --- data lanes (the target's side; see kvcache.lane) -------------------------
+
+    def _rpc_lane(self, peer, params):
+        """Grant ``peer`` one data lane: a one-time token for our listener."""
+        if self._listener is None:
+            return {"port": 0}
+        token = secrets.token_hex(16)
+        with self._lock:
+            self._lane_tokens[token] = peer
+        return {"port": self._listener.getsockname()[1], "token": token}
+
+    def _serve_lane(self, sock, header):
+        """Serve the data lane whose LANE frame we just read, in this thread,
+        until the link ends or the lane breaks."""
+        with self._lock:
+            peer = self._lane_tokens.pop(header["token"], None)
+            if peer is None or peer.state != LinkState.LINKED:
+                raise ProtocolError("a lane for no live link (unknown or used token)")
+            lane = Lane(sock, self.io_timeout_ms)
+            served = peer.attachments.setdefault("lanes.served", set())
+            served.add(lane)
+        try:
+            lane.send(MsgType.REPLY, 0, _OK)
+            while peer.state == LinkState.LINKED:
+                if not lane.wait_readable(IDLE_POLL_MS):
+                    continue
+                msg_type, req_id, header, payload_len = lane.recv_frame()
+                if msg_type not in (MsgType.WRITE, MsgType.READ):
+                    raise ProtocolError(f"{msg_type.name} on a data lane")
+                reply, pieces, after = self._take_data_request(lane, msg_type, header,
+                                                               payload_len)
+                try:
+                    lane.send(MsgType.REPLY, req_id, reply, pieces)
+                finally:
+                    if after is not None:
+                        after()
+        except (ChannelClosed, ProtocolError, OSError) as exc:
+            log.debug("%s: data lane from %s ended: %s", self.name, peer.name, exc)
+        finally:
+            with self._lock:
+                served.discard(lane)
+            lane.close()
 
     def _run_handler(self, peer, header):
         handler = self._handlers.get(header["method"])

@@ -12,7 +12,7 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = b"KVC1"
-VERSION = 2
+VERSION = 3
 FRAME = struct.Struct("!4sHHQIQ")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 40
@@ -41,6 +41,7 @@ class MsgType(IntEnum):
     HELLO = 1          # initiator -> listener: who I am, my regions
     HELLO_ACK = 2      # listener -> initiator: accepted (or why not), its regions
     READY = 3          # initiator -> listener: ready-ACK, the link may carry data
+    LANE = 4           # first frame of a data lane: {"token"} granted by "engine.lane"
     WRITE = 10         # payload: descriptor table, then the data
     READ = 11          # payload: descriptor table; the reply carries the data
     REPLY = 12         # the answer to a request with the same id
@@ -69,6 +70,7 @@ SCHEMAS = {
     MsgType.HELLO_ACK: {"status": _INT, "message": _STR, "name": _STR, "cluster_id": _INT,
                         "role": _STR, "regions": _regions, "transport": _STR},
     MsgType.READY: {},
+    MsgType.LANE: {"token": _STR},
     MsgType.WRITE: {"count": _INT, "bytes": _INT},
     MsgType.READ: {"count": _INT, "bytes": _INT},
     MsgType.REPLY: {"status": _INT, "message": _STR},

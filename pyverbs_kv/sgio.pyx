@@ -8,6 +8,7 @@ partial transfers resumed, a poll() deadline on a non-blocking fd."""
 import numpy as np
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.string cimport memcpy
@@ -173,6 +174,33 @@ def recv_pieces(int fd, addrs, lengths, int timeout_ms):
     """Read from ``fd`` straight into every [addrs[i], addrs[i] + lengths[i])
     in order. ConnectionError if the peer closes early."""
     return _stream(fd, addrs, lengths, timeout_ms, False)
+
+
+def recv_exact(int fd, Py_ssize_t size, int timeout_ms):
+    """Exactly ``size`` bytes from ``fd`` as bytes (a frame header), read in
+    place. TimeoutError at the deadline, ConnectionError on EOF."""
+    result = PyBytes_FromStringAndSize(NULL, size)
+    if size == 0:
+        return result
+    cdef uint64_t addr = <uintptr_t>PyBytes_AS_STRING(result)
+    cdef uint64_t length = <uint64_t>size
+    cdef uint64_t done = 0
+    cdef double deadline = now_ms() + timeout_ms
+    cdef int rc
+    with nogil:
+        rc = transfer(fd, False, &addr, &length, 1, deadline, &done)
+    _check(rc, "recv", done, length, timeout_ms)
+    return result
+
+
+def wait_readable(int fd, int timeout_ms):
+    """Whether ``fd`` has bytes to read (or EOF) within ``timeout_ms``."""
+    cdef int rc
+    with nogil:
+        rc = wait_ready(fd, POLLIN, now_ms() + timeout_ms)
+    if rc == -2:
+        raise OSError(errno, "poll")
+    return rc == 0
 
 
 def copy_pieces(dst_addrs, src_addrs, lengths):

@@ -81,7 +81,7 @@ class ShmTransport(TcpTransport):
         threading.Thread(target=self._serve_grants, name="kv-shm-grants", daemon=True).start()
 
     def bind(self, engine):
-        self.engine = engine
+        super().bind(engine)
         engine.add_handler("shm.grant", self._rpc_grant)
 
     def register_region(self, region_id, addr, length, share=None):
@@ -175,6 +175,7 @@ class ShmTransport(TcpTransport):
                 os.close(fd)
 
     def detach_peer(self, peer):
+        super().detach_peer(peer)
         mappings = peer.attachments.pop("shm", None)
         if mappings is not None:
             with mappings.lock:
