@@ -16,6 +16,7 @@ import numpy as np
 from kvcache.protocol import FRAME, MsgType, ProtocolError, decode_frame, decode_header, encode
 from kvcache.status import LLMException, LLMStatusCode
 from pyverbs_kv import sgio
+from pyverbs_kv.pieces import length_total
 
 log = logging.getLogger("kvcache.channel")
 
@@ -101,7 +102,7 @@ class Channel(PayloadReader):
         ``pieces`` (addresses, lengths). The whole frame goes out under one
         lock, in writev calls straight from memory."""
         addrs, lengths = pieces if pieces is not None else (self.NO_PIECES, self.NO_PIECES)
-        payload = int(lengths.sum()) + sum(memoryview(b).nbytes for b in prefix)
+        payload = length_total(lengths)[0] + sum(memoryview(b).nbytes for b in prefix)
         frame = encode(msg_type, req_id, header, payload)
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
         with self._send_lock:

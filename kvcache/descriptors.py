@@ -24,16 +24,17 @@ def merge_runs(local, remote, lengths, *groups):
 
 
 def as_descriptor_arrays(local_addrs, remote_addrs, lengths):
-    """Validated uint64 arrays of equal length."""
+    """Validated uint64 arrays of equal length, and their byte total."""
     local = np.ascontiguousarray(local_addrs, dtype=np.uint64).ravel()
     remote = np.ascontiguousarray(remote_addrs, dtype=np.uint64).ravel()
     length = np.ascontiguousarray(lengths, dtype=np.uint64).ravel()
     if not (local.size == remote.size == length.size):
         raise _invalid(f"descriptor arrays differ in length: {local.size} local, "
                        f"{remote.size} remote, {length.size} lengths")
-    if local.size and not length.all():
-        raise _invalid(f"descriptor {int(np.flatnonzero(length == 0)[0])} has length 0")
-    return local, remote, length
+    total, zero = pieces.length_total(length)
+    if zero >= 0:
+        raise _invalid(f"descriptor {zero} has length 0")
+    return local, remote, length, total
 
 
 def block_descriptors(local_bases, local_block_bytes, local_ids, remote_bases,

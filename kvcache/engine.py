@@ -33,6 +33,7 @@ from kvcache.protocol import (DESC_BYTES, FRAME, MsgType, ProtocolError,
                               descriptor_columns, encode)
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp import TcpTransport
+from pyverbs_kv.pieces import length_total
 
 log = logging.getLogger("kvcache.engine")
 if os.environ.get("KVCACHE_DEBUG"):
@@ -524,7 +525,7 @@ class TransferEngine:
         count, total = check_descriptor_payload(header, payload_len, writing)
         regions, addrs, lengths = descriptor_columns(stream.recv_bytes(count * DESC_BYTES),
                                                      count)
-        if int(lengths.sum()) != total:
+        if length_total(lengths)[0] != total:
             raise ProtocolError("descriptor lengths do not add up to the announced bytes")
         with self._lock:
             found, misses = self._table.locate(addrs, lengths)
@@ -672,7 +673,8 @@ class TransferEngine:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"op must be 'write' or "
                                                                 f"'read', got {op!r}")
         peer = self.peer(peer)
-        local, remote, lengths = as_descriptor_arrays(local_addrs, remote_addrs, lengths)
+        local, remote, lengths, total = as_descriptor_arrays(local_addrs, remote_addrs,
+                                                             lengths)
         if local.size == 0:
             return 0
         local_ids = self._table.check(local, lengths, "local")
@@ -695,7 +697,7 @@ class TransferEngine:
                                f"{op} to {peer.name}: link failed: {exc}") from None
         finally:
             peer.link.end_transfer()
-        return int(lengths.sum())
+        return total
 
     def transfer_async(self, peer, op, local_addrs, remote_addrs, lengths, timeout_ms=None):
         """transfer_sync on a worker thread; returns a TransferRequest."""

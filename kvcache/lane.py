@@ -26,6 +26,7 @@ from kvcache.channel import ChannelClosed, PayloadReader
 from kvcache.protocol import FRAME, MsgType, ProtocolError, decode_frame, decode_header, encode
 from kvcache.status import LLMException, LLMStatusCode
 from pyverbs_kv import sgio
+from pyverbs_kv.pieces import length_total
 
 log = logging.getLogger("kvcache.lane")
 
@@ -52,7 +53,7 @@ class Lane(PayloadReader):
     def send(self, msg_type, req_id, header, pieces=None, timeout_ms=None, prefix=()):
         """One frame, as Channel.send, without a lock (one user)."""
         addrs, lengths = pieces if pieces is not None else (self.NO_PIECES, self.NO_PIECES)
-        payload = int(lengths.sum()) + sum(memoryview(b).nbytes for b in prefix)
+        payload = length_total(lengths)[0] + sum(memoryview(b).nbytes for b in prefix)
         frame = encode(msg_type, req_id, header, payload)
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
         try:

@@ -12,9 +12,14 @@ a fresh 800 KB array costs ~200 page faults on first touch, several times
 the work of filling it, and every transfer needs a few."""
 import numpy as np
 
+cimport numpy as cnp
+from pyverbs_kv.arrays cimport as_i64, as_u64, data_of, length_of
 from cpython.buffer cimport PyBUF_FORMAT
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
+
+cnp.import_array()
 
 NO_REGION = np.iinfo(np.uint64).max
 
@@ -94,13 +99,27 @@ def _empty_u64(Py_ssize_t count):
     return np.frombuffer(block, dtype=np.uint64, count=count)
 
 
-# Contiguous 1-D arrays of the kernels' types (no copy when they already are).
-def _u64(values):
-    return np.ascontiguousarray(values, dtype=np.uint64).ravel()
-
-
-def _i64(values):
-    return np.ascontiguousarray(values, dtype=np.int64).ravel()
+cdef inline Py_ssize_t _region_of(const uint64_t *starts, const uint64_t *ends,
+                                  Py_ssize_t regions, uint64_t addr, uint64_t end,
+                                  Py_ssize_t last) noexcept nogil:
+    """Index of the region wholly holding [addr, end), or -1. ``last`` (a
+    previous answer, or -1) is tried before a binary search: consecutive
+    pieces mostly share a region."""
+    cdef Py_ssize_t lo, hi, mid
+    if end < addr:                          # wraps: never inside anything
+        return -1
+    if not (last >= 0 and starts[last] <= addr < ends[last]):
+        lo, hi = 0, regions                 # the last start <= addr
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if starts[mid] <= addr:
+                lo = mid + 1
+            else:
+                hi = mid
+        last = lo - 1
+    if last >= 0 and end <= ends[last]:
+        return last
+    return -1
 
 
 def block_pieces(local_bases, uint64_t local_block_bytes, local_ids, remote_bases,
@@ -108,24 +127,24 @@ def block_pieces(local_bases, uint64_t local_block_bytes, local_ids, remote_base
     """Pieces copying block local_ids[j] of local tensor i to block
     remote_ids[j] of remote tensor i, tensor-major. ValueError for a
     negative block id or mismatched counts."""
-    lb, rb = _u64(local_bases), _u64(remote_bases)
-    li, ri = _i64(local_ids), _i64(remote_ids)
-    if li.shape[0] != ri.shape[0]:
-        raise ValueError(f"{li.shape[0]} source blocks but {ri.shape[0]} destination blocks")
-    if lb.shape[0] != rb.shape[0]:
-        raise ValueError(f"{lb.shape[0]} source tensors but {rb.shape[0]} destination tensors")
-    cdef const uint64_t[::1] lbv = lb
-    cdef const uint64_t[::1] rbv = rb
-    cdef const int64_t[::1] liv = li
-    cdef const int64_t[::1] riv = ri
-    cdef Py_ssize_t tensors = lbv.shape[0], blocks = liv.shape[0], t, j, k
+    cdef cnp.ndarray lb = as_u64(local_bases), rb = as_u64(remote_bases)
+    cdef cnp.ndarray li = as_i64(local_ids), ri = as_i64(remote_ids)
+    cdef Py_ssize_t tensors = length_of(lb), blocks = length_of(li), t, j, k
+    if blocks != length_of(ri):
+        raise ValueError(f"{blocks} source blocks but {length_of(ri)} destination blocks")
+    if tensors != length_of(rb):
+        raise ValueError(f"{tensors} source tensors but {length_of(rb)} destination tensors")
+    cdef const uint64_t *lbv = data_of(lb)
+    cdef const uint64_t *rbv = data_of(rb)
+    cdef const int64_t *liv = <const int64_t *>data_of(li)
+    cdef const int64_t *riv = <const int64_t *>data_of(ri)
     cdef Py_ssize_t bad = -1
     local = _empty_u64(tensors * blocks)
     remote = _empty_u64(tensors * blocks)
     lengths = _empty_u64(tensors * blocks)
-    cdef uint64_t[::1] lv = local
-    cdef uint64_t[::1] rv = remote
-    cdef uint64_t[::1] nv = lengths
+    cdef uint64_t *lv = data_of(local)
+    cdef uint64_t *rv = data_of(remote)
+    cdef uint64_t *nv = data_of(lengths)
     cdef uint64_t lbase, rbase
     with nogil:
         for j in range(blocks):
@@ -153,45 +172,81 @@ def region_lookup(starts, ends, values, addrs, lengths, uint64_t missing):
     ``starts`` sorted, regions disjoint. Returns (out, count of misses).
     Consecutive pieces mostly share a region, so the last hit is tried
     before a binary search."""
-    s, e, v = _u64(starts), _u64(ends), _u64(values)
-    a, n = _u64(addrs), _u64(lengths)
-    if not (s.shape[0] == e.shape[0] == v.shape[0]):
+    cdef cnp.ndarray s = as_u64(starts), e = as_u64(ends), v = as_u64(values)
+    cdef cnp.ndarray a = as_u64(addrs), n = as_u64(lengths)
+    cdef Py_ssize_t regions = length_of(s), count = length_of(a), i, last = -1
+    if not (regions == length_of(e) == length_of(v)):
         raise ValueError("region arrays differ in length")
-    if a.shape[0] != n.shape[0]:
-        raise ValueError(f"{a.shape[0]} addresses but {n.shape[0]} lengths")
-    out = _empty_u64(a.shape[0])
-    cdef const uint64_t[::1] sv = s
-    cdef const uint64_t[::1] ev = e
-    cdef const uint64_t[::1] vv = v
-    cdef const uint64_t[::1] av = a
-    cdef const uint64_t[::1] nv = n
-    cdef uint64_t[::1] ov = out
-    cdef Py_ssize_t count = av.shape[0], regions = sv.shape[0], i, lo, hi, mid, last = -1
-    cdef Py_ssize_t misses = 0
-    cdef uint64_t addr, end
+    if count != length_of(n):
+        raise ValueError(f"{count} addresses but {length_of(n)} lengths")
+    out = _empty_u64(count)
+    cdef const uint64_t *sv = data_of(s)
+    cdef const uint64_t *ev = data_of(e)
+    cdef const uint64_t *vv = data_of(v)
+    cdef const uint64_t *av = data_of(a)
+    cdef const uint64_t *nv = data_of(n)
+    cdef uint64_t *ov = data_of(out)
+    cdef Py_ssize_t misses = 0, found
     with nogil:
         for i in range(count):
-            addr = av[i]
-            end = addr + nv[i]
-            if end < addr:                      # wraps: never inside anything
-                ov[i] = missing
-                misses += 1
-                continue
-            if not (last >= 0 and sv[last] <= addr < ev[last]):
-                lo, hi = 0, regions             # last start <= addr, by bisection
-                while lo < hi:
-                    mid = (lo + hi) >> 1
-                    if sv[mid] <= addr:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                last = lo - 1
-            if last >= 0 and end <= ev[last]:
-                ov[i] = vv[last]
+            found = _region_of(sv, ev, regions, av[i], av[i] + nv[i], last)
+            if found >= 0:
+                ov[i] = vv[found]
+                last = found
             else:
                 ov[i] = missing
                 misses += 1
     return out, misses
+
+
+def copy_mapped(bint to_mapping, local, mapped, lengths, starts, ends, shifts):
+    """Copy piece i between local[i] and mapped[i] (``to_mapping``: local ->
+    mapped, else back), where mapped addresses are translated by the region
+    [starts[r], ends[r]) wholly holding the piece: mapped[i] + shifts[r]
+    (mod 2**64). One pass, GIL released: find, translate, memcpy. Pieces in
+    no region are not copied; returns their indices (int64), or None when
+    every piece was copied."""
+    cdef cnp.ndarray s = as_u64(starts), e = as_u64(ends), d = as_u64(shifts)
+    cdef cnp.ndarray l = as_u64(local), m = as_u64(mapped), n = as_u64(lengths)
+    cdef Py_ssize_t regions = length_of(s), count = length_of(l), i, last = -1, found, misses = 0
+    if not (regions == length_of(e) == length_of(d)):
+        raise ValueError("region arrays differ in length")
+    if not (count == length_of(m) == length_of(n)):
+        raise ValueError("descriptor arrays differ in length")
+    cdef const uint64_t *sv = data_of(s)
+    cdef const uint64_t *ev = data_of(e)
+    cdef const uint64_t *dv = data_of(d)
+    cdef const uint64_t *lv = data_of(l)
+    cdef const uint64_t *mv = data_of(m)
+    cdef const uint64_t *nv = data_of(n)
+    cdef uint64_t there
+    with nogil:
+        for i in range(count):
+            found = _region_of(sv, ev, regions, mv[i], mv[i] + nv[i], last)
+            if found < 0:
+                misses += 1
+                continue
+            last = found
+            there = mv[i] + dv[found]
+            if to_mapping:
+                memcpy(<void *><uintptr_t>there, <const void *><uintptr_t>lv[i], nv[i])
+            else:
+                memcpy(<void *><uintptr_t>lv[i], <const void *><uintptr_t>there, nv[i])
+    if not misses:
+        return None
+    missed = np.empty(misses, dtype=np.int64)
+    cdef int64_t *xv = <int64_t *>data_of(missed)
+    cdef Py_ssize_t k = 0
+    last = -1
+    with nogil:
+        for i in range(count):
+            found = _region_of(sv, ev, regions, mv[i], mv[i] + nv[i], last)
+            if found < 0:
+                xv[k] = i
+                k += 1
+            else:
+                last = found
+    return missed
 
 
 def merge_pieces(local, remote, lengths, group_a=None, group_b=None):
@@ -199,21 +254,21 @@ def merge_pieces(local, remote, lengths, group_a=None, group_b=None):
     optional group arrays, e.g. region ids) into one. Returns the arrays
     reduced, groups included (None stays None); the inputs are returned as
     they are when nothing merges."""
-    l, r, n = _u64(local), _u64(remote), _u64(lengths)
-    cdef Py_ssize_t count = l.shape[0], i, k
-    if r.shape[0] != count or n.shape[0] != count:
+    cdef cnp.ndarray l = as_u64(local), r = as_u64(remote), n = as_u64(lengths)
+    cdef Py_ssize_t count = length_of(l), i, k
+    if length_of(r) != count or length_of(n) != count:
         raise ValueError("descriptor arrays differ in length")
-    ga = None if group_a is None else _u64(group_a)
-    gb = None if group_b is None else _u64(group_b)
+    cdef cnp.ndarray ga = None if group_a is None else as_u64(group_a)
+    cdef cnp.ndarray gb = None if group_b is None else as_u64(group_b)
     for g in (ga, gb):
-        if g is not None and g.shape[0] != count:
+        if g is not None and length_of(g) != count:
             raise ValueError("group arrays differ in length from the descriptors")
     cdef bint has_a = ga is not None, has_b = gb is not None
-    cdef const uint64_t[::1] lv = l
-    cdef const uint64_t[::1] rv = r
-    cdef const uint64_t[::1] nv = n
-    cdef const uint64_t[::1] av = ga if has_a else l
-    cdef const uint64_t[::1] bv = gb if has_b else l
+    cdef const uint64_t *lv = data_of(l)
+    cdef const uint64_t *rv = data_of(r)
+    cdef const uint64_t *nv = data_of(n)
+    cdef const uint64_t *av = data_of(ga) if has_a else lv
+    cdef const uint64_t *bv = data_of(gb) if has_b else lv
     cdef Py_ssize_t runs = 0
     with nogil:
         for i in range(count):
@@ -226,11 +281,11 @@ def merge_pieces(local, remote, lengths, group_a=None, group_b=None):
     out_n = _empty_u64(runs)
     out_a = _empty_u64(runs if has_a else 0)
     out_b = _empty_u64(runs if has_b else 0)
-    cdef uint64_t[::1] olv = out_l
-    cdef uint64_t[::1] orv = out_r
-    cdef uint64_t[::1] onv = out_n
-    cdef uint64_t[::1] oav = out_a
-    cdef uint64_t[::1] obv = out_b
+    cdef uint64_t *olv = data_of(out_l)
+    cdef uint64_t *orv = data_of(out_r)
+    cdef uint64_t *onv = data_of(out_n)
+    cdef uint64_t *oav = data_of(out_a)
+    cdef uint64_t *obv = data_of(out_b)
     with nogil:
         k = -1
         for i in range(count):
@@ -248,22 +303,36 @@ def merge_pieces(local, remote, lengths, group_a=None, group_b=None):
     return out_l, out_r, out_n, (out_a if has_a else None), (out_b if has_b else None)
 
 
-cdef inline bint _joins(const uint64_t[::1] lv, const uint64_t[::1] rv,
-                        const uint64_t[::1] nv, const uint64_t[::1] av,
-                        const uint64_t[::1] bv, bint has_a, bint has_b,
+cdef inline bint _joins(const uint64_t *lv, const uint64_t *rv, const uint64_t *nv,
+                        const uint64_t *av, const uint64_t *bv, bint has_a, bint has_b,
                         Py_ssize_t i) noexcept nogil:
     """Piece i continues piece i - 1 on both sides, in the same groups."""
     return (lv[i] == lv[i - 1] + nv[i - 1] and rv[i] == rv[i - 1] + nv[i - 1]
             and (not has_a or av[i] == av[i - 1]) and (not has_b or bv[i] == bv[i - 1]))
 
 
+def length_total(lengths):
+    """(sum of ``lengths``, index of the first zero length or -1), in one
+    pass: what every transfer checks and announces."""
+    cdef cnp.ndarray n = as_u64(lengths)
+    cdef const uint64_t *nv = data_of(n)
+    cdef Py_ssize_t count = length_of(n), i, zero = -1
+    cdef uint64_t total = 0
+    with nogil:
+        for i in range(count):
+            if nv[i] == 0 and zero < 0:
+                zero = i
+            total += nv[i]
+    return total, zero
+
+
 def check_block_ids(ids, int64_t limit, bint distinct):
     """First problem in a list of block ids: (index, "range") for an id
     outside 0..limit-1, (index, "repeat") for an id seen before (checked
     only when ``distinct``), else None. One pass with a bitmap."""
-    i64 = _i64(ids)
-    cdef const int64_t[::1] iv = i64
-    cdef Py_ssize_t count = iv.shape[0], i, bad = -1
+    cdef cnp.ndarray i64 = as_i64(ids)
+    cdef const int64_t *iv = <const int64_t *>data_of(i64)
+    cdef Py_ssize_t count = length_of(i64), i, bad = -1
     cdef int reason = 0
     cdef unsigned char *seen = NULL
     cdef int64_t value

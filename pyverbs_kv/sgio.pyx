@@ -7,10 +7,13 @@ the GIL released: writev/readv with up to IOV_MAX pieces per system call,
 partial transfers resumed, a poll() deadline on a non-blocking fd."""
 import numpy as np
 
+cimport numpy as cnp
+from pyverbs_kv.arrays cimport as_u64, data_of
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 from pyverbs_kv.clock cimport now_s
 
@@ -24,6 +27,8 @@ cdef extern from "sys/uio.h" nogil:
 from pyverbs_kv.posix_poll cimport pollfd, poll, POLLIN, POLLOUT
 
 DEF IOV_BATCH = 1024        # IOV_MAX on Linux
+
+cnp.import_array()
 
 
 cdef inline double now_ms() noexcept nogil:
@@ -98,9 +103,13 @@ cdef int transfer(int fd, bint sending, const uint64_t *addrs, const uint64_t *l
                 left = 0
 
 
-cdef _check(int rc, str what, uint64_t done, uint64_t total, int timeout_ms):
+cdef _check(int rc, str what, uint64_t done, total, int timeout_ms):
+    """Raise for a failed transfer; ``total`` (bytes meant) is an int or an
+    array of lengths, summed only here, on the error path."""
     if rc == 0:
         return
+    if not isinstance(total, int):
+        total = int(total.sum())          # an array of lengths
     if rc == -1:
         raise TimeoutError(f"{what}: {done} of {total} bytes moved within {timeout_ms} ms")
     if rc == -3:
@@ -109,10 +118,9 @@ cdef _check(int rc, str what, uint64_t done, uint64_t total, int timeout_ms):
     raise OSError(errno, f"{what}: {done} of {total} bytes moved")
 
 
-def _arrays(addrs, lengths):
-    a = np.ascontiguousarray(addrs, dtype=np.uint64)
-    n = np.ascontiguousarray(lengths, dtype=np.uint64)
-    if a.shape != n.shape or a.ndim != 1:
+cdef _arrays(addrs, lengths):
+    cdef cnp.ndarray a = as_u64(addrs), n = as_u64(lengths)
+    if cnp.PyArray_DIM(a, 0) != cnp.PyArray_DIM(n, 0):
         raise ValueError(f"{a.shape[0]} addresses but {n.shape[0]} lengths")
     return a, n
 
@@ -122,43 +130,57 @@ DEF MAX_PREFIX = 8
 
 cdef uint64_t _stream(int fd, addrs, lengths, int timeout_ms, bint sending,
                       tuple prefix=()) except? 0:
+    cdef cnp.ndarray a, n
     a, n = _arrays(addrs, lengths)
     cdef Py_buffer views[MAX_PREFIX]
-    cdef Py_ssize_t k = len(prefix), held = 0, i
+    cdef Py_ssize_t k = len(prefix), held = 0, i, count = cnp.PyArray_DIM(a, 0)
     if k > MAX_PREFIX:
         raise ValueError(f"at most {MAX_PREFIX} prefix buffers, got {k}")
-    try:
-        if k:
-            # The prefix buffers go first, in the same writev calls.
-            all_a = np.empty(k + a.shape[0], dtype=np.uint64)
-            all_n = np.empty(k + a.shape[0], dtype=np.uint64)
-            for i in range(k):
-                PyObject_GetBuffer(prefix[i], &views[i], PyBUF_SIMPLE)
-                held += 1
-                all_a[i] = <uintptr_t>views[i].buf
-                all_n[i] = <uint64_t>views[i].len
-            all_a[k:] = a
-            all_n[k:] = n
-            a, n = all_a, all_n
+    if k == 0:
         return _move_all(fd, a, n, timeout_ms, sending)
+    # The prefix buffers go first, in the same writev calls.
+    cdef uint64_t *all_a = <uint64_t *>malloc(2 * (k + count) * sizeof(uint64_t))
+    if all_a == NULL:
+        raise MemoryError(f"an iovec table of {k + count} pieces")
+    cdef uint64_t *all_n = all_a + k + count
+    cdef uint64_t done = 0, total = 0
+    cdef double deadline = now_ms() + timeout_ms
+    cdef int rc
+    try:
+        for i in range(k):
+            PyObject_GetBuffer(prefix[i], &views[i], PyBUF_SIMPLE)
+            held += 1
+            all_a[i] = <uintptr_t>views[i].buf
+            all_n[i] = <uint64_t>views[i].len
+        if count:
+            memcpy(all_a + k, data_of(a), count * sizeof(uint64_t))
+            memcpy(all_n + k, data_of(n), count * sizeof(uint64_t))
+        with nogil:
+            rc = transfer(fd, sending, all_a, all_n, k + count, deadline, &done)
+            if rc != 0:
+                for i in range(k + count):
+                    total += all_n[i]
+        _check(rc, "send" if sending else "recv", done, total, timeout_ms)
+        return done
     finally:
         for i in range(held):
             PyBuffer_Release(&views[i])
+        free(all_a)
 
 
-cdef uint64_t _move_all(int fd, a, n, int timeout_ms, bint sending) except? 0:
-    cdef const uint64_t[::1] av = a
-    cdef const uint64_t[::1] nv = n
+cdef uint64_t _move_all(int fd, cnp.ndarray a, cnp.ndarray n, int timeout_ms,
+                        bint sending) except? 0:
+    cdef const uint64_t *av = data_of(a)
+    cdef const uint64_t *nv = data_of(n)
     cdef uint64_t done = 0
-    cdef uint64_t total = int(n.sum())
     cdef double deadline = now_ms() + timeout_ms
     cdef int rc
-    cdef Py_ssize_t count = av.shape[0]
+    cdef Py_ssize_t count = cnp.PyArray_DIM(a, 0)
     if count == 0:
         return 0
     with nogil:
-        rc = transfer(fd, sending, &av[0], &nv[0], count, deadline, &done)
-    _check(rc, "send" if sending else "recv", done, total, timeout_ms)
+        rc = transfer(fd, sending, av, nv, count, deadline, &done)
+    _check(rc, "send" if sending else "recv", done, n, timeout_ms)
     return done
 
 
@@ -206,14 +228,14 @@ def wait_readable(int fd, int timeout_ms):
 def copy_pieces(dst_addrs, src_addrs, lengths):
     """memcpy every piece from src_addrs[i] to dst_addrs[i] (same-host
     shared memory). Returns the byte count."""
-    d = np.ascontiguousarray(dst_addrs, dtype=np.uint64)
+    cdef cnp.ndarray d = as_u64(dst_addrs), s, n
     s, n = _arrays(src_addrs, lengths)
-    if d.shape != s.shape:
-        raise ValueError(f"{d.shape[0]} destinations but {s.shape[0]} sources")
-    cdef const uint64_t[::1] dv = d
-    cdef const uint64_t[::1] sv = s
-    cdef const uint64_t[::1] nv = n
-    cdef Py_ssize_t i, count = dv.shape[0]
+    cdef Py_ssize_t i, count = cnp.PyArray_DIM(d, 0)
+    if count != cnp.PyArray_DIM(s, 0):
+        raise ValueError(f"{count} destinations but {s.shape[0]} sources")
+    cdef const uint64_t *dv = data_of(d)
+    cdef const uint64_t *sv = data_of(s)
+    cdef const uint64_t *nv = data_of(n)
     cdef uint64_t total = 0
     with nogil:
         for i in range(count):

@@ -12,6 +12,7 @@ from kvcache import LLMException, LLMStatusCode
 from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
 from kvcache.link import Link, LinkState
 from kvcache.transports.rdma import _split_long
+from pyverbs_kv import pieces
 from kvcache.protocol import (FRAME, MAX_HEADER_BYTES, VERSION, MsgType, ProtocolError,
                               check_descriptor_payload, decode_frame, decode_header, encode)
 
@@ -84,6 +85,52 @@ def test_region_lookup_matches_brute_force(layout, queries):
     expect = [_oracle_region(regions, a, n) for a, n in queries]
     assert misses == sum(e is None for e in expect)
     assert [None if i == np.iinfo(np.uint64).max else i for i in ids.tolist()] == expect
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 40)), min_size=0, max_size=6),
+       st.lists(st.tuples(st.integers(0, 300), st.integers(1, 50), st.integers(0, 200)),
+                min_size=0, max_size=100),
+       st.booleans())
+def test_copy_mapped_copies_exactly_the_mapped_pieces(layout, queries, to_mapping):
+    """The shm kernel against brute force: regions of a 'peer' address
+    space [0, 400) are mapped at an offset in ``view``; each piece is copied
+    through its region's shift or reported as missed, and nothing else moves."""
+    regions, cursor = [], 0
+    for gap, size in layout:
+        cursor += gap
+        regions.append((cursor, size))
+        cursor += size
+    view = np.random.default_rng(1).integers(1, 255, 1024, dtype=np.uint8)
+    local = np.random.default_rng(2).integers(1, 255, 512, dtype=np.uint8)
+    base, offset = view.ctypes.data, 500             # peer address a -> view[a + offset]
+    starts = np.array([a for a, _ in regions], dtype=np.uint64)
+    ends = np.array([a + n for a, n in regions], dtype=np.uint64)
+    shifts = np.full(len(regions), base + offset, dtype=np.uint64)
+    # Distinct local slots so copies never overlap on our side.
+    local_at = [64 * (i % 8) for i in range(len(queries))][:8]
+    queries = queries[:len(local_at)]
+    remote = np.array([a for a, _, _ in queries], dtype=np.uint64)
+    lengths = np.array([min(n, 64) for _, n, _ in queries], dtype=np.uint64)
+    locals_ = np.array([local.ctypes.data + s for s in local_at], dtype=np.uint64)
+    view_before, local_before = view.copy(), local.copy()
+    missed = pieces.copy_mapped(to_mapping, locals_, remote, lengths, starts, ends, shifts)
+    view_expect, local_expect = view_before.copy(), local_before.copy()
+    expect_missed = []
+    for i, (a, _, _) in enumerate(queries):
+        n = int(lengths[i])
+        if not any(s <= a and a + n <= s + size for s, size in regions):
+            expect_missed.append(i)
+            continue
+        there, here = a + offset, local_at[i]
+        if to_mapping:
+            view_expect[there:there + n] = local_expect[here:here + n]
+        else:
+            local_expect[here:here + n] = view_expect[there:there + n]
+    assert (missed is None) == (not expect_missed)
+    if missed is not None:
+        assert missed.tolist() == expect_missed
+    np.testing.assert_array_equal(view, view_expect)
+    np.testing.assert_array_equal(local, local_expect)
 
 
 def test_region_lookup_rejects_a_piece_that_wraps_the_address_space():

@@ -5,7 +5,8 @@ the peer grants it: a control call returns a one-time token and the name of
 its abstract Unix socket; over that socket the peer sends the memfds of its
 shareable regions (SCM_RIGHTS), and we map them. A WRITE or READ is then a
 copy between our memory and the mapping, done by the initiator with the GIL
-released (pyverbs_kv.sgio.copy_pieces), no per-block Python loop. Pieces in
+released, translating and copying each piece in one C pass
+(pyverbs_kv.pieces.copy_mapped), no per-block Python loop. Pieces in
 peer memory that is not shareable (user memory from register_*) go over TCP
 instead, and the log says so. Only regions the peer granted are mapped, only
 memfds sealed at their size (a file shrunk under a mapping kills us with
@@ -25,8 +26,7 @@ from kvcache.bufpool import SIZE_SEALS
 from kvcache.descriptors import RegionTable
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp import TcpTransport
-from pyverbs_kv import pieces, sgio
-from pyverbs_kv.pieces import NO_REGION
+from pyverbs_kv import pieces
 
 log = logging.getLogger("kvcache.shm")
 
@@ -185,31 +185,19 @@ class ShmTransport(TcpTransport):
 
     def _move(self, op, peer, local, remote, lengths, regions, timeout_ms):
         mappings = self._mappings(peer)
-        rest = None
         with mappings.lock:
-            table = mappings.table
-            shift, misses = pieces.region_lookup(table.starts, table.ends, mappings.shift,
-                                                 remote, lengths, 0)
-            if misses:
-                rest = table.locate(remote, lengths)[0] == NO_REGION
-                mapped = ~rest
-                here, there, size = local[mapped], remote[mapped] + shift[mapped], lengths[mapped]
-            else:
-                here, there, size = local, remote + shift, lengths
+            table, shift = mappings.table, mappings.shift
             mappings.copies += 1
         try:
-            if size.size:
-                if op == "write":
-                    sgio.copy_pieces(there, here, size)
-                else:
-                    sgio.copy_pieces(here, there, size)
+            missed = pieces.copy_mapped(op == "write", local, remote, lengths, table.starts,
+                                        table.ends, shift)
         finally:
             mappings.end_copy()
-        if rest is not None:
-            log.debug("%d pieces to %s are not in shared memory: TCP", int(rest.sum()),
-                      peer.name)
+        if missed is not None:
+            log.debug("%d pieces to %s are not in shared memory: TCP", missed.size, peer.name)
             tcp = TcpTransport.write if op == "write" else TcpTransport.read
-            tcp(self, peer, local[rest], remote[rest], lengths[rest], regions[rest], timeout_ms)
+            tcp(self, peer, local[missed], remote[missed], lengths[missed], regions[missed],
+                timeout_ms)
 
     def write(self, peer, local, remote, lengths, regions, timeout_ms):
         self._move("write", peer, local, remote, lengths, regions, timeout_ms)

@@ -18,6 +18,7 @@ from kvcache.lane import LanePool, LaneTimeout
 from kvcache.protocol import MsgType, ProtocolError
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import Transport
+from pyverbs_kv.pieces import length_total
 
 
 def _columns(remote, lengths, regions):
@@ -50,7 +51,7 @@ class TcpTransport(Transport):
         self._request(MsgType.READ, peer, local, remote, lengths, regions, timeout_ms)
 
     def _request(self, msg_type, peer, local, remote, lengths, regions, timeout_ms):
-        header = {"count": int(lengths.size), "bytes": int(lengths.sum())}
+        header = {"count": int(lengths.size), "bytes": length_total(lengths)[0]}
         columns = _columns(remote, lengths, regions)
         writing = msg_type == MsgType.WRITE
         lanes = peer.attachments.get("tcp.lanes")
