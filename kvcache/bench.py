@@ -93,10 +93,13 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def measure(run_batch, batch_bytes, seconds, threads=1):
+def measure(run_batch, batch_bytes, seconds, threads=1, baseline=None):
     """Run batches for about ``seconds`` (at least 5); per-batch stats. With
     several threads, each runs its batch at once (persistent workers
-    released together, so thread start-up is not timed)."""
+    released together, so thread start-up is not timed). ``baseline``: a
+    single-thread memcpy of the same bytes, run before every round, so both
+    see the same machine (its speed here swings by a third within a
+    second); its GB/s comes back as ``memcpy_GBps``."""
     if threads == 1:
         def one_round():
             run_batch(0)
@@ -128,16 +131,21 @@ def measure(run_batch, batch_bytes, seconds, threads=1):
             w.start()
     try:
         one_round()                                   # warm-up
-        times = []
-        cpu0 = time.process_time()
+        times, base_times, cpu = [], [], 0.0
         deadline = time.perf_counter() + seconds
         while len(times) < 5 or time.perf_counter() < deadline:
+            if baseline is not None:
+                t0 = time.perf_counter()
+                baseline()
+                base_times.append(time.perf_counter() - t0)
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
             one_round()
             times.append(time.perf_counter() - t0)
+            cpu += time.process_time() - cpu0
             if len(times) >= 2000:
                 break
-        cpu = (time.process_time() - cpu0) / len(times)
+        cpu /= len(times)
     finally:
         if workers:
             stop.append(True)
@@ -146,11 +154,16 @@ def measure(run_batch, batch_bytes, seconds, threads=1):
                 w.join()
     p50 = statistics.median(times)
     p99 = float(np.percentile(times, 99))
-    return dict(GBps=batch_bytes * threads / p50 / 1e9, p50_ms=p50 * 1e3, p99_ms=p99 * 1e3,
+    cell = dict(GBps=batch_bytes * threads / p50 / 1e9, p50_ms=p50 * 1e3, p99_ms=p99 * 1e3,
                 cpu_ms=cpu * 1e3, batches=len(times))
+    if base_times:
+        cell["memcpy_GBps"] = batch_bytes / statistics.median(base_times) / 1e9
+    return cell
 
 
-def memcpy_baseline(size, batch, seconds):
+def memcpy_batch(size, batch):
+    """A callable copying ``batch`` scattered ``size``-byte blocks with one
+    thread (sgio.copy_pieces: a memcpy per block)."""
     src = np.ones((2 * batch, size), dtype=np.uint8)
     dst = np.zeros((2 * batch, size), dtype=np.uint8)
     rng = np.random.default_rng(size)
@@ -158,7 +171,15 @@ def memcpy_baseline(size, batch, seconds):
     s = src.ctypes.data + s_ids.astype(np.uint64) * size
     d = dst.ctypes.data + d_ids.astype(np.uint64) * size
     n = np.full(batch, size, dtype=np.uint64)
-    return measure(lambda _: sgio.copy_pieces(d, s, n), batch * size, seconds)
+
+    def copy(buffers=(src, dst)):          # the default keeps the buffers alive
+        sgio.copy_pieces(d, s, n)
+    return copy
+
+
+def memcpy_baseline(size, batch, seconds):
+    copy = memcpy_batch(size, batch)
+    return measure(lambda _: copy(), batch * size, seconds)
 
 
 def _sink(port_queue, total):
@@ -271,10 +292,8 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
                                         remote["tensor_addrs"], size, src[t])
                       for t in range(most)]
             regions = np.full(batch, remote["region_ids"][0], dtype=np.uint64)
-            # The memcpy baseline again, next to the cells it is compared with:
-            # this machine's speed drifts over minutes.
-            near = memcpy_baseline(size, batch, seconds)["GBps"]
-            progress.step(f"memcpy {size // 1024}K (next to {transport})")
+            # The memcpy baseline runs interleaved with every cell's batches.
+            baseline = memcpy_batch(size, batch)
             # Both caches hold index + 1, so writes keep the prompt's bytes;
             # a read starts from zeroed blocks and must bring index + 1 back.
             local_blocks = cache.numpy(0)
@@ -282,7 +301,7 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
 
             def measure_read(run_batch, label, threads):
                 local_blocks[dst[:threads].ravel()] = 0
-                cell = measure(run_batch, batch * size, seconds, threads)
+                cell = measure(run_batch, batch * size, seconds, threads, baseline)
                 if not (local_blocks[dst[:threads].ravel()] == index + 1).all():
                     raise SystemExit(f"bench: {label} left wrong bytes in the blocks it read")
                 return cell
@@ -297,9 +316,10 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
                     if op == "read":
                         cell = measure_read(engine_batch, label, threads)
                     else:
-                        cell = measure(engine_batch, batch * size, seconds, threads)
+                        cell = measure(engine_batch, batch * size, seconds, threads,
+                                       baseline)
                     rows.append(dict(transport=dd.transport, path="engine", op=op,
-                                     block=size, threads=threads, memcpy_GBps=near, **cell))
+                                     block=size, threads=threads, **cell))
                     progress.step(label)
 
                 def pull_batch(t):
@@ -308,7 +328,7 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
                 label = f"{dd.transport} pull_blocks {size // 1024}K x{threads}"
                 cell = measure_read(pull_batch, label, threads)
                 rows.append(dict(transport=dd.transport, path="pull_blocks", op="read",
-                                 block=size, threads=threads, memcpy_GBps=near, **cell))
+                                 block=size, threads=threads, **cell))
                 progress.step(label)
             dd.cache_manager.deallocate_cache(cache)
         dd.finalize()
@@ -322,9 +342,9 @@ def render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes):
     lines = [f"Batch of {batch} scattered blocks per thread, 127.0.0.1; baselines in the same "
              f"run: TCP loopback {tcp_ref:.2f} GB/s (one stream, 256 KiB sends); descriptors "
              f"of a {batch}-block 32-layer transfer built and checked in {desc_ms:.2f} ms of "
-             "CPU. \"vs memcpy\" divides by single-thread memcpy of the same blocks measured "
-             "again just before each transport's cells of that size (the memcpy rows are the "
-             "first measurement).", "",
+             "CPU. \"vs memcpy\" divides by single-thread memcpy of the same blocks, one "
+             "memcpy batch run before each of the cell's batches (the memcpy rows are a "
+             "separate first measurement).", "",
              "| transport | path | op | threads | block | GB/s | vs memcpy | vs TCP loopback "
              "| p50 ms | p99 ms | CPU ms/batch |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -390,7 +410,7 @@ def main(argv=None):
         if importlib.util.find_spec("matplotlib") is None:
             raise SystemExit("--plot needs matplotlib (pip install matplotlib)")
 
-    cells = len(sizes) * (1 + len(transports) * (1 + len(thread_counts) * (len(ops) + 1))) + 2
+    cells = len(sizes) * (1 + len(transports) * len(thread_counts) * (len(ops) + 1)) + 2
     progress = Progress(cells)
     tcp_ref = tcp_loopback_baseline(256 * 1024)
     progress.step("tcp loopback baseline")
