@@ -173,7 +173,10 @@ class LanePool:
             return None
         if not isinstance(port, int) or not isinstance(grant.get("token"), str):
             raise LLMException(LLMStatusCode.LLM_FAILED, f"{peer.name} granted a lane badly")
-        host = peer.channel.sock.getpeername()[0]
+        try:
+            host = peer.channel.sock.getpeername()[0]
+        except OSError as exc:                  # the link's connection just went
+            raise ChannelClosed(f"the link's connection is gone: {exc}") from None
         deadline = time.monotonic() + timeout_ms / 1000
         try:
             sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
