@@ -37,10 +37,17 @@ class _Pending:
         self.error = None
 
 
-class PayloadReader:
-    """Payload reads shared by the control channel and data lanes (needs
-    ``fd`` and ``io_timeout_ms``)."""
+class FrameStream:
+    """Framing and payload reads shared by the control channel and data
+    lanes (needs ``fd`` and ``io_timeout_ms``)."""
     NO_PIECES = np.empty(0, dtype=np.uint64)
+
+    def _frame(self, msg_type, req_id, header, pieces, prefix):
+        """What ``sgio.send_pieces`` writes for one frame: (addrs, lengths,
+        buffers before them: the encoded header, then ``prefix``)."""
+        addrs, lengths = pieces if pieces is not None else (self.NO_PIECES, self.NO_PIECES)
+        payload = length_total(lengths)[0] + sum(memoryview(b).nbytes for b in prefix)
+        return addrs, lengths, (encode(msg_type, req_id, header, payload),) + tuple(prefix)
 
     def recv_payload(self, addrs, lengths, timeout_ms=None):
         """Receive payload bytes straight into memory."""
@@ -59,7 +66,7 @@ class PayloadReader:
             size -= chunk
 
 
-class Channel(PayloadReader):
+class Channel(FrameStream):
     """``handler(channel, msg_type, req_id, header, payload_len)`` serves
     requests from the peer in the reader thread and must consume exactly
     ``payload_len`` bytes (``recv_payload`` / ``discard``). ``io_timeout_ms``
@@ -101,15 +108,13 @@ class Channel(PayloadReader):
         ``prefix`` (e.g. descriptor columns), then the bytes gathered from
         ``pieces`` (addresses, lengths). The whole frame goes out under one
         lock, in writev calls straight from memory."""
-        addrs, lengths = pieces if pieces is not None else (self.NO_PIECES, self.NO_PIECES)
-        payload = length_total(lengths)[0] + sum(memoryview(b).nbytes for b in prefix)
-        frame = encode(msg_type, req_id, header, payload)
+        addrs, lengths, buffers = self._frame(msg_type, req_id, header, pieces, prefix)
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
         with self._send_lock:
             if self.closed:
                 raise ChannelClosed(self.close_reason)
             try:
-                sgio.send_pieces(self.fd, addrs, lengths, timeout, (frame,) + tuple(prefix))
+                sgio.send_pieces(self.fd, addrs, lengths, timeout, buffers)
             except (OSError, TimeoutError) as exc:
                 # A frame cut in the middle leaves the stream unusable.
                 self.close(f"send failed: {exc}")

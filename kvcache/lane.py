@@ -22,11 +22,10 @@ import socket
 import threading
 import time
 
-from kvcache.channel import ChannelClosed, PayloadReader
-from kvcache.protocol import FRAME, MsgType, ProtocolError, decode_frame, decode_header, encode
+from kvcache.channel import ChannelClosed, FrameStream
+from kvcache.protocol import FRAME, MsgType, ProtocolError, decode_frame, decode_header
 from kvcache.status import LLMException, LLMStatusCode
 from pyverbs_kv import sgio
-from pyverbs_kv.pieces import length_total
 
 log = logging.getLogger("kvcache.lane")
 
@@ -37,7 +36,7 @@ class LaneTimeout(ChannelClosed):
     """The other end did not answer within the deadline."""
 
 
-class Lane(PayloadReader):
+class Lane(FrameStream):
     """One connection, used by one thread at a time. Any thread may
     ``shutdown`` it (waking whoever blocks on it); only its user closes it,
     so the descriptor number is never reused under a running call."""
@@ -52,12 +51,10 @@ class Lane(PayloadReader):
 
     def send(self, msg_type, req_id, header, pieces=None, timeout_ms=None, prefix=()):
         """One frame, as Channel.send, without a lock (one user)."""
-        addrs, lengths = pieces if pieces is not None else (self.NO_PIECES, self.NO_PIECES)
-        payload = length_total(lengths)[0] + sum(memoryview(b).nbytes for b in prefix)
-        frame = encode(msg_type, req_id, header, payload)
+        addrs, lengths, buffers = self._frame(msg_type, req_id, header, pieces, prefix)
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
         try:
-            sgio.send_pieces(self.fd, addrs, lengths, timeout, (frame,) + tuple(prefix))
+            sgio.send_pieces(self.fd, addrs, lengths, timeout, buffers)
         except TimeoutError as exc:
             raise LaneTimeout(f"send: {exc}") from None
         except OSError as exc:

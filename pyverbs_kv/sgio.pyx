@@ -103,13 +103,24 @@ cdef int transfer(int fd, bint sending, const uint64_t *addrs, const uint64_t *l
                 left = 0
 
 
-cdef _check(int rc, str what, uint64_t done, total, int timeout_ms):
-    """Raise for a failed transfer; ``total`` (bytes meant) is an int or an
-    array of lengths, summed only here, on the error path."""
+cdef uint64_t _move(int fd, const uint64_t *addrs, const uint64_t *lens, Py_ssize_t count,
+                    int timeout_ms, bint sending) except? 0:
+    """Move every piece within ``timeout_ms``; returns the byte count, or
+    raises TimeoutError, ConnectionError (EOF) or OSError."""
+    cdef uint64_t done = 0, total = 0
+    cdef double deadline = now_ms() + timeout_ms
+    cdef int rc
+    cdef Py_ssize_t i
+    if count == 0:
+        return 0
+    with nogil:
+        rc = transfer(fd, sending, addrs, lens, count, deadline, &done)
+        if rc != 0:
+            for i in range(count):
+                total += lens[i]
     if rc == 0:
-        return
-    if not isinstance(total, int):
-        total = int(total.sum())          # an array of lengths
+        return done
+    what = "send" if sending else "recv"
     if rc == -1:
         raise TimeoutError(f"{what}: {done} of {total} bytes moved within {timeout_ms} ms")
     if rc == -3:
@@ -137,15 +148,12 @@ cdef uint64_t _stream(int fd, addrs, lengths, int timeout_ms, bint sending,
     if k > MAX_PREFIX:
         raise ValueError(f"at most {MAX_PREFIX} prefix buffers, got {k}")
     if k == 0:
-        return _move_all(fd, a, n, timeout_ms, sending)
+        return _move(fd, data_of(a), data_of(n), count, timeout_ms, sending)
     # The prefix buffers go first, in the same writev calls.
     cdef uint64_t *all_a = <uint64_t *>malloc(2 * (k + count) * sizeof(uint64_t))
     if all_a == NULL:
         raise MemoryError(f"an iovec table of {k + count} pieces")
     cdef uint64_t *all_n = all_a + k + count
-    cdef uint64_t done = 0, total = 0
-    cdef double deadline = now_ms() + timeout_ms
-    cdef int rc
     try:
         for i in range(k):
             PyObject_GetBuffer(prefix[i], &views[i], PyBUF_SIMPLE)
@@ -155,33 +163,11 @@ cdef uint64_t _stream(int fd, addrs, lengths, int timeout_ms, bint sending,
         if count:
             memcpy(all_a + k, data_of(a), count * sizeof(uint64_t))
             memcpy(all_n + k, data_of(n), count * sizeof(uint64_t))
-        with nogil:
-            rc = transfer(fd, sending, all_a, all_n, k + count, deadline, &done)
-            if rc != 0:
-                for i in range(k + count):
-                    total += all_n[i]
-        _check(rc, "send" if sending else "recv", done, total, timeout_ms)
-        return done
+        return _move(fd, all_a, all_n, k + count, timeout_ms, sending)
     finally:
         for i in range(held):
             PyBuffer_Release(&views[i])
         free(all_a)
-
-
-cdef uint64_t _move_all(int fd, cnp.ndarray a, cnp.ndarray n, int timeout_ms,
-                        bint sending) except? 0:
-    cdef const uint64_t *av = data_of(a)
-    cdef const uint64_t *nv = data_of(n)
-    cdef uint64_t done = 0
-    cdef double deadline = now_ms() + timeout_ms
-    cdef int rc
-    cdef Py_ssize_t count = cnp.PyArray_DIM(a, 0)
-    if count == 0:
-        return 0
-    with nogil:
-        rc = transfer(fd, sending, av, nv, count, deadline, &done)
-    _check(rc, "send" if sending else "recv", done, n, timeout_ms)
-    return done
 
 
 def send_pieces(int fd, addrs, lengths, int timeout_ms, tuple prefix=()):
@@ -206,12 +192,7 @@ def recv_exact(int fd, Py_ssize_t size, int timeout_ms):
         return result
     cdef uint64_t addr = <uintptr_t>PyBytes_AS_STRING(result)
     cdef uint64_t length = <uint64_t>size
-    cdef uint64_t done = 0
-    cdef double deadline = now_ms() + timeout_ms
-    cdef int rc
-    with nogil:
-        rc = transfer(fd, False, &addr, &length, 1, deadline, &done)
-    _check(rc, "recv", done, length, timeout_ms)
+    _move(fd, &addr, &length, 1, timeout_ms, False)
     return result
 
 
