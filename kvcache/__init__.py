@@ -6,15 +6,15 @@ Everything but the RDMA transport works where libibverbs is missing:
 ``rdma_status()`` then says why RDMA is off."""
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache import Cache
-from kvcache.engine import Peer, TransferEngine, TransferRequest
-from kvcache.link import LinkState
+from kvcache.engine import LinkState, Peer, TransferEngine, TransferRequest
 from kvcache.llm_datadist import LLMConfig, LLMDataDist
 from kvcache.rdma_support import RdmaStatus, rdma_status
 from kvcache.status import LLMException, LLMStatusCode
+from kvcache.transports.tcp.protocol import MAX_NOTIFY_BYTES
 from kvcache.values import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex,
                             DataType, LLMClusterInfo, LLMRole, Placement)
 
 __all__ = ["BlocksCacheKey", "BufPoolConfig", "BufferPool", "Cache", "CacheDesc", "CacheKey",
            "CacheKeyByIdAndIndex", "DataType", "LLMClusterInfo", "LLMConfig", "LLMDataDist",
-           "LLMException", "LLMRole", "LLMStatusCode", "LinkState", "Peer", "Placement",
+           "LLMException", "LLMRole", "LLMStatusCode", "LinkState", "MAX_NOTIFY_BYTES", "Peer", "Placement",
            "RdmaStatus", "TransferEngine", "TransferRequest", "rdma_status"]

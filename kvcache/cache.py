@@ -20,6 +20,7 @@ class Cache:
         self.region_ids = list(region_ids)     # one per tensor
         self.owned = owned                     # allocated from the pool (vs registered)
         self.keys = list(keys)
+        self.containers = []                   # top-level regions of registered memory
 
     @property
     def per_device_tensor_addrs(self):

@@ -1,27 +1,32 @@
 """CacheManager: LLM-DataDist's cache_manager over the TransferEngine.
 
 Caches are allocated from the buffer pool (registered once) or registered
-from user memory; pull_*/push_* turn (cache layout, block ids, layer range)
-into descriptor arrays and hand them to the engine. The peer's cache is
-looked up by key once per link and remembered. Before a cache's memory is
-freed, every linked peer is told to forget it and finish its transfers on
-the link; on top of that, over TCP every transfer names the cache's region
-id, so the peer refuses a stale description and the call looks it up again."""
+from user memory; each cache is an addressable region of its own (one per
+tensor for registered memory). pull_*/push_* turn (cache layout, block ids,
+layer range) into descriptor arrays and hand them to the engine. A peer's
+cache is looked up by key once per link and remembered; every transfer names
+the region ids the lookup returned, and the owner refuses ids it released
+or renewed, so a remembered lookup is re-validated by every transfer: when
+the owner says the cache is gone, the call looks it up once more.
+Freeing a cache waits for the transfers on it (the engine's region pins);
+moving or removing a key renews the cache's region ids."""
 import itertools
 import logging
 import threading
+import time
+import weakref
 
 import numpy as np
 
 from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
-from kvcache.link import LinkState
+from kvcache.engine.rpc import is_int
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, Placement
 
 TENSOR_ALIGN = 512
-log = logging.getLogger("kvcache.cache")
+log = logging.getLogger(__name__)
 
 
 def _invalid(message):
@@ -68,6 +73,9 @@ def _host_only(desc):
                            "memory)")
 
 
+_LOOKUPS = ("id", "blocks", "key")
+
+
 def _lookup_key(params):
     """How a remembered lookup of the cache named by ``params`` is filed."""
     return tuple(sorted(params.items()))
@@ -94,12 +102,13 @@ class CacheManager:
         self._ids = itertools.count(1)
         self._caches = {}
         self._by_key = {}
+        self._releasing = set()                 # cache ids being freed
+        self._lookups = weakref.WeakKeyDictionary()     # Peer -> {lookup key: RemoteCache}
         # The pool is registered once; each cache in it is a sub-region with
         # an id of its own.
         self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False,
                                                    share=(pool.memory.fd, 0))
-        engine.add_handler("cache.lookup", self._rpc_lookup)
-        engine.add_handler("cache.forget", self._rpc_forget)
+        engine.rpc.serve("cache.lookup", self._rpc_lookup, {"by": lambda v: v in _LOOKUPS})
 
     # --- local caches ----------------------------------------------------------
 
@@ -147,23 +156,32 @@ class CacheManager:
 
     def _register(self, desc, addrs, kind, keys):
         _host_only(desc)
-        addrs = [int(a) for a in addrs]
+        try:
+            addrs = [int(a) for a in addrs]
+        except (TypeError, ValueError):
+            raise _invalid("addrs must be integer addresses, one per tensor") from None
         if len(addrs) != desc.num_tensors:
             raise _invalid(f"{len(addrs)} addresses for {desc.num_tensors} tensors")
-        regions = []
+        # Each tensor: a top-level container (what transports register) and
+        # an addressable region inside it, whose id can be renewed.
+        tops, regions = [], []
         try:
             for addr in addrs:
-                regions.append(self._engine.register_memory(addr, desc.tensor_bytes))
+                tops.append(self._engine.register_memory(addr, desc.tensor_bytes,
+                                                         addressable=False))
+                regions.append(self._engine.register_memory(addr, desc.tensor_bytes,
+                                                            parent=tops[-1]))
         except LLMException:
-            for region in regions:
-                self._engine.unregister_memory(region)
+            for top in tops:
+                self._engine.unregister_memory(top)
             raise
         cache = Cache(next(self._ids), desc, addrs, kind, regions, owned=False, keys=keys)
+        cache.containers = tops
         try:
             return self._add(cache, keys)
         except LLMException:
-            for region in regions:
-                self._engine.unregister_memory(region)
+            for top in tops:
+                self._engine.unregister_memory(top)
             raise
 
     def register_blocks_cache(self, cache_desc, addrs, blocks_cache_key=None):
@@ -182,65 +200,86 @@ class CacheManager:
             raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache {cache_id}")
         return cache
 
-    def _drop(self, cache):
+    def _release(self, cache, regions):
+        """Release ``regions`` of ``cache`` once no transfer uses them, then
+        forget the cache. LLM_LINK_BUSY leaves the cache as it was (a later
+        call can free it); peers cannot look it up meanwhile."""
         with self._lock:
-            if self._caches.pop(cache.cache_id, None) is None:
+            if self._caches.get(cache.cache_id) is not cache:
                 raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                    f"cache {cache.cache_id} is not allocated or registered")
-            for key in cache.keys:
-                self._by_key.pop(key, None)
-        self._announce_gone(cache.cache_id)
+            if cache.cache_id in self._releasing:
+                raise LLMException(LLMStatusCode.LLM_REPEAT_REQUEST,
+                                   f"cache {cache.cache_id} is already being freed")
+            self._releasing.add(cache.cache_id)
+        try:
+            deadline = time.monotonic() + self.release_timeout_ms / 1000
+            for i, region in enumerate(regions):
+                left = max(1, int((deadline - time.monotonic()) * 1000))
+                try:
+                    self._engine.unregister_memory(region, left)
+                except LLMException:
+                    if i:       # some tensors released already: the cache is half gone
+                        log.error("cluster %d: cache %d partly released", self._cluster_id,
+                                  cache.cache_id)
+                    raise
+            with self._lock:
+                del self._caches[cache.cache_id]
+                for key in cache.keys:
+                    self._by_key.pop(key, None)
+        finally:
+            with self._lock:
+                self._releasing.discard(cache.cache_id)
 
-    def _announce_gone(self, cache_id):
-        """Before the memory goes: every linked peer forgets its description
-        of the cache and lets its transfers on the link finish. A peer that
-        does not answer is failing; its link fails without us."""
-        for peer in self._engine.peers():
-            if peer.state != LinkState.LINKED:
-                continue
-            try:
-                self._engine.call(peer, "cache.forget", {"cache_id": cache_id},
-                                  self.sync_timeout_ms)
-            except LLMException as exc:
-                log.warning("cluster %d: %s did not acknowledge freeing cache %d: %s",
-                            self._cluster_id, peer.name, cache_id, exc)
-
-    def _rpc_forget(self, peer, params):
-        cache_id = params.get("cache_id")
-        known = peer.attachments.get("cache.lookup", {})
-        for key in [k for k, remote in known.items() if remote.cache_id == cache_id]:
-            del known[key]
-        # Our transfers on this link may still use the cache's memory.
-        peer.link.wait_idle(self.sync_timeout_ms / 1000)
-        return {}
+    @property
+    def release_timeout_ms(self):
+        """How long freeing a cache waits for the transfers using it."""
+        return max(self.sync_timeout_ms, self._engine.timeout_ms)
 
     def deallocate_cache(self, cache):
-        """Free a pool cache (or unregister a registered one)."""
+        """Free a pool cache (or unregister a registered one) once no transfer,
+        ours or a peer's, uses it. LLM_LINK_BUSY when one still does after
+        the release deadline (max of sync_kv_timeout and link_timeout): the
+        cache is left intact and can be freed later. LLM_KV_CACHE_NOT_EXIST
+        for a cache that is not ours (or already freed)."""
+        if not isinstance(cache, Cache):
+            raise _invalid(f"deallocate_cache takes a Cache, got {type(cache).__name__}")
         if not cache.owned:
             return self.unregister_cache(cache.cache_id)
-        self._drop(cache)
-        self._engine.unregister_memory(cache.region_ids[0])
+        self._release(cache, [cache.region_ids[0]])
         self._pool.free(cache.tensor_addrs[0])     # a pool cache starts at its first tensor
 
     def unregister_cache(self, cache_id):
+        """Stop exposing a registered cache (as llm_datadist's
+        unregister_cache; the memory stays the caller's). Waits for
+        transfers as deallocate_cache does."""
         cache = self.get_cache(cache_id)
         if cache.owned:
             return self.deallocate_cache(cache)
-        self._drop(cache)
-        for region in cache.region_ids:
-            self._engine.unregister_memory(region)
+        self._release(cache, cache.containers)
 
     def remove_cache_key(self, cache_key):
+        """The key no longer names its cache (as llm_datadist's
+        remove_cache_key): the cache's region ids are renewed, so a peer's
+        remembered lookup by that key is refused and looked up again."""
         with self._lock:
             cache_id = self._by_key.pop(cache_key, None)
-            if cache_id is not None:
-                self._caches[cache_id].keys.remove(cache_key)
+            if cache_id is None:
+                return
+            cache = self._caches[cache_id]
+            cache.keys.remove(cache_key)
+            renewed = {}
+            for region in cache.region_ids:
+                if region not in renewed:
+                    renewed[region] = self._engine.renew_region(region)
+            cache.region_ids = [renewed[r] for r in cache.region_ids]
 
     def _rpc_lookup(self, peer, params):
         by = params.get("by")
         with self._lock:
             if by == "id":
-                cache = self._caches.get(params.get("cache_id"))
+                cache_id = params.get("cache_id")
+                cache = self._caches.get(cache_id) if is_int(cache_id) else None
             elif by == "blocks":
                 cache_id = self._by_key.get(BlocksCacheKey(params.get("cluster_id"),
                                                            params.get("model_id", 0)))
@@ -252,10 +291,12 @@ class CacheManager:
                 cache = self._caches.get(cache_id)
             else:
                 raise _invalid(f"unknown lookup {by!r}")
-        if cache is None:
-            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
-                               f"cluster {self._cluster_id} has no cache for {params}")
-        return cache.describe()
+            if cache is not None and cache.cache_id in self._releasing:
+                cache = None
+            if cache is None:
+                raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                   f"cluster {self._cluster_id} has no cache for {params}")
+            return cache.describe()
 
     # --- transfers ---------------------------------------------------------------
 
@@ -268,7 +309,7 @@ class CacheManager:
             raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
                                f"cluster {cluster_id} is not linked")
         params = _key_params(key)
-        known = peer.attachments.setdefault("cache.lookup", {})
+        known = self._lookups.setdefault(peer, {})
         cache_key = _lookup_key(params)
         if not fresh and cache_key in known:
             return peer, known[cache_key]
@@ -282,7 +323,7 @@ class CacheManager:
         return peer, remote
 
     def _forget(self, peer, key):
-        peer.attachments.get("cache.lookup", {}).pop(_lookup_key(_key_params(key)), None)
+        self._lookups.get(peer, {}).pop(_lookup_key(_key_params(key)), None)
 
     def _with_retry(self, plan, cluster_id, remote_key, *args):
         """Run ``plan(remote, *args)`` -> (op, local, remote addrs, lengths,

@@ -23,17 +23,44 @@ def merge_runs(local, remote, lengths, *groups):
     return merged[:3 + len(groups)]
 
 
+def u64_column(values, what):
+    """``values`` as a contiguous uint64 array: integers in 0..2**64-1 only
+    (a float, a string or a bool is refused, not truncated)."""
+    try:
+        if isinstance(values, np.ndarray):
+            array = values
+        else:
+            array = np.asarray(list(values) if not np.isscalar(values) else [values])
+            if array.dtype == object:
+                if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                           for v in array.ravel()):
+                    raise TypeError("not integers")
+                array = np.array([int(v) for v in array.ravel()], dtype=np.uint64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise _invalid(f"{what} must be integers in 0..2**64-1 ({exc})") from None
+    if array.dtype.kind == "i":
+        if array.size and array.min() < 0:
+            raise _invalid(f"{what} must be integers in 0..2**64-1, got {int(array.min())}")
+    elif array.dtype.kind != "u":
+        raise _invalid(f"{what} must be integers in 0..2**64-1, got {array.dtype} values")
+    return np.ascontiguousarray(array, dtype=np.uint64).ravel()
+
+
 def as_descriptor_arrays(local_addrs, remote_addrs, lengths):
-    """Validated uint64 arrays of equal length, and their byte total."""
-    local = np.ascontiguousarray(local_addrs, dtype=np.uint64).ravel()
-    remote = np.ascontiguousarray(remote_addrs, dtype=np.uint64).ravel()
-    length = np.ascontiguousarray(lengths, dtype=np.uint64).ravel()
+    """Validated uint64 arrays of equal length, and their byte total.
+    LLM_PARAM_INVALID for anything but integers, unequal lengths, a zero
+    length or a piece that wraps around the address space."""
+    local = u64_column(local_addrs, "local addresses")
+    remote = u64_column(remote_addrs, "remote addresses")
+    length = u64_column(lengths, "lengths")
     if not (local.size == remote.size == length.size):
         raise _invalid(f"descriptor arrays differ in length: {local.size} local, "
                        f"{remote.size} remote, {length.size} lengths")
     total, zero = pieces.length_total(length)
     if zero >= 0:
         raise _invalid(f"descriptor {zero} has length 0")
+    if local.size and ((local + length < local).any() or (remote + length < remote).any()):
+        raise _invalid("a piece runs past the end of the address space")
     return local, remote, length, total
 
 
@@ -51,9 +78,30 @@ def block_descriptors(local_bases, local_block_bytes, local_ids, remote_bases,
 
 
 def checked_block_ids(ids, limit, side, destination):
-    """Block ids as int64, each in range; a destination's ids must not
-    repeat (two pieces landing on one block)."""
-    ids = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=np.int64).ravel()
+    """Block ids as int64, each an integer (not a float, string or bool) in
+    range; a destination's ids must not repeat (two pieces landing on one
+    block). LLM_PARAM_INVALID naming the first bad id."""
+    try:
+        values = ids if isinstance(ids, np.ndarray) else list(ids)
+    except TypeError:
+        raise _invalid(f"{side} block ids must be a sequence of integers, got "
+                       f"{type(ids).__name__}") from None
+    if isinstance(values, np.ndarray):
+        if values.dtype.kind not in "iu":
+            raise _invalid(f"{side} block ids must be integers, got {values.dtype} values")
+    else:
+        for i, v in enumerate(values):
+            if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
+                raise _invalid(f"{side} block id {v!r} (position {i}) is not an integer")
+            if not -1 <= v < limit:
+                raise _invalid(f"{side} block id {int(v)} out of range 0..{limit - 1}")
+    try:
+        ids = np.asarray(values, dtype=np.int64).ravel()
+    except OverflowError:
+        raise _invalid(f"{side} block id out of range 0..{limit - 1}") from None
+    if isinstance(values, np.ndarray) and values.dtype.kind == "u" and values.size \
+            and values.max() >= limit:
+        raise _invalid(f"{side} block id {int(values.max())} out of range 0..{limit - 1}")
     problem = pieces.check_block_ids(ids, limit, destination)
     if problem is not None:
         i, reason = problem

@@ -6,13 +6,12 @@ import time
 
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache_manager import CacheManager
-from kvcache.engine import TransferEngine, parse_address
-from kvcache.link import LinkState
+from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, parse_address
 from kvcache.rdma_support import rdma_status
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import LLMClusterInfo, LLMRole
 
-log = logging.getLogger("kvcache")
+log = logging.getLogger(__name__)
 
 MAX_CLUSTERS_PER_CALL = 16
 TRANSPORT_CHOICES = ("auto", "tcp", "shm", "rdma")
@@ -67,7 +66,6 @@ def _int_option(options, key, default):
 def choose_transport(requested):
     """(transport name, why). 'auto' prefers RDMA, then same-host shared
     memory, then TCP, among those this build provides."""
-    from kvcache.engine import TRANSPORTS
     if requested not in TRANSPORT_CHOICES:
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                            f"transport must be one of {TRANSPORT_CHOICES}, got {requested!r}")
@@ -118,6 +116,7 @@ class LLMDataDist:
         log.info("cluster %d: transport %s (%s)", self.cluster_id, self.transport,
                  self.transport_reason)
         pool = BufferPool(BufPoolConfig.parse(options.get(OPT_BUF_POOL, "")))
+        self._engine = None
         try:
             self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=listen or None,
                                           cluster_id=self.cluster_id, role=self.role.value,
@@ -130,7 +129,7 @@ class LLMDataDist:
             if self._engine is not None:
                 self._engine.close()
             pool.close()
-            self._engine = None
+            self._engine = self._cache_manager = None
             raise
         self._pool = pool
 
@@ -208,9 +207,13 @@ class LLMDataDist:
         return (LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_UNLINK_FAILED), results
 
     def check_link_status(self, remote_cluster_id):
-        """The LinkState of the link to a cluster (IDLE when there is none)."""
-        peer = self._started().find_peer(remote_cluster_id)
-        return LinkState.IDLE if peer is None else peer.state
+        """The LinkState of the link to a cluster: FAILED when the last one
+        failed (until the next link), IDLE when there is none."""
+        engine = self._started()
+        peer = engine.find_peer(remote_cluster_id)
+        if peer is not None:
+            return peer.state
+        return LinkState.FAILED if engine.links.failure(remote_cluster_id) else LinkState.IDLE
 
     def switch_role(self, role, switch_options=None):
         """Become ``role``. LLM_EXIST_LINK while links remain. With

@@ -357,3 +357,87 @@ def check_block_ids(ids, int64_t limit, bint distinct):
     if bad < 0:
         return None
     return bad, ("range" if reason == 1 else "repeat")
+
+
+# --- the shared-memory pin board -------------------------------------------------
+#
+# A board is an array of slots shared between the process that owns some
+# memory and the processes that copy into it directly (the shared-memory
+# transport). Slot = [live region id, copies in flight], two uint64. A copier
+# enters a slot (in flight += 1), then checks the slot still names the region
+# it expects; the owner withdrawing a region stores 0 as its id, then waits
+# for in flight to reach 0. Both sides use sequentially consistent atomics, so
+# either the copier sees the withdrawal and backs off, or the owner sees the
+# copy and waits for it: no byte lands in memory its owner has released.
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    static inline uint64_t kv_atomic_add(uint64_t *p, uint64_t v) {
+        return __atomic_add_fetch(p, v, __ATOMIC_SEQ_CST);
+    }
+    static inline uint64_t kv_atomic_sub(uint64_t *p, uint64_t v) {
+        return __atomic_sub_fetch(p, v, __ATOMIC_SEQ_CST);
+    }
+    static inline uint64_t kv_atomic_load(uint64_t *p) {
+        return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+    }
+    static inline void kv_atomic_store(uint64_t *p, uint64_t v) {
+        __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+    }
+    """
+    uint64_t kv_atomic_add(uint64_t *p, uint64_t v) nogil
+    uint64_t kv_atomic_sub(uint64_t *p, uint64_t v) nogil
+    uint64_t kv_atomic_load(uint64_t *p) nogil
+    void kv_atomic_store(uint64_t *p, uint64_t v) nogil
+
+
+cdef inline uint64_t *_slot(uint64_t board, Py_ssize_t slot) noexcept nogil:
+    return <uint64_t *><uintptr_t>(board + 16 * <uint64_t>slot)
+
+
+def board_enter(uint64_t board, slots, region_ids):
+    """Enter slots[i] of the board at address ``board`` for region
+    region_ids[i], for every i. Returns -1 when all were entered, else the
+    index of the first slot that no longer names its region (the slots
+    entered before it are left again)."""
+    cdef cnp.ndarray s = as_u64(slots), r = as_u64(region_ids)
+    cdef const uint64_t *sv = data_of(s)
+    cdef const uint64_t *rv = data_of(r)
+    cdef Py_ssize_t count = length_of(s), i, j, bad = -1
+    if length_of(r) != count:
+        raise ValueError("slot and region arrays differ in length")
+    with nogil:
+        for i in range(count):
+            kv_atomic_add(_slot(board, sv[i]) + 1, 1)
+            if kv_atomic_load(_slot(board, sv[i])) != rv[i]:
+                for j in range(i + 1):
+                    kv_atomic_sub(_slot(board, sv[j]) + 1, 1)
+                bad = i
+                break
+    return bad
+
+
+def board_leave(uint64_t board, slots):
+    """Leave every slot entered by ``board_enter``."""
+    cdef cnp.ndarray s = as_u64(slots)
+    cdef const uint64_t *sv = data_of(s)
+    cdef Py_ssize_t count = length_of(s), i
+    with nogil:
+        for i in range(count):
+            kv_atomic_sub(_slot(board, sv[i]) + 1, 1)
+
+
+def board_publish(uint64_t board, Py_ssize_t slot, uint64_t region_id):
+    """Name ``region_id`` (0: none) as the live region of ``slot``."""
+    kv_atomic_store(_slot(board, slot), region_id)
+
+
+def board_in_flight(uint64_t board, Py_ssize_t slot):
+    """Copies in flight in ``slot``."""
+    return kv_atomic_load(_slot(board, slot) + 1)
+
+
+def board_reset(uint64_t board, Py_ssize_t slot):
+    """Forget the copies of ``slot`` (their copier is known dead)."""
+    kv_atomic_store(_slot(board, slot) + 1, 0)

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 
 from kvcache import LLMException, LLMStatusCode
 from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
-from kvcache.link import Link, LinkState
+from kvcache.engine.link import Link, LinkState
 from kvcache.transports.rdma import _split_long
 from pyverbs_kv import pieces
-from kvcache.protocol import (FRAME, MAX_HEADER_BYTES, VERSION, MsgType, ProtocolError,
+from kvcache.transports.tcp.protocol import (FRAME, MAX_HEADER_BYTES, VERSION, MsgType, ProtocolError,
                               check_descriptor_payload, decode_frame, decode_header, encode)
 
 

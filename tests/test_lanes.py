@@ -10,7 +10,7 @@ import time
 import numpy as np
 
 from kvcache import LLMException, LLMStatusCode, TransferEngine
-from kvcache.protocol import FRAME, MsgType, decode_frame, encode
+from kvcache.transports.tcp.protocol import FRAME, MsgType, decode_frame, encode
 
 from test_kv_faults import _hand_made_peer, _recv_all
 
@@ -39,14 +39,14 @@ def test_lane_to_a_listening_peer_and_the_channel_to_one_that_is_not():
         b.transfer_sync(peer_a, "write", [addr_b], [addr_a + 100], [50])
         b.transfer_sync(peer_a, "read", [addr_b + 1000], [addr_a + 2000], [30])
         assert mem_a[100:150].tolist() == [2] * 50 and mem_b[1000:1030].tolist() == [1] * 30
-        pool = peer_a.attachments["tcp.lanes"]
+        pool = peer_a.data.lanes
         assert len(pool.idle) == 1 and not pool.unavailable
-        assert len(peer_b.attachments["lanes.served"]) == 1
+        assert len(peer_b.data.served) == 1
         # a -> b: b does not listen; the control channel carries it.
         a.transfer_sync(peer_b, "write", [addr_a + 300], [addr_b + 300], [40])
         a.transfer_sync(peer_b, "read", [addr_a + 5000], [addr_b + 5000], [20])
         assert mem_b[300:340].tolist() == [1] * 40 and mem_a[5000:5020].tolist() == [2] * 20
-        assert peer_b.attachments["tcp.lanes"].unavailable
+        assert peer_b.data.lanes.unavailable
         assert (mem_a[:100] == 1).all() and (mem_a[150:5000] == 1).all()
 
 
@@ -75,7 +75,7 @@ def test_each_calling_thread_holds_its_own_lane():
         for w in workers:
             w.join(60)
         assert not errors, errors
-        pool = peer.attachments["tcp.lanes"]
+        pool = peer.data.lanes
         assert not pool.busy and 1 <= len(pool.idle) <= threads
 
 
@@ -107,7 +107,7 @@ def test_lanes_are_granted_once_to_live_links_and_check_every_piece():
         with _lane_socket(server, "f" * 32) as s:
             assert _closed_by_server(s)
         liar = _hand_made_peer(server)
-        liar.sendall(encode(MsgType.CALL, 7, {"method": "engine.lane", "params": {}}))
+        liar.sendall(encode(MsgType.CALL, 7, {"method": "tcp.lane", "params": {}}))
         _, reply, _ = _reply(liar)
         grant = reply["result"]
         assert grant["port"] == int(server.address.rsplit(":", 1)[1])
@@ -142,8 +142,8 @@ def test_unlinking_closes_the_lanes_on_both_sides():
         mem_a, mem_b = _registered(a), _registered(b)
         peer = b.connect(a.address)
         b.transfer_sync(peer, "read", [mem_b.ctypes.data], [mem_a.ctypes.data], [8])
-        pool = peer.attachments["tcp.lanes"]
-        served = a.peer("caller").attachments["lanes.served"]
+        pool = peer.data.lanes
+        served = a.peer("caller").data.served
         assert len(served) == 1
         b.disconnect(peer)
         assert pool.closed and not pool.idle

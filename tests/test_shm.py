@@ -40,7 +40,7 @@ def test_shared_pieces_are_copied_through_the_mapping(engines):
     np.testing.assert_array_equal(view(memory).reshape(256, 4096)[order],
                                   src.reshape(256, 4096))
     # The peer's memory was mapped here (not sent over the socket).
-    assert len(peer.attachments["shm"].maps) == 1
+    assert len(peer.data.table) == 1
     back = np.zeros(4096, dtype=np.uint8)
     a.register_memory(back.ctypes.data, back.nbytes)
     a.transfer_sync(peer, "read", [back.ctypes.data], [memory.addr + int(order[3]) * 4096],
@@ -53,7 +53,7 @@ def test_memory_the_peer_cannot_share_goes_over_tcp(engines, caplog):
     private = np.zeros(1000, dtype=np.uint8)
     b.register_memory(private.ctypes.data, private.nbytes)
     peer = a.connect(b.address)
-    with caplog.at_level("DEBUG", logger="kvcache.shm"):
+    with caplog.at_level("DEBUG", logger="kvcache.transports.shm"):
         a.transfer_sync(peer, "write", [src.ctypes.data, src.ctypes.data + 10],
                         [private.ctypes.data, memory.addr], [10, 20])
     np.testing.assert_array_equal(private[:10], src[:10])
@@ -65,9 +65,10 @@ def test_unlink_unmaps_the_peer_memory(engines):
     a, b, memory, src = engines
     peer = a.connect(b.address)
     a.transfer_sync(peer, "write", [src.ctypes.data], [memory.addr], [10])
-    mappings = peer.attachments["shm"]
+    mappings = peer.data
+    assert len(mappings.maps) == 2                  # the pool and its pin board
     a.disconnect(peer)
-    assert mappings.maps == [] and "shm" not in peer.attachments
+    assert mappings.maps == []
 
 
 def test_the_grant_socket_gives_nothing_without_a_token(engines):
@@ -126,12 +127,12 @@ def test_memory_not_sealed_at_its_size_is_not_mapped(engines, caplog):
     plain_addr = np.frombuffer(plain, dtype=np.uint8).ctypes.data
     b.register_memory(plain_addr, 1 << 16, share=(fd, 0))
     peer = a.connect(b.address)
-    with caplog.at_level("DEBUG", logger="kvcache.shm"):
+    with caplog.at_level("DEBUG", logger="kvcache.transports.shm"):
         a.transfer_sync(peer, "write", [src.ctypes.data, src.ctypes.data + 100],
                         [plain_addr, memory.addr], [100, 50])
     assert bytes(plain[:100]) == src[:100].tobytes()
     np.testing.assert_array_equal(view(memory)[:50], src[100:150])
-    assert len(peer.attachments["shm"].maps) == 1           # only the sealed pool
+    assert len(peer.data.table) == 1           # only the sealed pool
     assert any("not a memfd sealed" in r.message for r in caplog.records)
     a.disconnect(peer)
     b.close()

@@ -1,37 +1,88 @@
-"""The transport interface (after Mooncake's Transport): the engine hands a
-transport checked, merged descriptor arrays; the transport moves the bytes.
+"""The transport contract (after Mooncake's Transport): the engine hands a
+transport checked, merged descriptor arrays whose regions it has pinned on
+our side; the transport moves the bytes before a deadline.
 
-Every transport has the engine's control channel to the peer for its own
-set-up messages, and is told of every memory region the engine registers so
-it can prepare it once (an RDMA MR, a shared mapping)."""
+Threads: ``write``/``read`` run in many user threads at once, also on one
+link; ``serve`` runs in a link's channel reader thread; ``accept`` in a
+listener connection thread; region calls in whichever thread registers or
+releases memory; ``attach_peer``/``detach_peer`` once per link, in the
+thread that links or in the thread that noticed the link end."""
 from abc import ABC, abstractmethod
+
+from kvcache.transports.tcp.protocol import ProtocolError
+
+
+class LinkData:
+    """What a transport keeps per link (``peer.data``); closed when the link
+    ends. Transports subclass it."""
+
+    def close(self):
+        """Release what the link holds (default: nothing)."""
 
 
 class Transport(ABC):
     name = "abstract"
+    # One-sided transports (RDMA) move bytes into peer memory without the
+    # peer's CPU: releasing memory needs every peer to drop it first.
+    one_sided = False
+
+    def bind(self, ctx):
+        """Called once by the engine before anything else. ``ctx`` gives the
+        engine's name, io_timeout_ms, regions (the RegionRegistry), call(peer,
+        method, params, timeout_ms), serve(method, handler, schema) for the
+        transport's own control calls, and listen_port()."""
+        self.ctx = ctx
 
     def register_region(self, region_id, addr, length, share=None):
-        """A region was registered with the engine (default: nothing to do).
-        ``share`` is (fd, offset) when the memory can be mapped by another
-        process on this host (the buffer pool's memfd)."""
+        """A top-level region was registered (an RDMA MR, a shareable
+        mapping). ``share`` is (fd, offset) of a memfd holding the memory."""
 
     def unregister_region(self, region_id):
-        """A region was unregistered."""
+        """A top-level region was released (after every pin on it ended)."""
+
+    def publish_region(self, region_id):
+        """An addressable region became reachable by peers."""
+
+    def withdraw_region(self, region_id, deadline):
+        """Stop peers reaching a region; True once nothing of ours reaches it
+        any more, False if that did not happen by ``deadline``
+        (time.monotonic())."""
+        return True
 
     def attach_peer(self, peer, timeout_ms):
-        """The link to ``peer`` is up: set up the data path (default: none)."""
+        """The link to ``peer`` is up: set up the data path. Returns the
+        link's LinkData."""
+        return LinkData()
 
     def detach_peer(self, peer):
-        """The link to ``peer`` is going away."""
+        """The link to ``peer`` ended: release its data path."""
+        if peer.data is not None:
+            peer.data.close()
+
+    def serve(self, channel, msg_type, req_id, header, payload_len):
+        """A data request (WRITE/READ) from ``channel.peer`` on the control
+        channel. Transports without one raise ProtocolError."""
+        raise ProtocolError(f"{msg_type.name} on a {self.name} link")
+
+    def accept(self, stream, msg_type, header):
+        """A connection on the listener whose first frame is not a HELLO
+        (a data lane). Owns ``stream`` from here on."""
+        raise ProtocolError(f"{msg_type.name} is not a first frame")
+
+    def cut(self, peer):
+        """Make sure nothing of ``peer``'s reaches our memory any more (it did
+        not confirm dropping a region). Default: fail the link."""
+        peer.channel.close("did not confirm a released region")
 
     @abstractmethod
-    def write(self, peer, local, remote, lengths, regions, timeout_ms):
-        """Copy local[i] -> remote[i] for every i; ``regions`` are the remote
-        region ids the remote pieces lie in. Raises LLMException."""
+    def write(self, peer, local, remote, lengths, regions, deadline):
+        """Copy local[i] -> remote[i] for every i (uint64 arrays); ``regions``
+        are the remote region ids the pieces lie in. Raises LLMException
+        (LLM_TIMEOUT at ``deadline``, time.monotonic()) or StreamClosed."""
 
     @abstractmethod
-    def read(self, peer, local, remote, lengths, regions, timeout_ms):
+    def read(self, peer, local, remote, lengths, regions, deadline):
         """Copy remote[i] -> local[i] for every i."""
 
     def close(self):
-        """Release what the transport holds."""
+        """Release what the transport holds (its threads joined)."""

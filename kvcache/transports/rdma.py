@@ -19,39 +19,42 @@ KVCACHE_SOCKET_IFNAME (pick the GID on this netdev), KVCACHE_IB_TIMEOUT
 (ACK timeout exponent, default 14), KVCACHE_RELAX_ORDERING (1: register with
 relaxed ordering), KVCACHE_RDMA_QPS (QPs per link)."""
 import logging
-import os
 import random
 import threading
 import time
 
 import numpy as np
 
+from kvcache.config import env_flag, env_int, env_list, env_str
 from kvcache.descriptors import RegionTable
-from kvcache.link import LinkState
+from kvcache.engine.link import LinkState
 from kvcache.status import LLMException, LLMStatusCode
-from kvcache.transports.base import Transport
+from kvcache.transports.base import LinkData, Transport
 
-log = logging.getLogger("kvcache.rdma")
+log = logging.getLogger(__name__)
 
 SEND_QUEUE = 1024
 ATTACH_WAIT_S = 10
 LINK_CHECK_MS = 100        # how often a waiting transfer looks at its link
 
 
-def _env_int(name, default):
-    text = os.environ.get(name, "")
-    try:
-        return int(text) if text else default
-    except ValueError:
-        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                           f"{name}={text!r} is not an integer") from None
+def _is_str(v):
+    return isinstance(v, str)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_list(v):
+    return isinstance(v, list)
 
 
 def _failed(step, exc):
     return LLMException(LLMStatusCode.LLM_LINK_FAILED, f"RDMA {step}: {exc}")
 
 
-class _QPGroup:
+class _QPGroup(LinkData):
     """The QPs of one link, their peer's memory keys, and a lock: one batch
     at a time per link (the batch path tracks each QP's send queue)."""
 
@@ -102,6 +105,7 @@ class RdmaTransport(Transport):
     checks every piece against the peer's memory keys (and the hardware
     enforces the registered bounds)."""
     name = "rdma"
+    one_sided = True
 
     def __init__(self, device_id=0):
         try:
@@ -112,7 +116,7 @@ class RdmaTransport(Transport):
                                f"RDMA transport: pyverbs_kv cannot be loaded: {exc}") from None
         self.pv = pv
         devices = pv.get_device_list()
-        wanted = [d for d in os.environ.get("KVCACHE_RDMA_NICS", "").split(",") if d]
+        wanted = env_list("KVCACHE_RDMA_NICS")
         if wanted:
             missing = [d for d in wanted if d not in devices]
             if missing:
@@ -138,18 +142,18 @@ class RdmaTransport(Transport):
         self.mtu = port["active_mtu"]
         self.max_msg = min(int(port["max_msg_sz"]), 1 << 30)
         try:
-            self.gid_index = _env_int("KVCACHE_RDMA_GID_INDEX", -1)
+            self.gid_index = env_int("KVCACHE_RDMA_GID_INDEX", -1)
             if self.gid_index < 0:
                 self.gid_index = self.ctx.pick_gid(
-                    1, netdev=os.environ.get("KVCACHE_SOCKET_IFNAME") or None)
+                    1, netdev=env_str("KVCACHE_SOCKET_IFNAME") or None)
             self.gid = self.ctx.query_gid(1, self.gid_index)
         except pv.VerbsError as exc:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                f"RDMA transport: GID on {device}: {exc}") from None
-        self.ack_timeout = _env_int("KVCACHE_IB_TIMEOUT", 14)
-        self.num_qps = max(1, _env_int("KVCACHE_RDMA_QPS", 2))
+        self.ack_timeout = env_int("KVCACHE_IB_TIMEOUT", 14)
+        self.num_qps = max(1, env_int("KVCACHE_RDMA_QPS", 2))
         self.access = pv.DEFAULT_ACCESS
-        if os.environ.get("KVCACHE_RELAX_ORDERING") == "1":
+        if env_flag("KVCACHE_RELAX_ORDERING"):
             self.access |= int(IBV_ACCESS_RELAXED_ORDERING)
         self.mrs = {}
         self.local_keys = RegionTable()
@@ -157,10 +161,11 @@ class RdmaTransport(Transport):
         log.info("RDMA transport on %s, GID[%d] %s, %d QPs per link", device, self.gid_index,
                  self.gid, self.num_qps)
 
-    def bind(self, engine):
-        engine.add_handler("rdma.connect", self._rpc_connect)
-        engine.add_handler("rdma.keys", self._rpc_keys)
-        self.engine = engine
+    def bind(self, ctx):
+        super().bind(ctx)
+        ctx.serve("rdma.connect", self._rpc_connect, {"gid": _is_str, "mtu": _is_int,
+                                                      "qps": _is_list, "keys": _is_list})
+        ctx.serve("rdma.keys", self._rpc_keys, {})
 
     # --- memory ----------------------------------------------------------------
 
@@ -208,18 +213,29 @@ class RdmaTransport(Transport):
                 "keys": self._key_list()}
 
     def _connect_group(self, group, remote):
-        if len(remote["qps"]) != len(group.qps):
+        """Our QPs to RTS towards the peer's, and its memory keys. Anything
+        malformed in ``remote`` is LLM_LINK_FAILED naming it."""
+        try:
+            qps = [(int(qpn), int(psn)) for qpn, psn in remote["qps"]]
+            keys = [tuple(int(v) for v in k) for k in remote["keys"]]
+            if not all(len(k) == 4 for k in keys):
+                raise ValueError("a memory key entry is not [id, addr, length, rkey]")
+            gid, peer_mtu = str(remote["gid"]), int(remote["mtu"])
+        except (KeyError, TypeError, ValueError) as exc:
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
-                               f"peer has {len(remote['qps'])} QPs per link, we have "
+                               f"malformed RDMA connection data from the peer: {exc!r}") from None
+        if len(qps) != len(group.qps):
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"peer has {len(qps)} QPs per link, we have "
                                f"{len(group.qps)} (KVCACHE_RDMA_QPS must match)")
-        mtu = min(int(self.mtu), int(remote["mtu"]))
-        for qp, my_psn, (qpn, psn) in zip(group.qps, group.psns, remote["qps"]):
+        mtu = min(int(self.mtu), peer_mtu)
+        for qp, my_psn, (qpn, psn) in zip(group.qps, group.psns, qps):
             try:
-                qp.to_rtr(qpn, psn, remote["gid"], self.gid_index, path_mtu=mtu)
+                qp.to_rtr(qpn, psn, gid, self.gid_index, path_mtu=mtu)
                 qp.to_rts(my_psn, timeout=self.ack_timeout)
             except self.pv.VerbsError as exc:
                 raise _failed(f"bring-up of QP {qp.qp_num:#x} (step {exc.call})", exc)
-        self._set_keys(group, remote["keys"])
+        self._set_keys(group, keys)
 
     def _set_keys(self, group, keys):
         group.remote_keys = RegionTable((k[0], k[1], k[2]) for k in keys)
@@ -228,14 +244,17 @@ class RdmaTransport(Transport):
     def _rpc_connect(self, peer, params):
         """The peer's half of set-up: our QPs to RTS, then answer (the
         ready-ACK: nothing of theirs can reach a QP that is not ready)."""
-        self._close_group(peer.attachments.pop("rdma", None))
-        group = self._new_group()
-        try:
-            self._connect_group(group, params)
-        except LLMException:
-            group.close()
-            raise
-        peer.attachments["rdma"] = group
+        group = self._group(peer)
+        if group.ready.is_set():
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, "RDMA link already set up")
+        with group.lock:
+            fresh = self._new_group()
+            group.qps, group.cqs, group.psns = fresh.qps, fresh.cqs, fresh.psns
+            try:
+                self._connect_group(group, params)
+            except LLMException:
+                group.close()
+                raise
         group.ready.set()
         return self._describe(group)
 
@@ -244,19 +263,19 @@ class RdmaTransport(Transport):
 
     def attach_peer(self, peer, timeout_ms):
         if peer.inbound:
-            return                       # the initiator drives set-up
+            return _QPGroup()            # the initiator drives set-up (rdma.connect)
         group = self._new_group()
         try:
-            remote = self.engine.call(peer, "rdma.connect", self._describe(group), timeout_ms)
+            remote = self.ctx.call(peer, "rdma.connect", self._describe(group), timeout_ms)
             self._connect_group(group, remote)
         except BaseException:
             group.close()
             raise
-        peer.attachments["rdma"] = group
         group.ready.set()
+        return group
 
     def detach_peer(self, peer):
-        self._close_group(peer.attachments.pop("rdma", None))
+        self._close_group(peer.data)
 
     def _close_group(self, group):
         # After the group's transfer (group.lock); never beside another close
@@ -269,13 +288,13 @@ class RdmaTransport(Transport):
     # --- transfers ---------------------------------------------------------------
 
     def _group(self, peer):
-        group = peer.attachments.get("rdma")
+        group = peer.data
         if group is None:
-            # An inbound link whose initiator is still setting up QPs.
+            # An inbound link whose set-up call came before the link was attached.
             end = time.monotonic() + ATTACH_WAIT_S
             while group is None and time.monotonic() < end:
                 time.sleep(0.001)
-                group = peer.attachments.get("rdma")
+                group = peer.data
         if group is None:
             raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
                                f"RDMA queue pairs to {peer.name} are not set up")
@@ -284,15 +303,20 @@ class RdmaTransport(Transport):
     def _remote_keys(self, peer, group, remote, lengths):
         ids, misses = group.remote_keys.locate(remote, lengths)
         if misses:
-            self._set_keys(group, self.engine.call(peer, "rdma.keys", {})["keys"])
+            self._set_keys(group, self.ctx.call(peer, "rdma.keys", {})["keys"])
             ids = group.remote_keys.check(remote, lengths, f"remote ({peer.name}, RDMA)")
         return ids
 
-    def _move(self, op, peer, local, remote, lengths, timeout_ms):
+    def _move(self, op, peer, local, remote, lengths, deadline):
+        timeout_ms = max(1, int((deadline - time.monotonic()) * 1000))
         group = self._group(peer)
+        if not group.ready.wait(timeout_ms / 1000):
+            raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                               f"RDMA queue pairs to {peer.name} are not set up")
         local, remote, lengths = _split_long(local, remote, lengths, self.max_msg)
         local_ids = self.local_keys.check(local, lengths, "local (RDMA)")
         remote_ids = self._remote_keys(peer, group, remote, lengths)
+        failure = None
         with group.lock:
             if not group.qps:
                 raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
@@ -312,13 +336,16 @@ class RdmaTransport(Transport):
                                             rkey, timeout_ms=timeout_ms))
                 self._wait(peer, op, batches, timeout_ms)
             except self.pv.VerbsTimeout as exc:
-                peer.link.fail(f"RDMA {op} timed out: {exc}")
-                raise LLMException(LLMStatusCode.LLM_TIMEOUT,
-                                   f"RDMA {op} to {peer.name}: {exc}") from None
+                failure = LLMException(LLMStatusCode.LLM_TIMEOUT,
+                                       f"RDMA {op} to {peer.name}: {exc}")
             except self.pv.VerbsError as exc:
-                peer.link.fail(f"RDMA {op} failed: {exc}")
-                raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
-                                   f"RDMA {op} to {peer.name} failed: {exc}") from None
+                failure = LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                       f"RDMA {op} to {peer.name} failed: {exc}")
+        if failure is not None:
+            # Closing the link destroys its QPs (outside the group's lock, which
+            # closing takes): work requests still queued can land nothing later.
+            peer.channel.close(str(failure))
+            raise failure
 
     def _wait(self, peer, op, batches, timeout_ms):
         """Wait for every batch, watching the link: when the peer's control
@@ -339,11 +366,16 @@ class RdmaTransport(Transport):
                     if remaining <= LINK_CHECK_MS:
                         raise
 
-    def write(self, peer, local, remote, lengths, regions, timeout_ms):
-        self._move("write", peer, local, remote, lengths, timeout_ms)
+    def write(self, peer, local, remote, lengths, regions, deadline):
+        self._move("write", peer, local, remote, lengths, deadline)
 
-    def read(self, peer, local, remote, lengths, regions, timeout_ms):
-        self._move("read", peer, local, remote, lengths, timeout_ms)
+    def read(self, peer, local, remote, lengths, regions, deadline):
+        self._move("read", peer, local, remote, lengths, deadline)
+
+    def cut(self, peer):
+        """Close the link: its QPs are destroyed, so no RDMA of the peer's
+        reaches our memory any more."""
+        peer.channel.close("did not confirm a released region")
 
     def close(self):
         with self._lock:

@@ -3,14 +3,22 @@
 The buffer pool lives in a memfd. When a link first needs a peer's memory,
 the peer grants it: a control call returns a one-time token and the name of
 its abstract Unix socket; over that socket the peer sends the memfds of its
-shareable regions (SCM_RIGHTS), and we map them. A WRITE or READ is then a
-copy between our memory and the mapping, done by the initiator with the GIL
-released, translating and copying each piece in one C pass
-(pyverbs_kv.pieces.copy_mapped), no per-block Python loop. Pieces in
-peer memory that is not shareable (user memory from register_*) go over TCP
-instead, and the log says so. Only regions the peer granted are mapped, only
-memfds sealed at their size (a file shrunk under a mapping kills us with
-SIGBUS), and unlinking unmaps them."""
+shareable regions and of a pin board made for this link (SCM_RIGHTS), and
+we map them. A WRITE or READ is then a copy between our memory and the
+mapping, done by the initiator with the GIL released, translating and
+copying each piece in one C pass (``pyverbs_kv.pieces.copy_mapped``).
+
+The owner keeps control of its memory through the pin board
+(``pyverbs_kv.pieces.board_*``): one slot per addressable region, naming the
+live region and counting copies in flight. Before copying, the initiator
+enters the slots of the regions its pieces name and checks they still name
+them; the owner releasing a region clears its slot in every board and waits
+for the copies in flight to end. A copy that would pass its deadline stops
+between chunks and fails with LLM_TIMEOUT, so nothing lands later.
+
+Pieces in peer memory that is not shareable (user memory from register_*)
+go over TCP instead. Only memfds sealed at their size are mapped (a file
+shrunk under a mapping kills us with SIGBUS), and unlinking unmaps them."""
 import fcntl
 import json
 import logging
@@ -18,52 +26,84 @@ import mmap
 import os
 import secrets
 import socket
+import struct
 import threading
+import time
 
 import numpy as np
 
 from kvcache.bufpool import SIZE_SEALS
 from kvcache.descriptors import RegionTable
+from kvcache.engine.regions import SLOTS
 from kvcache.status import LLMException, LLMStatusCode
-from kvcache.transports.tcp import TcpTransport
+from kvcache.transports.tcp.transport import TcpLink, TcpTransport
 from pyverbs_kv import pieces
 
-log = logging.getLogger("kvcache.shm")
+log = logging.getLogger(__name__)
 
 GRANT_TIMEOUT_S = 5
 UNMAP_WAIT_S = 60
+BOARD_BYTES = 16 * SLOTS
+CHUNK_BYTES = 64 << 20           # a copy checks its deadline between chunks
+POLL_S = 0.001
 
 
-class _Mappings:
-    """The peer's granted regions as mapped here. Copies run outside the
-    lock, so threads copy at once; unmapping waits for them."""
+class _Board:
+    """A pin board we made for one peer (the owner's side)."""
 
-    def __init__(self):
-        self.maps = []                      # mmap objects, kept to unmap on unlink
+    def __init__(self, published):
+        self.fd = os.memfd_create("kvcache-board", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(self.fd, BOARD_BYTES)
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SIZE_SEALS)
+        self.map = mmap.mmap(self.fd, BOARD_BYTES)
+        self.addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
+        self.peer_pid = None
+        for region_id in published:
+            pieces.board_publish(self.addr, region_id % SLOTS, region_id)
+
+    def busy(self, slot):
+        return pieces.board_in_flight(self.addr, slot)
+
+    def close(self):
+        os.close(self.fd)
+        try:
+            self.map.close()
+        except BufferError:          # a view still exported: the GC releases it
+            pass
+
+
+class ShmLink(TcpLink):
+    """A link's lanes plus the peer's memory as mapped here."""
+
+    def __init__(self, lanes):
+        super().__init__(lanes)
+        self.maps = []
         self.table = RegionTable()
-        # For each row of the table: local address - peer address, mod 2**64.
         self.shift = np.empty(0, dtype=np.uint64)
-        self.lock = threading.Lock()
+        self.board = None                  # the peer's board for us: address
+        self.mapped = False
+        self.map_lock = threading.Lock()
         self.copies = 0
-        self.idle = threading.Condition(self.lock)
+        self.idle = threading.Condition(self.map_lock)
 
     def end_copy(self):
-        with self.lock:
+        with self.map_lock:
             self.copies -= 1
             self.idle.notify_all()
 
     def close(self):
-        """Unmap (the lock held). A copy still running past UNMAP_WAIT_S keeps
-        the mappings alive rather than fault on them."""
-        if not self.idle.wait_for(lambda: self.copies == 0, UNMAP_WAIT_S):
-            log.error("%d shared-memory copies still running after %d s; the peer's "
-                      "memory stays mapped", self.copies, UNMAP_WAIT_S)
-        else:
+        super().close()
+        with self.map_lock:
+            if not self.idle.wait_for(lambda: self.copies == 0, UNMAP_WAIT_S):
+                log.error("%d shared-memory copies still running after %d s; the peer's "
+                          "memory stays mapped", self.copies, UNMAP_WAIT_S)
+                return
             for m in self.maps:
-                m.close()
-        self.maps = []
-        self.table = RegionTable()
-        self.shift = np.empty(0, dtype=np.uint64)
+                try:
+                    m.close()
+                except BufferError:
+                    pass
+            self.maps, self.table, self.board = [], RegionTable(), None
 
 
 class ShmTransport(TcpTransport):
@@ -71,18 +111,26 @@ class ShmTransport(TcpTransport):
     name = "shm"
 
     def __init__(self):
+        super().__init__()
         self._shared = {}                   # region id -> (addr, length, fd, offset)
-        self._grants = {}                   # token -> peer name
-        self._lock = threading.Lock()
+        self._published = set()
+        self._boards = {}                   # peer -> _Board (live links)
+        self._draining = []                 # boards of ended links with copies left
+        self._grants = {}                   # token -> (peer, board)
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.socket_name = f"kvcache-shm-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener.bind("\0" + self.socket_name)
         self._listener.listen(16)
-        threading.Thread(target=self._serve_grants, name="kv-shm-grants", daemon=True).start()
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve_grants, name="kv-shm-grants",
+                                        daemon=True)
+        self._thread.start()
 
-    def bind(self, engine):
-        super().bind(engine)
-        engine.add_handler("shm.grant", self._rpc_grant)
+    def bind(self, ctx):
+        super().bind(ctx)
+        ctx.serve("shm.grant", self._rpc_grant, {})
+
+    # --- the owner's side: regions and boards ------------------------------------------
 
     def register_region(self, region_id, addr, length, share=None):
         if share is not None:
@@ -93,17 +141,66 @@ class ShmTransport(TcpTransport):
         with self._lock:
             self._shared.pop(region_id, None)
 
-    # --- granting (the side that owns the memory) ------------------------------
+    def publish_region(self, region_id):
+        with self._lock:
+            self._published.add(region_id)
+            boards = list(self._boards.values()) + self._draining
+        for board in boards:
+            pieces.board_publish(board.addr, region_id % SLOTS, region_id)
+
+    def withdraw_region(self, region_id, deadline):
+        slot = region_id % SLOTS
+        with self._lock:
+            self._published.discard(region_id)
+            boards = list(self._boards.values()) + self._draining
+        for board in boards:
+            pieces.board_publish(board.addr, slot, 0)
+        while True:
+            for board in boards:
+                if board.busy(slot) and self._copier_dead(board):
+                    pieces.board_reset(board.addr, slot)
+            busy = [b for b in boards if b.busy(slot)]
+            if not busy:
+                self._drop_drained()
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_S)
+
+    def _copier_dead(self, board):
+        """A copier that died mid-copy leaves its count behind; it writes no
+        more."""
+        if board.peer_pid is None or board.peer_pid == os.getpid():
+            return False
+        try:
+            os.kill(board.peer_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _drop_drained(self):
+        with self._lock:
+            draining, self._draining = self._draining, []
+        for board in draining:
+            if self._copier_dead(board) or not any(board.busy(s) for s in range(SLOTS)):
+                board.close()
+            else:
+                with self._lock:
+                    self._draining.append(board)
 
     def _rpc_grant(self, peer, params):
         token = secrets.token_hex(16)
         with self._lock:
-            self._grants[token] = peer.name
-            regions = [[i, a, n] for i, (a, n, _, _) in self._shared.items()]
-        return {"socket": self.socket_name, "token": token, "regions": regions}
+            board = self._boards.get(peer)
+            if board is None:
+                board = self._boards[peer] = _Board(self._published)
+            self._grants[token] = (peer, board)
+        return {"socket": self.socket_name, "token": token}
 
     def _serve_grants(self):
-        while True:
+        while not self._closed:
             try:
                 conn, _ = self._listener.accept()
             except OSError:
@@ -113,100 +210,170 @@ class ShmTransport(TcpTransport):
                     conn.settimeout(GRANT_TIMEOUT_S)
                     token = conn.recv(64).decode(errors="replace")
                     with self._lock:
-                        if self._grants.pop(token, None) is None:
-                            continue                # not a grant we made: drop it
+                        peer, board = self._grants.pop(token, (None, None))
                         shared = list(self._shared.items())
+                    if board is None:
+                        continue                # not a grant we made: drop it
+                    pid = struct.unpack("3i", conn.getsockopt(
+                        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
+                    board.peer_pid = pid
                     header = json.dumps([[i, a, n, off] for i, (a, n, _, off) in shared]).encode()
                     socket.send_fds(conn, [len(header).to_bytes(4, "big") + header],
-                                    [fd for _, (_, _, fd, _) in shared])
+                                    [fd for _, (_, _, fd, _) in shared] + [board.fd])
                 except OSError as exc:
                     log.info("shm grant failed: %s", exc)
 
-    # --- mapping (the side that initiates) -----------------------------------
+    def detach_peer(self, peer):
+        super().detach_peer(peer)
+        with self._lock:
+            board = self._boards.pop(peer, None)
+            self._grants = {t: g for t, g in self._grants.items() if g[0] is not peer}
+        if board is not None:
+            # The peer may still hold the mapping: nothing stays published to
+            # it, and the board is kept while copies of its are in flight.
+            for slot in {i % SLOTS for i in self._published}:
+                pieces.board_publish(board.addr, slot, 0)
+            with self._lock:
+                self._draining.append(board)
+            self._drop_drained()
 
-    def _mappings(self, peer):
-        mappings = peer.attachments.get("shm")
-        if mappings is not None:
-            return mappings
-        mappings = peer.attachments.setdefault("shm", _Mappings())
-        with mappings.lock:
-            if not mappings.maps:
-                self._map_peer(peer, mappings)
-        return mappings
+    # --- the initiator's side: mapping ----------------------------------------------------
 
-    def _map_peer(self, peer, mappings):
-        grant = self.engine.call(peer, "shm.grant", {})
+    def attach_peer(self, peer, timeout_ms):
+        lanes = super().attach_peer(peer, timeout_ms).lanes
+        return ShmLink(lanes)
+
+    def _mapped(self, peer):
+        link = peer.data
+        with link.map_lock:
+            if not link.mapped:
+                link.mapped = True
+                self._map_peer(peer, link)
+        return link
+
+    def _map_peer(self, peer, link):
+        grant = self.ctx.call(peer, "shm.grant", {})
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(GRANT_TIMEOUT_S)
-                conn.connect("\0" + grant["socket"])
-                conn.sendall(grant["token"].encode())
+                conn.connect("\0" + str(grant["socket"]))
+                conn.sendall(str(grant["token"]).encode())
                 data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 64)
-        except OSError as exc:
+        except (OSError, KeyError) as exc:
             log.warning("%s is not reachable over shared memory (%s); using TCP", peer.name, exc)
             return
         try:
             size = int.from_bytes(data[:4], "big")
             regions = _parse_regions(data[4:4 + size])
-            if len(regions) != len(fds):
-                raise ValueError(f"{len(regions)} regions but {len(fds)} descriptors")
+            if len(regions) + 1 != len(fds):
+                raise ValueError(f"{len(regions)} regions and a board but {len(fds)} "
+                                 "descriptors")
+            if not _size_sealed(fds[-1], BOARD_BYTES):
+                raise ValueError("the pin board is not a memfd sealed at its size")
+            board = mmap.mmap(fds[-1], BOARD_BYTES)
+            link.maps.append(board)
             rows, shifts = [], {}
             for (region_id, addr, length, offset), fd in zip(regions, fds):
                 if not _size_sealed(fd, offset + length):
-                    log.warning("%s: region %d of %s is not a memfd sealed at its size; "
-                                "using TCP for it", self.engine.name, region_id, peer.name)
+                    log.warning("region %d of %s is not a memfd sealed at its size; using TCP "
+                                "for it", region_id, peer.name)
                     continue
                 m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                               offset=offset)
-                mappings.maps.append(m)
+                link.maps.append(m)
                 shifts[region_id] = np.frombuffer(m, dtype=np.uint8).ctypes.data - addr
                 rows.append((region_id, addr, length))
-            mappings.table = RegionTable(rows)
-            mappings.shift = np.array([shifts[int(i)] for i in mappings.table.ids],
-                                      dtype=np.int64).view(np.uint64)
-            log.info("%s: mapped %d shared region(s) of %s", self.engine.name, len(rows),
-                     peer.name)
-        except (ValueError, OSError) as exc:
-            mappings.close()                # the lock is held by _mappings
+            link.table = RegionTable(rows)
+            link.shift = np.array([shifts[int(i)] for i in link.table.ids],
+                                  dtype=np.int64).view(np.uint64)
+            link.board = np.frombuffer(board, dtype=np.uint8).ctypes.data
+            log.info("mapped %d shared region(s) of %s", len(rows), peer.name)
+        except (ValueError, OSError, LLMException) as exc:
+            for m in link.maps:
+                m.close()
+            link.maps, link.table, link.board = [], RegionTable(), None
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"mapping {peer.name}'s shared memory: {exc}") from None
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def detach_peer(self, peer):
-        super().detach_peer(peer)
-        mappings = peer.attachments.pop("shm", None)
-        if mappings is not None:
-            with mappings.lock:
-                mappings.close()
+    # --- transfers ----------------------------------------------------------------------------
 
-    # --- transfers ---------------------------------------------------------------
-
-    def _move(self, op, peer, local, remote, lengths, regions, timeout_ms):
-        mappings = self._mappings(peer)
-        with mappings.lock:
-            table, shift = mappings.table, mappings.shift
-            mappings.copies += 1
-        try:
-            missed = pieces.copy_mapped(op == "write", local, remote, lengths, table.starts,
-                                        table.ends, shift)
-        finally:
-            mappings.end_copy()
-        if missed is not None:
+    def _move(self, op, peer, local, remote, lengths, regions, deadline):
+        link = self._mapped(peer)
+        with link.map_lock:
+            if link.board is None:
+                table, shift, board = RegionTable(), link.shift, None
+            else:
+                table, shift, board = link.table, link.shift, link.board
+                link.copies += 1
+        missed = None
+        if board is not None:
+            try:
+                missed = self._copy(op, peer, board, local, remote, lengths, regions, table,
+                                    shift, deadline)
+            finally:
+                link.end_copy()
+        else:
+            missed = np.arange(lengths.size)
+        if missed is not None and missed.size:
             log.debug("%d pieces to %s are not in shared memory: TCP", missed.size, peer.name)
             tcp = TcpTransport.write if op == "write" else TcpTransport.read
             tcp(self, peer, local[missed], remote[missed], lengths[missed], regions[missed],
-                timeout_ms)
+                deadline)
 
-    def write(self, peer, local, remote, lengths, regions, timeout_ms):
-        self._move("write", peer, local, remote, lengths, regions, timeout_ms)
+    def _copy(self, op, peer, board, local, remote, lengths, regions, table, shift, deadline):
+        """Copy in chunks, inside the board slots of the named regions.
+        Returns the indices of pieces not in shared memory (or None)."""
+        ids = np.unique(regions) if regions.size and regions.min() != regions.max() \
+            else regions[:1]
+        slots = ids % np.uint64(SLOTS)
+        bad = pieces.board_enter(board, slots, ids)
+        if bad >= 0:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                               f"{peer.name} released region {int(ids[bad])} (its pin board "
+                               "no longer names it)")
+        try:
+            ends = np.cumsum(lengths)
+            missed, start = [], 0
+            while start < lengths.size:
+                if time.monotonic() >= deadline:
+                    raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                                       f"{op} to {peer.name}: the deadline passed after "
+                                       f"{start} of {lengths.size} pieces")
+                stop = int(np.searchsorted(ends, ends[start] - lengths[start] + CHUNK_BYTES,
+                                           side="right"))
+                stop = max(stop, start + 1)
+                part = slice(start, stop)
+                got = pieces.copy_mapped(op == "write", local[part], remote[part],
+                                         lengths[part], table.starts, table.ends, shift)
+                if got is not None:
+                    missed.append(got + start)
+                start = stop
+        finally:
+            pieces.board_leave(board, slots)
+        return np.concatenate(missed) if missed else None
 
-    def read(self, peer, local, remote, lengths, regions, timeout_ms):
-        self._move("read", peer, local, remote, lengths, regions, timeout_ms)
+    def write(self, peer, local, remote, lengths, regions, deadline):
+        self._move("write", peer, local, remote, lengths, regions, deadline)
+
+    def read(self, peer, local, remote, lengths, regions, deadline):
+        self._move("read", peer, local, remote, lengths, regions, deadline)
 
     def close(self):
+        self._closed = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(5)
         self._listener.close()
+        with self._lock:
+            boards = list(self._boards.values()) + self._draining
+            self._boards, self._draining = {}, []
+        for board in boards:
+            board.close()
 
 
 def _size_sealed(fd, end):

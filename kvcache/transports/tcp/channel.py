@@ -1,30 +1,27 @@
-"""A framed, bidirectional connection between two engines.
+"""The control channel: one framed, bidirectional connection per link.
 
 One reader thread reads every frame: replies wake the caller waiting on
 them (their payload received straight into the caller's memory first);
-requests go to the engine's handler. The reader never sends, so two peers
-streaming to each other cannot deadlock: replies that need sending are
-queued to a responder thread. Callers send their requests directly."""
+requests go to the handler. The reader never sends, so two peers streaming
+to each other cannot deadlock: replies that need sending are queued to a
+responder thread. Callers send their requests directly, under a lock."""
 import itertools
 import logging
 import queue
-import socket
 import threading
 
 import numpy as np
 
-from kvcache.protocol import FRAME, MsgType, ProtocolError, decode_frame, decode_header, encode
 from kvcache.status import LLMException, LLMStatusCode
-from pyverbs_kv import sgio
-from pyverbs_kv.pieces import length_total
+from kvcache.transports.tcp.framing import FrameStream, StreamClosed, StreamTimeout
+from kvcache.transports.tcp.protocol import MsgType, ProtocolError
 
-log = logging.getLogger("kvcache.channel")
+log = logging.getLogger(__name__)
 
-IDLE_POLL_S = 0.5          # how often an idle reader checks for close
+IDLE_POLL_MS = 500          # how often an idle reader checks for close
+JOIN_S = 5
 
-
-class ChannelClosed(Exception):
-    pass
+ChannelClosed = StreamClosed
 
 
 class _Pending:
@@ -37,50 +34,19 @@ class _Pending:
         self.error = None
 
 
-class FrameStream:
-    """Framing and payload reads shared by the control channel and data
-    lanes (needs ``fd`` and ``io_timeout_ms``)."""
-    NO_PIECES = np.empty(0, dtype=np.uint64)
-
-    def _frame(self, msg_type, req_id, header, pieces, prefix):
-        """What ``sgio.send_pieces`` writes for one frame: (addrs, lengths,
-        buffers before them: the encoded header, then ``prefix``)."""
-        addrs, lengths = pieces if pieces is not None else (self.NO_PIECES, self.NO_PIECES)
-        payload = length_total(lengths)[0] + sum(memoryview(b).nbytes for b in prefix)
-        return addrs, lengths, (encode(msg_type, req_id, header, payload),) + tuple(prefix)
-
-    def recv_payload(self, addrs, lengths, timeout_ms=None):
-        """Receive payload bytes straight into memory."""
-        timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
-        try:
-            sgio.recv_pieces(self.fd, addrs, lengths, timeout)
-        except (OSError, TimeoutError, ConnectionError) as exc:
-            raise ChannelClosed(f"payload receive failed: {exc}") from None
-
-    def discard(self, size):
-        """Read and drop ``size`` payload bytes (a rejected request's data)."""
-        scratch = np.empty(min(size, 1 << 20) or 1, dtype=np.uint8)
-        while size:
-            chunk = min(size, scratch.size)
-            self.recv_payload([scratch.ctypes.data], [chunk])
-            size -= chunk
-
-
 class Channel(FrameStream):
     """``handler(channel, msg_type, req_id, header, payload_len)`` serves
     requests from the peer in the reader thread and must consume exactly
-    ``payload_len`` bytes (``recv_payload`` / ``discard``). ``io_timeout_ms``
-    bounds every frame once it has started."""
+    ``payload_len`` bytes (``recv_payload`` / ``discard`` / ``recv_bytes``).
+    ``io_timeout_ms`` bounds every frame once it has started.
+    ``on_close(channel, reason)`` runs once, in whichever thread closed it."""
 
     def __init__(self, sock, name, handler, on_close, io_timeout_ms=30_000):
-        self.sock = sock
+        super().__init__(sock, io_timeout_ms)
         self.name = name
         self.handler = handler
         self.on_close = on_close
-        self.io_timeout_ms = io_timeout_ms
-        sock.settimeout(IDLE_POLL_S)            # non-blocking fd; our waits use poll()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.fd = sock.fileno()
+        self.peer = None
         self._send_lock = threading.RLock()    # close() may run inside send()
         self._pending = {}
         self._pending_lock = threading.Lock()
@@ -104,19 +70,14 @@ class Channel(FrameStream):
     # --- sending ------------------------------------------------------------
 
     def send(self, msg_type, req_id, header, pieces=None, timeout_ms=None, prefix=()):
-        """One frame: header, then the payload: the contiguous buffers in
-        ``prefix`` (e.g. descriptor columns), then the bytes gathered from
-        ``pieces`` (addresses, lengths). The whole frame goes out under one
-        lock, in writev calls straight from memory."""
-        addrs, lengths, buffers = self._frame(msg_type, req_id, header, pieces, prefix)
-        timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
+        """One frame under the send lock. A frame cut in the middle leaves
+        the stream unusable, so a failed send closes the channel."""
         with self._send_lock:
             if self.closed:
                 raise ChannelClosed(self.close_reason)
             try:
-                sgio.send_pieces(self.fd, addrs, lengths, timeout, buffers)
-            except (OSError, TimeoutError) as exc:
-                # A frame cut in the middle leaves the stream unusable.
+                self.send_frame(msg_type, req_id, header, pieces, timeout_ms, prefix)
+            except StreamClosed as exc:
                 self.close(f"send failed: {exc}")
                 raise ChannelClosed(self.close_reason) from None
 
@@ -141,7 +102,6 @@ class Channel(FrameStream):
             raise
         if not pending.event.wait(timeout / 1000):
             self.close(f"no reply to {msg_type.name} within {timeout} ms")
-            self._reader.join(5)
             raise LLMException(LLMStatusCode.LLM_TIMEOUT,
                                f"{msg_type.name} to {self.name}: no reply within {timeout} ms")
         if pending.error is not None:
@@ -155,43 +115,21 @@ class Channel(FrameStream):
 
     # --- receiving (reader thread) ----------------------------------------------
 
-    def _recv_exact(self, size, first_wait_forever=False):
-        buf = bytearray(size)
-        view = memoryview(buf)
-        got = 0
-        while got < size:
-            try:
-                n = self.sock.recv_into(view[got:])
-            except socket.timeout:
-                if self.closed:
-                    raise ChannelClosed(self.close_reason) from None
-                if got == 0 and first_wait_forever:
-                    continue
-                raise ChannelClosed("peer stalled in the middle of a frame") from None
-            except OSError as exc:
-                raise ChannelClosed(f"receive failed: {exc}") from None
-            if n == 0:
-                raise ChannelClosed("peer closed the connection")
-            got += n
-            first_wait_forever = False
-        return bytes(buf)
-
-    def recv_bytes(self, size):
-        return self._recv_exact(size) if size else b""
-
     def _read_loop(self):
         reason = "reader stopped"
         try:
             while not self.closed:
-                raw = self._recv_exact(FRAME.size, first_wait_forever=True)
-                msg_type, req_id, header_len, payload_len = decode_frame(raw)
-                header = decode_header(msg_type, self._recv_exact(header_len))
+                if not self.wait_readable(IDLE_POLL_MS):
+                    continue
+                msg_type, req_id, header, payload_len = self.recv_frame()
                 if msg_type == MsgType.REPLY:
                     self._take_reply(req_id, header, payload_len)
                 else:
                     self.handler(self, msg_type, req_id, header, payload_len)
+        except StreamTimeout as exc:
+            reason = f"peer stalled in the middle of a frame ({exc})"
         except ChannelClosed as exc:
-            reason = str(exc)
+            reason = self.close_reason or str(exc) or "peer closed the connection"
         except ProtocolError as exc:
             reason = f"protocol error from peer: {exc}"
             log.warning("%s: %s", self.name, reason)
@@ -244,22 +182,23 @@ class Channel(FrameStream):
     # --- closing --------------------------------------------------------------
 
     def close(self, reason="closed"):
+        """Close once: fail waiting callers, stop both threads (joined unless
+        called from one of them), release the socket, then ``on_close``."""
         with self._pending_lock:
             if self._closed.is_set():
                 return
             self.close_reason = reason
             self._closed.set()
             pending, self._pending = self._pending, {}
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+        self.shutdown()
         for p in pending.values():
             p.error = reason
             p.event.set()
         self._replies.put(None)
-        if threading.current_thread() is not self._reader and self._reader.is_alive():
-            self._reader.join(5)
+        me = threading.current_thread()
+        for thread in (self._reader, self._responder):
+            if thread is not me and thread.is_alive():
+                thread.join(JOIN_S)
         # Only now, with the reader gone, can the descriptor be released.
         with self._send_lock:
             self.sock.close()

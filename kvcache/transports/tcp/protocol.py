@@ -1,4 +1,4 @@
-"""The control/data protocol between engines over TCP: versioned,
+"""The wire protocol between engines over TCP: versioned,
 length-prefixed frames with a JSON header validated against a schema per
 message type, and a binary payload (descriptor tables, data). Never pickle.
 
@@ -12,12 +12,14 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = b"KVC1"
-VERSION = 3
+VERSION = 4
 FRAME = struct.Struct("!4sHHQIQ")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 40
 MAX_DESCRIPTORS = 1 << 22
 MAX_REGIONS = 1 << 16
+MAX_NOTIFY_BYTES = 4 << 20          # a notification's message, carried as payload
+ADDRESS_SPACE = 1 << 64
 
 # Descriptors as sent to the target, in three little-endian uint64 columns
 # (which region, where, how long): each column is sent straight from, and
@@ -46,14 +48,21 @@ class MsgType(IntEnum):
     READ = 11          # payload: descriptor table; the reply carries the data
     REPLY = 12         # the answer to a request with the same id
     CALL = 20          # a control RPC: {"method", "params"}
+    NOTIFY = 21        # {"name"}; payload: the message bytes (at most MAX_NOTIFY_BYTES)
     BYE = 30           # orderly unlink
 
 
 def _regions(value):
+    """A region table: [[id, addr, length], ...], each region non-empty and
+    inside the 64-bit address space, none overlapping another."""
     if not isinstance(value, list) or len(value) > MAX_REGIONS:
         return False
-    return all(isinstance(r, list) and len(r) == 3 and all(_is_int(v) and v >= 0 for v in r)
-               for r in value)
+    if not all(isinstance(r, list) and len(r) == 3 and all(_is_int(v) for v in r)
+               and 0 < r[0] < ADDRESS_SPACE and 0 < r[1] and 0 < r[2]
+               and r[1] + r[2] <= ADDRESS_SPACE for r in value):
+        return False
+    spans = sorted((r[1], r[1] + r[2]) for r in value)
+    return all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))
 
 
 def _is_int(value):
@@ -75,6 +84,7 @@ SCHEMAS = {
     MsgType.READ: {"count": _INT, "bytes": _INT},
     MsgType.REPLY: {"status": _INT, "message": _STR},
     MsgType.CALL: {"method": _STR, "params": _DICT},
+    MsgType.NOTIFY: {"name": _STR},
     MsgType.BYE: {},
 }
 

@@ -1,0 +1,43 @@
+"""The KVCACHE_* environment, read in one place (at the moment a value is
+needed, so a process may set it before creating an engine).
+
+KVCACHE_RDMA_NICS      comma-separated RDMA devices (default: all); local
+                       device i uses NIC i modulo their count
+KVCACHE_RDMA_GID_INDEX GID index (default: the RoCE v2 IPv4-mapped GID)
+KVCACHE_SOCKET_IFNAME  pick the GID on this netdev
+KVCACHE_IB_TIMEOUT     ACK timeout exponent (default 14)
+KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
+KVCACHE_RDMA_QPS       QPs per link (default 2)
+KVCACHE_DEBUG          1: debug logging for the kvcache loggers"""
+import logging
+import os
+
+from kvcache.status import LLMException, LLMStatusCode
+
+
+def env_str(name, default=""):
+    return os.environ.get(name, "") or default
+
+
+def env_int(name, default):
+    text = os.environ.get(name, "")
+    try:
+        return int(text) if text else default
+    except ValueError:
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                           f"{name}={text!r} is not an integer") from None
+
+
+def env_list(name):
+    return [item for item in os.environ.get(name, "").split(",") if item]
+
+
+def env_flag(name):
+    return os.environ.get(name, "") == "1"
+
+
+def apply_debug():
+    """KVCACHE_DEBUG=1: the kvcache loggers log at DEBUG (a handler is the
+    application's business; none is installed)."""
+    if env_flag("KVCACHE_DEBUG"):
+        logging.getLogger("kvcache").setLevel(logging.DEBUG)

@@ -1,0 +1,390 @@
+"""TransferEngine: the one-sided layer (after HIXL / Mooncake / NIXL), a
+facade over the region registry, the link manager, control calls and the
+transport.
+
+    engine = TransferEngine("prefill-0", listen="127.0.0.1:26000")
+    region = engine.register_memory(addr, length)
+    peer = engine.connect("127.0.0.1:26001", timeout_ms=3000)
+    engine.transfer_sync(peer, "write", local_addrs, remote_addrs, lengths)
+
+Every transfer pins the regions it touches on both sides until it ends;
+every piece is checked against live regions by the side that owns the
+memory before a byte moves; every wait has a deadline; a dead, restarted or
+lying peer fails its own link and nothing else."""
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from kvcache.config import apply_debug
+from kvcache.descriptors import as_descriptor_arrays, merge_runs, u64_column
+from kvcache.engine.links import LinkManager
+from kvcache.engine.regions import RegionRegistry
+from kvcache.engine.requests import Notifications, TransferRequest
+from kvcache.engine.rpc import Rpc, is_int, list_of
+from kvcache.status import LLMException, LLMStatusCode
+from kvcache.transports.tcp.framing import StreamClosed
+from kvcache.transports.tcp.protocol import MAX_NOTIFY_BYTES, MAX_REGIONS
+
+log = logging.getLogger(__name__)
+
+ASYNC_WORKERS = 4
+
+
+def _tcp_transport(device_id):
+    from kvcache.transports.tcp.transport import TcpTransport
+    return TcpTransport()
+
+
+def _shm_transport(device_id):
+    from kvcache.transports.shm import ShmTransport
+    return ShmTransport()
+
+
+def _rdma_transport(device_id):
+    from kvcache.transports.rdma import RdmaTransport
+    return RdmaTransport(device_id)
+
+
+# Transport name -> factory(local device id). RDMA loads pyverbs_kv's verbs
+# only when chosen.
+TRANSPORTS = {"tcp": _tcp_transport, "shm": _shm_transport, "rdma": _rdma_transport}
+
+
+class EngineContext:
+    """What an engine lends its transport (``Transport.bind``)."""
+
+    def __init__(self, name, io_timeout_ms, regions, call, serve, listen_port):
+        self.name = name
+        self.io_timeout_ms = io_timeout_ms
+        self.regions = regions
+        self.call = call
+        self.serve = serve
+        self.listen_port = listen_port
+
+
+class TransferEngine:
+    """``listen``: "ip:port", "[ipv6]:port" or "host:port" to accept links on
+    (port 0 picks one, see ``address``; None: do not listen). ``transport``:
+    "tcp", "shm" or "rdma". ``timeout_ms``: the default deadline of links,
+    control calls, transfers and releases; ``handshake_timeout_ms`` bounds a
+    whole handshake, ``io_timeout_ms`` every frame once it started.
+    Raises LLMException (LLM_PARAM_INVALID, LLM_FEATURE_NOT_ENABLED)."""
+
+    def __init__(self, name=None, *, listen="127.0.0.1:0", cluster_id=0, role="mix",
+                 transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
+                 io_timeout_ms=30_000, device_id=0):
+        apply_debug()
+        if transport not in TRANSPORTS:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"transport {transport!r} not available here; have "
+                               f"{sorted(TRANSPORTS)}")
+        self.name = name or f"engine-{os.getpid()}-{id(self):x}"
+        self.cluster_id = int(cluster_id)
+        self.role = role
+        self.timeout_ms = timeout_ms
+        self.io_timeout_ms = io_timeout_ms
+        self.transport = TRANSPORTS[transport](int(device_id))
+        self.registry = RegionRegistry(self.transport)
+        self.rpc = Rpc()
+        self.notifications = Notifications()
+        self.links = LinkManager(self._identity, self.transport, self.rpc, self.notifications,
+                                 timeout_ms, handshake_timeout_ms, io_timeout_ms)
+        self.rpc.serve("engine.regions", self._rpc_regions, {})
+        self.rpc.serve("engine.revoke", self._rpc_revoke,
+                       {"ids": list_of(is_int, MAX_REGIONS), "timeout_ms": is_int})
+        self.transport.bind(EngineContext(self.name, io_timeout_ms, self.registry,
+                                          self._call, self.rpc.serve, self.links.listen_port))
+        self._pool = None
+        self._pool_lock = threading.Lock()
+        self._closed = False
+        try:
+            if listen:
+                self.links.start_listening(listen)
+        except BaseException:
+            self.close()
+            raise
+
+    def _identity(self):
+        return {"name": self.name, "cluster_id": self.cluster_id, "role": self.role,
+                "regions": [list(r) for r in self.registry.rows()],
+                "transports": [self.transport.name], "listen": self.address or ""}
+
+    # --- listening and links ----------------------------------------------------------
+
+    @property
+    def address(self):
+        """Where we listen ("ip:port", "[ipv6]:port"), or None."""
+        return self.links.address
+
+    def start_listening(self, address):
+        """Accept links at ``address`` ("ip:port", "[ipv6]:port" or
+        "host:port"; port 0 picks one, see ``address``)."""
+        self.links.start_listening(address)
+
+    def stop_listening(self):
+        """Stop accepting links; returns once the port is closed (existing
+        links stay)."""
+        self.links.stop_listening()
+
+    def connect(self, address, timeout_ms=None):
+        """Link to the engine listening at ``address``; returns the Peer once
+        the listener has the link too. LLM_LINK_FAILED / LLM_TIMEOUT / the
+        peer's refusal code."""
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        peer = self.links.connect(address, timeout)
+        # The listener marks the link LINKED once it has read READY; one round
+        # trip makes sure it has, so it can use the link as soon as we return.
+        try:
+            self.refresh_regions(peer, timeout)
+        except LLMException as exc:
+            self.links.disconnect(peer, force=True)
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"{address} did not confirm the link: {exc}") from None
+        return peer
+
+    def disconnect(self, peer, force=False, timeout_ms=None):
+        """Unlink: tell the peer (when the link is healthy), close, forget.
+        LLM_LINK_BUSY while transfers run, unless ``force``, which aborts
+        them (they fail with LLM_LINK_FAILED)."""
+        self.links.disconnect(self.peer(peer), force, timeout_ms)
+
+    def peers(self):
+        """Live links (a link that ended leaves the table)."""
+        return self.links.peers()
+
+    def peer(self, name_or_peer):
+        """The Peer by name (or the Peer itself); LLM_NOT_YET_LINK if unknown."""
+        return self.links.peer(name_or_peer)
+
+    def find_peer(self, cluster_id):
+        """The most recent Peer of a cluster id, or None."""
+        return self.links.find_peer(cluster_id)
+
+    # --- memory ------------------------------------------------------------------------
+
+    def register_memory(self, addr, length, *, parent=None, addressable=True, share=None):
+        """Make [addr, addr + length) reachable by peers; returns its region id.
+
+        ``parent``: a logical sub-region of a registered region (a cache
+        inside the buffer pool): it gets its own id, so a peer holding a
+        stale description of a freed cache is refused, while the transport
+        keeps using the parent's registration. ``addressable=False``: a
+        container that only its sub-regions expose. ``share``: (fd, offset)
+        of a memfd holding this memory that a peer on this host may map (the
+        shared-memory transport). Addressable regions never overlap."""
+        return self.registry.register(addr, length, parent, addressable, share)
+
+    def unregister_memory(self, region_id, timeout_ms=None):
+        """Withdraw a region (and its sub-regions) once no transfer, ours or
+        a peer's, uses it. LLM_LINK_BUSY when one still does after
+        ``timeout_ms`` (default: the engine's): the region then stays
+        registered and can be released later."""
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        revoke = self._revoke if self.transport.one_sided else None
+        self.registry.release(region_id, time.monotonic() + timeout / 1000, revoke)
+
+    def renew_region(self, region_id):
+        """A new id for an addressable region (its cache key moved): peers
+        naming the old id are refused and look it up again. Returns the id."""
+        new_id = self.registry.renew(region_id)
+        if self.transport.one_sided:
+            self._revoke([region_id], time.monotonic() + self.timeout_ms / 1000)
+        return new_id
+
+    def regions(self):
+        """[(region_id, addr, length)] of our addressable memory."""
+        return self.registry.rows()
+
+    def _revoke(self, ids, deadline):
+        """Every linked peer drops ``ids`` and finishes its transfers on them;
+        a peer that does not confirm in time is cut off."""
+        for peer in self.peers():
+            if not peer.linked:
+                continue
+            left = max(1, int((deadline - time.monotonic()) * 1000))
+            try:
+                self._call(peer, "engine.revoke", {"ids": ids, "timeout_ms": left}, left)
+            except LLMException as exc:
+                log.warning("%s did not confirm releasing regions %s (%s): cutting it off",
+                            peer.name, ids, exc)
+                self.transport.cut(peer)
+        return True
+
+    # --- control calls -----------------------------------------------------------------
+
+    def add_handler(self, method, handler):
+        """Serve control calls ``method`` (not a reserved name, see
+        kvcache.engine.rpc): handler(peer, params dict) -> dict."""
+        self.rpc.serve(method, handler, reserved=False)
+
+    def call(self, peer, method, params, timeout_ms=None):
+        """A control call to the peer's handler; returns its result dict.
+        Not a transfer: it touches no registered memory, so a peer waiting
+        for our transfers to finish (freeing a cache) does not wait for it."""
+        return self._call(self.peer(peer), method, params, timeout_ms)
+
+    def _call(self, peer, method, params, timeout_ms=None):
+        if not isinstance(params, dict):
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, "params must be a dict")
+        return self.links.call(peer, method, params, timeout_ms)
+
+    def _rpc_regions(self, peer, params):
+        return {"regions": [list(r) for r in self.registry.rows()]}
+
+    def _rpc_revoke(self, peer, params):
+        if not peer.revoke(params["ids"], params["timeout_ms"] / 1000):
+            raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
+                               f"transfers on regions {params['ids']} still running")
+        return {}
+
+    def refresh_regions(self, peer, timeout_ms=None):
+        """Fetch the peer's current memory table."""
+        peer = self.peer(peer)
+        peer.set_regions(self._call(peer, "engine.regions", {}, timeout_ms)["regions"])
+
+    # --- transfers -----------------------------------------------------------------------
+
+    def transfer_sync(self, peer, op, local_addrs, remote_addrs, lengths, timeout_ms=None,
+                      remote_regions=None):
+        """Copy between our registered memory and the peer's: ``op`` 'write'
+        (local -> remote) or 'read' (remote -> local), piece i being
+        lengths[i] bytes at local_addrs[i] / remote_addrs[i] (integer
+        arrays of equal length). Returns the bytes moved.
+        ``remote_regions``: the peer's region id of every piece, as the
+        caller looked it up; the peer refuses pieces outside it, or whose
+        region it released (LLM_KV_CACHE_NOT_EXIST). Fails with
+        LLM_PARAM_INVALID (bad input; nothing moved, the link unharmed),
+        LLM_TIMEOUT (the deadline passed; the link is closed so nothing lands
+        later), LLM_LINK_FAILED (the connection broke)."""
+        if op not in ("write", "read"):
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"op must be 'write' or 'read', got {op!r}")
+        peer = self.peer(peer)
+        local, remote, lengths, total = as_descriptor_arrays(local_addrs, remote_addrs,
+                                                             lengths)
+        named = None
+        if remote_regions is not None:
+            named = u64_column(remote_regions, "remote_regions")
+            if named.size != local.size:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   "remote_regions must name one region per piece")
+        if local.size == 0:
+            return 0
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        deadline = time.monotonic() + timeout / 1000
+        peer.link.begin_transfer()
+        local_pins = remote_pins = None
+        try:
+            local_ids, local_pins = self.registry.pin_local(local, lengths)
+            remote_ids, remote_pins = self._pin_remote(peer, remote, lengths, named, timeout)
+            local, remote, lengths, _, remote_ids = merge_runs(local, remote, lengths,
+                                                               local_ids, remote_ids)
+            move = self.transport.write if op == "write" else self.transport.read
+            move(peer, local, remote, lengths, remote_ids, deadline)
+        except StreamClosed as exc:
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"{op} to {peer.name}: link failed: {exc}") from None
+        except LLMException:
+            raise
+        except Exception as exc:
+            log.exception("%s to %s failed", op, peer.name)
+            raise LLMException(LLMStatusCode.LLM_FAILED,
+                               f"{op} to {peer.name} failed: {exc!r}") from None
+        finally:
+            if local_pins is not None:
+                self.registry.unpin(local_pins)
+            if remote_pins is not None:
+                peer.unpin_remote(remote_pins)
+            peer.link.end_transfer()
+        return total
+
+    def _pin_remote(self, peer, remote, lengths, named, timeout_ms):
+        one_sided = self.transport.one_sided
+        pinned = peer.pin_remote(remote, lengths, named, require_known=one_sided)
+        if pinned is None:
+            self.refresh_regions(peer, timeout_ms)
+            pinned = peer.pin_remote(remote, lengths, named, require_known=one_sided)
+        if pinned is not None:
+            return pinned
+        if named is not None:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                               f"{peer.name} no longer has the regions the pieces name")
+        peer.regions.check(remote, lengths, f"remote ({peer.name})")   # names the piece
+        raise AssertionError("unreachable")
+
+    def transfer_async(self, peer, op, local_addrs, remote_addrs, lengths, timeout_ms=None):
+        """transfer_sync on a worker thread; returns a TransferRequest. Bad
+        arrays are refused here (LLM_PARAM_INVALID)."""
+        local, remote, lengths, _ = as_descriptor_arrays(local_addrs, remote_addrs, lengths)
+        with self._pool_lock:
+            if self._closed:
+                raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED, "engine closed")
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=ASYNC_WORKERS,
+                                                thread_name_prefix="kv-async")
+            future = self._pool.submit(self.transfer_sync, peer, op, local.copy(),
+                                       remote.copy(), lengths.copy(), timeout_ms)
+        return TransferRequest(future)
+
+    # Mooncake-style spellings.
+    def transfer_sync_write(self, peer, local_addr, remote_addr, length):
+        return self.transfer_sync(peer, "write", [local_addr], [remote_addr], [length])
+
+    def transfer_sync_read(self, peer, local_addr, remote_addr, length):
+        return self.transfer_sync(peer, "read", [local_addr], [remote_addr], [length])
+
+    def batch_transfer_sync_write(self, peer, local_addrs, remote_addrs, lengths):
+        return self.transfer_sync(peer, "write", local_addrs, remote_addrs, lengths)
+
+    def batch_transfer_sync_read(self, peer, local_addrs, remote_addrs, lengths):
+        return self.transfer_sync(peer, "read", local_addrs, remote_addrs, lengths)
+
+    # --- notifications -------------------------------------------------------------------
+
+    def notify(self, peer, name, message=b"", timeout_ms=None):
+        """Deliver (name, message bytes) to the peer; returns once it has it.
+        ``message``: bytes-like, at most MAX_NOTIFY_BYTES (4 MiB); ``name``:
+        a string of at most 4096 characters. Send it after the transfer it
+        announces has completed."""
+        if not isinstance(name, str) or len(name) > 4096:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               "notification name must be a string of at most 4096 characters")
+        try:
+            body = memoryview(message)
+        except TypeError:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"notification message must be bytes-like, got "
+                               f"{type(message).__name__}") from None
+        if body.nbytes > MAX_NOTIFY_BYTES:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"notification message of {body.nbytes} bytes exceeds "
+                               f"MAX_NOTIFY_BYTES ({MAX_NOTIFY_BYTES})")
+        self.links.notify(self.peer(peer), name, body, timeout_ms)
+
+    def get_notifications(self):
+        """[(peer name, name, message bytes)] received since the last call."""
+        return self.notifications.take()
+
+    # --- shutdown ------------------------------------------------------------------------
+
+    def close(self):
+        """Stop listening, unlink every peer (forced), stop the workers and
+        the transport; every thread it started is joined. Idempotent."""
+        with self._pool_lock:
+            if self._closed:
+                return
+            self._closed = True
+            pool = self._pool
+        self.links.close()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self.transport.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+

@@ -1,0 +1,424 @@
+"""Links: the listener, the handshake, admission, the peer table, control
+calls and teardown.
+
+Handshake (initiator -> listener): HELLO (who we are, our regions) ->
+HELLO_ACK (accepted or why not, the listener's regions) -> READY; all three
+within one deadline. A connection whose first frame is not a HELLO is handed
+to the transport (data lanes). A link whose connection ends leaves the peer
+table: an orderly unlink goes to IDLE, anything else to FAILED, remembered
+(bounded) for status queries."""
+import collections
+import logging
+import socket
+import threading
+import time
+
+from kvcache.engine.address import format_address, listen_socket, parse_address
+from kvcache.engine.link import LinkState
+from kvcache.engine.peer import Peer
+from kvcache.status import LLMException, LLMStatusCode
+from kvcache.transports.tcp.channel import Channel, ChannelClosed
+from kvcache.transports.tcp.framing import FrameStream, StreamClosed, StreamTimeout
+from kvcache.transports.tcp.protocol import MAX_NOTIFY_BYTES, MsgType, ProtocolError
+
+log = logging.getLogger(__name__)
+
+JOIN_S = 5
+KEPT_FAILURES = 256
+
+
+def _roles_compatible(a, b):
+    return a == "mix" or b == "mix" or a != b
+
+
+def _left_ms(deadline):
+    left = int((deadline - time.monotonic()) * 1000)
+    if left <= 0:
+        raise StreamTimeout("the handshake deadline passed")
+    return left
+
+
+class Listener:
+    """A listening socket and its accept thread; ``close`` shuts the socket
+    down (waking accept), joins the thread and the connection threads it
+    started, so the port is free when it returns."""
+
+    def __init__(self, address, on_connection):
+        host, port = parse_address(address)
+        self.sock = listen_socket(host, port)
+        self.address = format_address(host, self.sock.getsockname()[1])
+        self.port = self.sock.getsockname()[1]
+        self._on_connection = on_connection
+        self._threads = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._accept_loop, name="kv-accept",
+                                        daemon=True)
+        self._thread.start()
+
+    def _accept_loop(self):
+        while not self._closed:
+            try:
+                sock, addr = self.sock.accept()
+            except OSError as exc:
+                if self._closed:
+                    return
+                # EMFILE and friends: the listener must outlive a burst.
+                log.warning("accept on %s failed: %s", self.address, exc)
+                time.sleep(0.05)
+                continue
+            thread = threading.Thread(target=self._run, args=(sock, addr), daemon=True,
+                                      name="kv-connection")
+            with self._lock:
+                if self._closed:
+                    sock.close()
+                    return
+                self._threads.add(thread)
+            thread.start()
+
+    def _run(self, sock, addr):
+        try:
+            self._on_connection(sock, addr)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def close(self):
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            threads = list(self._threads)
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._thread.join(JOIN_S)
+        self.sock.close()
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join(JOIN_S)
+
+
+class LinkManager:
+    """Owns the listener, every Peer and its channel. ``identity()`` gives
+    our HELLO fields; ``rpc``, ``notifications`` and ``transport`` serve
+    what peers send."""
+
+    def __init__(self, identity, transport, rpc, notifications, timeout_ms,
+                 handshake_timeout_ms, io_timeout_ms):
+        self.identity = identity
+        self.transport = transport
+        self.rpc = rpc
+        self.notifications = notifications
+        self.timeout_ms = timeout_ms
+        self.handshake_timeout_ms = handshake_timeout_ms
+        self.io_timeout_ms = io_timeout_ms
+        self._lock = threading.RLock()
+        self._peers = {}
+        self._failures = collections.OrderedDict()     # cluster id -> reason
+        self.listener = None
+        self.closed = False
+
+    # --- listening ------------------------------------------------------------------
+
+    def start_listening(self, address):
+        if self.listener is not None:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"already listening on {self.listener.address}")
+        self.listener = Listener(address, self._handshake)
+
+    def stop_listening(self):
+        listener, self.listener = self.listener, None
+        if listener is not None:
+            listener.close()
+
+    @property
+    def address(self):
+        return self.listener.address if self.listener is not None else None
+
+    def listen_port(self):
+        listener = self.listener
+        return listener.port if listener is not None else 0
+
+    # --- the handshake ----------------------------------------------------------------
+
+    def connect(self, address, timeout_ms):
+        """The initiator's side: returns the LINKED Peer."""
+        host, port = parse_address(address)
+        deadline = time.monotonic() + timeout_ms / 1000
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout_ms / 1000)
+        except socket.timeout:
+            raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                               f"connect to {address}: no answer within {timeout_ms} ms") from None
+        except OSError as exc:
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"connect to {address}: {exc}") from None
+        stream = FrameStream(sock, self.io_timeout_ms)
+        try:
+            stream.send_frame(MsgType.HELLO, 0, self.identity(), timeout_ms=_left_ms(deadline))
+            msg_type, _, ack, payload_len = stream.recv_frame(_left_ms(deadline))
+            if msg_type != MsgType.HELLO_ACK or payload_len:
+                raise ProtocolError(f"expected HELLO_ACK, got {msg_type.name}")
+            if ack["status"] != LLMStatusCode.LLM_SUCCESS:
+                raise LLMException(_status(ack["status"]),
+                                   f"{address} refused the link: {ack['message']}")
+            if ack["transport"] != self.transport.name:
+                raise ProtocolError(f"peer chose transport {ack['transport']!r}")
+            with self._lock:
+                old = self._peers.get(ack["name"])
+                if old is not None and old.linked:
+                    raise LLMException(LLMStatusCode.LLM_ALREADY_LINK,
+                                       f"already linked to {ack['name']}")
+            stream.send_frame(MsgType.READY, 0, {}, timeout_ms=_left_ms(deadline))
+        except StreamTimeout:
+            stream.close()
+            raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                               f"handshake with {address} took over {timeout_ms} ms") from None
+        except (StreamClosed, ProtocolError) as exc:
+            stream.close()
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"handshake with {address}: {exc}") from None
+        except LLMException:
+            stream.close()
+            raise
+        return self._add_peer(sock, ack, inbound=False, deadline=deadline)
+
+    def _handshake(self, sock, addr):
+        """The listener's side, in a connection thread. Anything but a
+        well-formed HELLO (or a first frame the transport takes) drops the
+        connection."""
+        deadline = time.monotonic() + self.handshake_timeout_ms / 1000
+        stream = None
+        try:
+            stream = FrameStream(sock, self.io_timeout_ms)
+            msg_type, _, hello, payload_len = stream.recv_frame(_left_ms(deadline))
+            if payload_len:
+                raise ProtocolError(f"{msg_type.name} with a payload as first frame")
+            if msg_type != MsgType.HELLO:
+                self.transport.accept(stream, msg_type, hello)
+                return
+            status, message = self._admit(hello)
+            ack = dict(self.identity(), status=int(status), message=message,
+                       transport=self.transport.name)
+            del ack["transports"], ack["listen"]
+            stream.send_frame(MsgType.HELLO_ACK, 0, ack, timeout_ms=_left_ms(deadline))
+            if status != LLMStatusCode.LLM_SUCCESS:
+                stream.close()
+                return
+            msg_type, _, _, payload_len = stream.recv_frame(_left_ms(deadline))
+            if msg_type != MsgType.READY or payload_len:
+                raise ProtocolError(f"expected READY, got {msg_type.name}")
+            self._add_peer(sock, hello, inbound=True, deadline=deadline)
+        except (StreamClosed, ProtocolError, LLMException, OSError) as exc:
+            log.info("dropped connection from %s: %s", addr, exc)
+            (stream or sock).close()
+        except Exception:                  # a bug must not leave the socket open
+            log.exception("dropped connection from %s", addr)
+            (stream or sock).close()
+
+    def _admit(self, hello):
+        if self.closed:
+            return LLMStatusCode.LLM_ENGINE_FINALIZED, "engine finalized"
+        me = self.identity()
+        if hello["name"] == me["name"]:
+            return LLMStatusCode.LLM_PARAM_INVALID, "peer uses this engine's own name"
+        if self.transport.name not in hello["transports"]:
+            return (LLMStatusCode.LLM_PARAM_INVALID,
+                    f"no common transport (we have {self.transport.name}, peer "
+                    f"{hello['transports']})")
+        if not _roles_compatible(me["role"], hello["role"]):
+            return (LLMStatusCode.LLM_PARAM_INVALID,
+                    f"role {hello['role']} cannot link to role {me['role']}")
+        with self._lock:
+            for peer in self._peers.values():
+                if not peer.linked:
+                    continue
+                if peer.name == hello["name"]:
+                    return LLMStatusCode.LLM_ALREADY_LINK, f"{peer.name} is already linked"
+                if hello["cluster_id"] and peer.cluster_id == hello["cluster_id"]:
+                    return (LLMStatusCode.LLM_ALREADY_LINK,
+                            f"cluster {peer.cluster_id} is already linked as {peer.name}")
+        return LLMStatusCode.LLM_SUCCESS, ""
+
+    def _add_peer(self, sock, info, inbound, deadline):
+        """Make the link live: peer table, channel, the transport's data path.
+        Any failure on the way fails this link (with a status) and nothing
+        else."""
+        peer = Peer(info["name"], info["cluster_id"], info["role"], info["regions"], inbound)
+        peer.channel = Channel(sock, peer.name, self._serve, self._channel_closed,
+                               self.io_timeout_ms)
+        peer.channel.peer = peer
+        peer.link.transition(LinkState.CONNECTING)
+        with self._lock:
+            old = self._peers.get(peer.name)
+            self._peers[peer.name] = peer
+        if old is not None:
+            old.channel.close("replaced by a new link from the same peer")
+        peer.link.transition(LinkState.LINKED)
+        with self._lock:
+            self._failures.pop(peer.cluster_id, None)
+        peer.channel.start()
+        try:
+            # The data path may need the control channel (RDMA QP exchange).
+            peer.data = self.transport.attach_peer(
+                peer, max(1, int((deadline - time.monotonic()) * 1000)))
+        except Exception as exc:
+            code = getattr(exc, "status_code", LLMStatusCode.LLM_LINK_FAILED)
+            peer.channel.close(f"data path set-up failed: {exc}")
+            raise LLMException(code, f"data path to {peer.name}: {exc}") from None
+        log.info("linked to %s (%s)", peer.name, "inbound" if inbound else "outbound")
+        return peer
+
+    # --- serving the peer (reader thread) ---------------------------------------------
+
+    def _serve(self, channel, msg_type, req_id, header, payload_len):
+        peer = channel.peer
+        if msg_type == MsgType.CALL:
+            if payload_len:
+                raise ProtocolError("CALL with a payload")
+            channel.reply_later(req_id, lambda: self._run_call(peer, header))
+        elif msg_type == MsgType.NOTIFY:
+            if payload_len > MAX_NOTIFY_BYTES:
+                raise ProtocolError(f"a {payload_len}-byte notification (at most "
+                                    f"{MAX_NOTIFY_BYTES})")
+            self.notifications.add(peer.name, header["name"], channel.recv_bytes(payload_len))
+            channel.reply_later(req_id, lambda: ({"status": 0, "message": ""}, None))
+        elif msg_type == MsgType.BYE:
+            peer.closing_by_peer = True
+            if peer.link.state == LinkState.LINKED:
+                peer.link.transition(LinkState.UNLINKING)
+            channel.reply_later(req_id, lambda: ({"status": 0, "message": ""}, None))
+        else:
+            self.transport.serve(channel, msg_type, req_id, header, payload_len)
+
+    def _run_call(self, peer, header):
+        result = self.rpc.dispatch(peer, header["method"], header["params"])
+        return {"status": 0, "message": "", "result": result}, None
+
+    # --- calls -----------------------------------------------------------------------
+
+    def call(self, peer, method, params, timeout_ms=None):
+        """A control call to the peer's handler; returns its result dict."""
+        peer.link.require_linked()
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        try:
+            reply = peer.channel.call(MsgType.CALL, {"method": method, "params": params},
+                                      timeout_ms=timeout)
+        except ChannelClosed as exc:
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"link to {peer.name} failed: {exc}") from None
+        except ProtocolError as exc:          # our own request does not fit a frame
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"call {method!r}: {exc}") from None
+        if reply["status"] != LLMStatusCode.LLM_SUCCESS:
+            raise LLMException(_status(reply["status"]), reply["message"])
+        result = reply.get("result")
+        if not isinstance(result, dict):
+            raise LLMException(LLMStatusCode.LLM_FAILED, f"{peer.name} sent a malformed reply")
+        return result
+
+    def notify(self, peer, name, message, timeout_ms=None):
+        peer.link.require_linked()
+        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        buffer = memoryview(message).cast("B")
+        try:
+            reply = peer.channel.call(MsgType.NOTIFY, {"name": name}, timeout_ms=timeout,
+                                      prefix=(buffer,) if buffer.nbytes else ())
+        except ChannelClosed as exc:
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"link to {peer.name} failed: {exc}") from None
+        if reply["status"] != LLMStatusCode.LLM_SUCCESS:
+            raise LLMException(_status(reply["status"]), reply["message"])
+
+    # --- the peer table ----------------------------------------------------------------
+
+    def peers(self):
+        with self._lock:
+            return list(self._peers.values())
+
+    def peer(self, name_or_peer):
+        if isinstance(name_or_peer, Peer):
+            return name_or_peer
+        with self._lock:
+            peer = self._peers.get(name_or_peer)
+        if peer is None:
+            raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK, f"no link to {name_or_peer!r}")
+        return peer
+
+    def find_peer(self, cluster_id):
+        """The most recent live Peer of a cluster id, or None."""
+        with self._lock:
+            found = [p for p in self._peers.values() if p.cluster_id == cluster_id]
+        linked = [p for p in found if p.state == LinkState.LINKED]
+        return (linked or found or [None])[-1]
+
+    def failure(self, cluster_id):
+        """Why the last link to ``cluster_id`` failed, if it did and no link
+        to it has been made since; else None."""
+        with self._lock:
+            return self._failures.get(cluster_id)
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def disconnect(self, peer, force=False, timeout_ms=None):
+        """Unlink: tell the peer (when the link is healthy), close, forget.
+        LLM_LINK_BUSY while transfers run, unless ``force``, which aborts them."""
+        tell = peer.link.begin_unlink(force)
+        if peer.link.in_flight:
+            tell = False              # forced while busy: the peer sees the connection drop
+        if tell:
+            try:
+                peer.channel.call(MsgType.BYE, {}, timeout_ms=timeout_ms or self.timeout_ms)
+            except (ChannelClosed, LLMException) as exc:
+                log.info("unlink notice to %s not delivered: %s", peer.name, exc)
+        if peer.state == LinkState.FAILED:
+            peer.link.transition(LinkState.IDLE, "unlinked")
+        peer.channel.close("unlinked")
+
+    def _channel_closed(self, channel, reason):
+        """The link's connection ended (any thread): the state first (a
+        transfer waiting on the data path watches it), then the data path,
+        then the table."""
+        peer = channel.peer
+        if peer is None:
+            return
+        orderly = peer.closing_by_peer or peer.state in (LinkState.UNLINKING, LinkState.IDLE)
+        if orderly:
+            if peer.state != LinkState.IDLE:
+                peer.link.transition(LinkState.IDLE, "unlinked")
+        else:
+            peer.link.fail(reason)
+            log.warning("link to %s failed: %s", peer.name, reason)
+        try:
+            self.transport.detach_peer(peer)
+        except Exception:
+            log.exception("releasing the data path to %s", peer.name)
+        with self._lock:
+            if self._peers.get(peer.name) is peer:
+                del self._peers[peer.name]
+            if orderly:
+                self._failures.pop(peer.cluster_id, None)
+            else:
+                self._failures[peer.cluster_id] = reason
+                while len(self._failures) > KEPT_FAILURES:
+                    self._failures.popitem(last=False)
+
+    def close(self):
+        """Stop listening, close every link (forced)."""
+        self.closed = True
+        self.stop_listening()
+        for peer in self.peers():
+            try:
+                self.disconnect(peer, force=True, timeout_ms=1000)
+            except LLMException:
+                peer.channel.close("engine closed")
+
+
+def _status(code):
+    """A status code from a peer, as an LLMStatusCode (unknown: LLM_FAILED)."""
+    try:
+        return LLMStatusCode(code)
+    except ValueError:
+        return LLMStatusCode.LLM_FAILED

@@ -1,0 +1,85 @@
+"""A linked engine as we see it: its link state, control channel, the
+transport's per-link data, and our copy of its region table with the pins
+our transfers hold on its regions."""
+import threading
+
+import numpy as np
+
+from kvcache.descriptors import RegionTable
+from kvcache.engine.link import Link, LinkState
+
+
+class Peer:
+    """``regions`` is our copy of the peer's addressable regions; ``data``
+    the transport's LinkData; ``channel`` the control channel."""
+
+    def __init__(self, name, cluster_id, role, regions, inbound):
+        self.name = name
+        self.cluster_id = cluster_id
+        self.role = role
+        self.inbound = inbound
+        self.link = Link(name)
+        self.channel = None
+        self.data = None
+        self.closing_by_peer = False
+        self.regions = RegionTable(regions)
+        self._known = set(int(i) for i in self.regions.ids)
+        self._pins = {}
+        self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
+
+    @property
+    def state(self):
+        return self.link.state
+
+    @property
+    def linked(self):
+        return self.link.state == LinkState.LINKED and not self.channel.closed
+
+    def set_regions(self, rows):
+        with self._lock:
+            self.regions = RegionTable(rows)
+            self._known = set(int(i) for i in self.regions.ids)
+
+    def pin_remote(self, remote, lengths, named=None, require_known=False):
+        """Pin the peer's regions our pieces touch. ``named``: the region id
+        of every piece, as the caller looked it up. Returns (ids per piece,
+        pinned ids), or None when our copy of the peer's table does not
+        cover the pieces (refresh it, then try again)."""
+        with self._lock:
+            if named is None:
+                ids, misses = self.regions.locate(remote, lengths)
+                if misses:
+                    return None
+            else:
+                ids = named
+            pinned = np.unique(ids).tolist() if ids.size else []
+            if require_known and not self._known.issuperset(pinned):
+                return None
+            for i in pinned:
+                self._pins[i] = self._pins.get(i, 0) + 1
+        return ids, pinned
+
+    def unpin_remote(self, pinned):
+        with self._lock:
+            for i in pinned:
+                left = self._pins[i] - 1
+                if left:
+                    self._pins[i] = left
+                else:
+                    del self._pins[i]
+            self._released.notify_all()
+
+    def revoke(self, ids, timeout_s):
+        """The peer released regions ``ids``: drop them from our copy and wait
+        (up to ``timeout_s``) for our transfers still using them. Whether
+        none is left."""
+        gone = set(ids)
+        with self._lock:
+            self.regions = RegionTable(r for r in self.regions.as_list() if r[0] not in gone)
+            self._known -= gone
+            return self._released.wait_for(lambda: not any(self._pins.get(i) for i in gone),
+                                           timeout_s)
+
+    def __repr__(self):
+        return f"Peer({self.name!r}, cluster {self.cluster_id}, {self.link.state.name})"

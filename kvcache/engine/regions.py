@@ -1,0 +1,252 @@
+"""The region registry: the memory this engine exposes, the pins that keep
+it alive while transfers use it, and the checks every piece passes.
+
+A region is [addr, addr + length) with an id that is never reused while
+the engine lives: the id is also the region's generation, so a peer that
+names an id we released (or renewed, when a cache key moved) is refused.
+Top-level regions are what transports register (an RDMA MR, a shareable
+mapping); sub-regions (caches inside the buffer pool) get ids of their own
+on the same memory. Only addressable regions can be reached by pieces.
+
+Every transfer pins the regions its pieces touch, on both sides, from the
+moment its descriptors are checked until it completed or failed. Releasing
+a region first withdraws it (new pins fail), then waits for the pins up to a
+deadline; at the deadline the region is restored, intact and still
+registered, and the release is refused with LLM_LINK_BUSY."""
+import itertools
+import threading
+import time
+
+import numpy as np
+
+from kvcache.descriptors import NO_REGION, RegionTable
+from kvcache.status import LLMException, LLMStatusCode
+
+# Addressable regions live at once at most; a region's id modulo SLOTS is
+# its slot in the shared-memory transport's pin board.
+SLOTS = 1 << 14
+
+
+class Region:
+    __slots__ = ("region_id", "addr", "length", "parent", "addressable")
+
+    def __init__(self, region_id, addr, length, parent, addressable):
+        self.region_id = region_id
+        self.addr = addr
+        self.length = length
+        self.parent = parent
+        self.addressable = addressable
+
+
+def check_host_mapped(addr, length):
+    """LLM_PARAM_INVALID unless [addr, addr + length) is host memory mapped
+    readable and writable here: a device pointer, a freed buffer or a wrong
+    address would otherwise crash the process at the first copy into it."""
+    end, covered = addr + length, addr
+    with open("/proc/self/maps") as maps:        # sorted by address
+        for line in maps:
+            span, perms = line.split(None, 2)[:2]
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            if hi <= covered:
+                continue
+            if lo > covered or perms[:2] != "rw":
+                break
+            covered = hi
+            if covered >= end:
+                return
+    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                       f"[{addr:#x}, +{length}) is not host memory mapped readable and "
+                       f"writable in this process (from {covered:#x} on); device memory "
+                       "cannot be registered")
+
+
+def _distinct(values):
+    """Distinct values of a uint64 array as ints; one value (the usual case)
+    without sorting."""
+    first = values[0]
+    if (values == first).all():
+        return [int(first)]
+    return np.unique(values).tolist()
+
+
+class RegionRegistry:
+    """Thread-safe. ``transport`` is told of top-level regions (register /
+    unregister) and of addressable ones (publish / withdraw)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+        self._lock = threading.Lock()
+        self._released = threading.Condition(self._lock)
+        self._regions = {}                  # id -> Region (withdrawn ones excluded)
+        self._table = RegionTable()         # the addressable ones
+        self._pins = {}                     # id -> pins
+        self._ids = itertools.count(1)
+        self._last_id = 0
+
+    # --- registration ----------------------------------------------------------
+
+    def register(self, addr, length, parent=None, addressable=True, share=None):
+        """A new region's id. LLM_PARAM_INVALID for memory that is not ours,
+        not inside its parent, or overlapping another addressable region."""
+        addr, length = int(addr), int(length)
+        if addr <= 0 or length <= 0 or addr + length > 1 << 64:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"cannot register addr={addr:#x} length={length}")
+        if parent is None:
+            check_host_mapped(addr, length)
+        with self._lock:
+            if parent is not None:
+                top = self._regions.get(parent)
+                if top is None or top.parent is not None:
+                    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                       f"parent region {parent} is not a registered top-level "
+                                       "region")
+                if addr < top.addr or addr + length > top.addr + top.length:
+                    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                       f"[{addr:#x}, +{length}) is not inside region {parent}")
+            region = Region(self._next_id(), addr, length, parent, addressable)
+            regions = dict(self._regions)
+            regions[region.region_id] = region
+            table = _table_of(regions)              # refuses overlaps
+            if parent is None:
+                self.transport.register_region(region.region_id, addr, length, share=share)
+            self._regions, self._table = regions, table
+        if addressable:
+            self.transport.publish_region(region.region_id)
+        return region.region_id
+
+    def _next_id(self):
+        """The next id whose pin-board slot no live addressable region holds."""
+        taken = {i % SLOTS for i in self._regions}
+        if len(taken) >= SLOTS:
+            raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                               f"{SLOTS} regions registered; release some first")
+        while True:
+            region_id = next(self._ids)
+            if region_id % SLOTS not in taken:
+                self._last_id = region_id
+                return region_id
+
+    def release(self, region_id, deadline, revoke=None):
+        """Withdraw ``region_id`` (and its sub-regions), wait for their pins
+        and for ``revoke(ids, deadline)`` (peers dropping them; returns
+        whether all did) until ``deadline`` (time.monotonic()), then forget
+        them and unregister a top-level region from the transport.
+        LLM_LINK_BUSY at the deadline, with everything restored."""
+        with self._lock:
+            region = self._regions.get(region_id)
+            if region is None:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"region {region_id} is not registered")
+            gone = {region_id} | {i for i, r in self._regions.items() if r.parent == region_id}
+            kept = {i: r for i, r in self._regions.items() if i not in gone}
+            saved = self._regions
+            self._regions, self._table = kept, _table_of(kept)
+        withdrawn = [i for i in gone if saved[i].addressable]
+        ok = all([self.transport.withdraw_region(i, deadline) for i in withdrawn])
+        if ok and revoke is not None and withdrawn:
+            ok = revoke(withdrawn, deadline)
+        with self._lock:
+            if ok:
+                ok = self._released.wait_for(lambda: not any(self._pins.get(i) for i in gone),
+                                             max(0.0, deadline - time.monotonic()))
+            if not ok:
+                busy = {i: self._pins.get(i, 0) for i in gone}
+                restored = dict(self._regions)
+                restored.update((i, saved[i]) for i in gone)
+                self._regions, self._table = restored, _table_of(restored)
+        if not ok:
+            for i in withdrawn:
+                self.transport.publish_region(i)
+            raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
+                               f"region {region_id} is still in use by transfers "
+                               f"({sum(busy.values())} pinned here"
+                               f"{'' if sum(busy.values()) else ', or by a peer'}); it stays "
+                               "registered, release it again later")
+        if region.parent is None:
+            self.transport.unregister_region(region_id)
+
+    def renew(self, region_id):
+        """Give an addressable region a new id (a new generation): a peer
+        naming the old id is refused from now on and looks it up again.
+        Transfers already running under the old id finish; its memory stays."""
+        with self._lock:
+            old = self._regions.get(region_id)
+            if old is None or not old.addressable:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"region {region_id} is not an addressable region")
+            new = Region(self._next_id(), old.addr, old.length, old.parent, True)
+            regions = {i: r for i, r in self._regions.items() if i != region_id}
+            regions[new.region_id] = new
+            self._regions, self._table = regions, _table_of(regions)
+        self.transport.withdraw_region(region_id, time.monotonic())
+        self.transport.publish_region(new.region_id)
+        return new.region_id
+
+    # --- pins ----------------------------------------------------------------------
+
+    def pin_local(self, addrs, lengths):
+        """Pin the regions our own pieces lie in (the initiator's side).
+        Returns (region id per piece, the pinned ids for ``unpin``).
+        LLM_PARAM_INVALID for a piece outside them."""
+        with self._lock:
+            ids = self._table.check(addrs, lengths, "local")
+            pinned = _distinct(ids)
+            self._pin(pinned)
+        return ids, pinned
+
+    def pin_named(self, named, addrs, lengths):
+        """Pin the regions a peer's pieces name (the target's side): each
+        piece must lie wholly inside the live region it names. Returns the
+        pinned ids (for ``unpin``). LLM_KV_CACHE_NOT_EXIST when a named region
+        was released or renewed (the peer should look it up again),
+        LLM_PARAM_INVALID for any other piece outside our regions."""
+        with self._lock:
+            found, misses = self._table.locate(addrs, lengths)
+            # A miss is NO_REGION, which a lying peer can name as well.
+            bad = np.flatnonzero((found != named) | (found == NO_REGION) if misses
+                                 else found != named)
+            if not bad.size:
+                ids = _distinct(named)
+                self._pin(ids)
+                return ids
+        i = int(bad[0])
+        region = int(named[i])
+        message = (f"piece {i} [{int(addrs[i]):#x}, +{int(lengths[i])}) is not inside live "
+                   f"region {region} ({bad.size} such pieces)")
+        if 0 < region <= self._last_id and region not in self._regions:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                               f"{message}: that region was released or renewed")
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"{message}: a foreign address")
+
+    def _pin(self, ids):
+        for i in ids:
+            self._pins[i] = self._pins.get(i, 0) + 1
+
+    def unpin(self, ids):
+        with self._lock:
+            for i in ids:
+                left = self._pins[i] - 1
+                if left:
+                    self._pins[i] = left
+                else:
+                    del self._pins[i]
+            self._released.notify_all()
+
+    # --- views -----------------------------------------------------------------------
+
+    def rows(self):
+        """[(region_id, addr, length)] of the addressable regions."""
+        return self._table.as_list()
+
+    def __contains__(self, region_id):
+        return region_id in self._regions
+
+    def pinned(self):
+        """{region id: pins} (for tests and diagnostics)."""
+        with self._lock:
+            return dict(self._pins)
+
+
+def _table_of(regions):
+    return RegionTable((i, r.addr, r.length) for i, r in regions.items() if r.addressable)
