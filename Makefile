@@ -8,10 +8,14 @@ APT_BUILD := build-essential python3-dev python3-venv pkg-config rdma-core ibver
              libibverbs-dev librdmacm-dev
 APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest iproute2 \
           busybox-static util-linux
-PIP_BUILD := "setuptools>=68" wheel "Cython>=3.0" "numpy>=1.24"
+PIP_BUILD := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.24"
 PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0
+# Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
+RUFF_VERSION := 0.17.5
+PIP_LINT := ruff==$(RUFF_VERSION)
 
-.PHONY: setup setup-vm build demo demo-rdma test test-host test-rdma bench-verbs bench clean
+.PHONY: setup setup-vm build demo demo-rdma test test-host test-rdma bench-verbs bench clean \
+        lint wheel-check
 
 setup: $(VENV)/.installed
 
@@ -37,7 +41,24 @@ demo: build
 demo-rdma: setup-vm build
 	scripts/rdma-vm --timeout 600 -- python examples/verbs_demo.py
 
-test: setup-vm build test-host test-rdma
+# Lint first (seconds), then the wheel as users install it, then the suites.
+test: lint setup-vm build wheel-check test-host test-rdma
+
+# ruff only needs the venv, not the build: it fails fast on a fresh machine.
+lint: $(VENV)/.ruff-$(RUFF_VERSION)
+	$(VENV)/bin/ruff check .
+
+$(VENV)/.ruff-$(RUFF_VERSION):
+	scripts/apt-ensure python3-venv
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(PIP_LINT)
+	touch $@
+
+# `pip wheel .` from a clean copy of the tree (build isolation, as a user installs), then the
+# wheel in a fresh venv, used from outside the source tree: every module imports,
+# examples/pull_blocks.py runs (scripts/wheel_check.py says what it checks).
+wheel-check: setup
+	$(PY) scripts/wheel_check.py --python $(PYTHON)
 
 test-host:
 	$(PY) -m pytest -q tests

@@ -16,5 +16,5 @@ from kvcache.values import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAnd
 
 __all__ = ["BlocksCacheKey", "BufPoolConfig", "BufferPool", "Cache", "CacheDesc", "CacheKey",
            "CacheKeyByIdAndIndex", "DataType", "LLMClusterInfo", "LLMConfig", "LLMDataDist",
-           "LLMException", "LLMRole", "LLMStatusCode", "LinkState", "MAX_NOTIFY_BYTES", "Peer", "Placement",
-           "RdmaStatus", "TransferEngine", "TransferRequest", "rdma_status"]
+           "LLMException", "LLMRole", "LLMStatusCode", "LinkState", "MAX_NOTIFY_BYTES", "Peer",
+           "Placement", "RdmaStatus", "TransferEngine", "TransferRequest", "rdma_status"]

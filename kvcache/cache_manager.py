@@ -318,7 +318,7 @@ class CacheManager:
             remote = RemoteCache(info)
         except (KeyError, TypeError, ValueError) as exc:
             raise LLMException(LLMStatusCode.LLM_FAILED,
-                               f"cluster {cluster_id} described its cache badly: {exc}")
+                               f"cluster {cluster_id} described its cache badly: {exc}") from None
         known[cache_key] = remote
         return peer, remote
 

@@ -7,6 +7,7 @@ import time
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache_manager import CacheManager
 from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, parse_address
+from kvcache.engine.address import format_address
 from kvcache.rdma_support import rdma_status
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import LLMClusterInfo, LLMRole
@@ -176,7 +177,7 @@ class LLMDataDist:
             return LLMStatusCode.LLM_ALREADY_LINK
         host, port = info.remote_ip_info[0]
         try:
-            peer = engine.connect(f"{host}:{port}", timeout_ms=timeout)
+            peer = engine.connect(format_address(host, port), timeout_ms=timeout)
         except LLMException as exc:
             log.warning("cluster %d: link to cluster %d at %s:%d failed: %s", self.cluster_id,
                         info.remote_cluster_id, host, port, exc)

@@ -4,6 +4,8 @@ the commands the test sends (real sockets between real processes)."""
 import multiprocessing as mp
 import os
 import signal
+import threading
+import time
 import traceback
 
 import numpy as np
@@ -124,6 +126,20 @@ class Actions:
 
     def call_peer(self, cluster, method, timeout_ms):
         return self.dd.engine.call(self.dd.engine.find_peer(cluster), method, {}, timeout_ms)
+
+    def signal_when_in_flight(self, cluster, pid, sig, timeout_s=10):
+        """From a thread: as soon as a transfer on the link to ``cluster`` is
+        in flight, send ``sig`` to process ``pid`` (a peer that dies or
+        freezes mid-transfer, for certain)."""
+        link = self.dd.engine.find_peer(cluster).link
+
+        def watch():
+            deadline = time.monotonic() + timeout_s
+            while not link.in_flight and time.monotonic() < deadline:
+                time.sleep(0.0002)
+            if link.in_flight:
+                os.kill(pid, sig)
+        threading.Thread(target=watch, daemon=True).start()
 
     def link_state(self, remote_cluster_id):
         return self.dd.check_link_status(remote_cluster_id).name

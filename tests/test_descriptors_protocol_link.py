@@ -13,8 +13,9 @@ from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
 from kvcache.engine.link import Link, LinkState
 from kvcache.transports.rdma import _split_long
 from pyverbs_kv import pieces
-from kvcache.transports.tcp.protocol import (FRAME, MAX_HEADER_BYTES, VERSION, MsgType, ProtocolError,
-                              check_descriptor_payload, decode_frame, decode_header, encode)
+from kvcache.transports.tcp.protocol import (FRAME, MAX_HEADER_BYTES, VERSION, MsgType,
+                                             ProtocolError, check_descriptor_payload,
+                                             decode_frame, decode_header, encode)
 
 
 def test_block_descriptors_cover_every_tensor_and_block():
@@ -45,8 +46,8 @@ def test_merged_descriptors_copy_the_same_bytes(ids):
     src = np.arange(len(ids) * block, dtype=np.uint8)
     a = np.zeros(51 * block, dtype=np.uint8)
     b = np.zeros(51 * block, dtype=np.uint8)
-    for arr, (l, r, n) in ((a, (local, remote, lengths)), (b, merge_runs(local, remote, lengths))):
-        for li, ri, ni in zip(l.tolist(), r.tolist(), n.tolist()):
+    for arr, (lo, r, n) in ((a, (local, remote, lengths)), (b, merge_runs(local, remote, lengths))):
+        for li, ri, ni in zip(lo.tolist(), r.tolist(), n.tolist()):
             arr[ri:ri + ni] = src[li:li + ni]
     np.testing.assert_array_equal(a, b)
 
@@ -157,12 +158,12 @@ def test_merge_runs_matches_a_python_merge(rows):
     lengths = np.full(len(rows), 4, dtype=np.uint64)
     groups = np.array([r[2] for r in rows], dtype=np.uint64)
     expect = []
-    for l, r, g in zip(local.tolist(), remote.tolist(), groups.tolist()):
-        if expect and expect[-1][0] + expect[-1][2] == l and expect[-1][1] + expect[-1][2] == r \
+    for lo, r, g in zip(local.tolist(), remote.tolist(), groups.tolist()):
+        if expect and expect[-1][0] + expect[-1][2] == lo and expect[-1][1] + expect[-1][2] == r \
                 and expect[-1][3] == g:
             expect[-1][2] += 4
         else:
-            expect.append([l, r, 4, g])
+            expect.append([lo, r, 4, g])
     got = merge_runs(local, remote, lengths, groups)
     assert [list(t) for t in zip(*(a.tolist() for a in got))] == expect
 

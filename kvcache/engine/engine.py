@@ -277,6 +277,10 @@ class TransferEngine:
         peer.link.begin_transfer()
         local_pins = remote_pins = None
         try:
+            if not peer.attached.wait(timeout / 1000) or peer.data is None:
+                peer.link.require_linked()
+                raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                                   f"the data path to {peer.name} is not set up")
             local_ids, local_pins = self.registry.pin_local(local, lengths)
             remote_ids, remote_pins = self._pin_remote(peer, remote, lengths, named, timeout)
             local, remote, lengths, _, remote_ids = merge_runs(local, remote, lengths,

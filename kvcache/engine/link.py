@@ -79,11 +79,6 @@ class Link:
             self.in_flight -= 1
             self._cond.notify_all()
 
-    def wait_idle(self, timeout_s):
-        """Wait until no transfer runs on the link; False at the deadline."""
-        with self._cond:
-            return self._cond.wait_for(lambda: self.in_flight == 0, timeout_s)
-
     def wait_leaves(self, state, timeout_s):
         """Wait until the link is no longer in ``state``; False at the deadline."""
         with self._cond:

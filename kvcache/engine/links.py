@@ -40,8 +40,11 @@ def _left_ms(deadline):
 
 class Listener:
     """A listening socket and its accept thread; ``close`` shuts the socket
-    down (waking accept), joins the thread and the connection threads it
-    started, so the port is free when it returns."""
+    down (waking accept), joins the thread and the connection threads still
+    in their handshake, so the port is free when it returns.
+    ``on_connection(sock, addr, hand_over)`` runs in a connection thread;
+    ``hand_over()`` says the thread now belongs to a link (a data lane),
+    which ends it when the link ends."""
 
     def __init__(self, address, on_connection):
         host, port = parse_address(address)
@@ -78,10 +81,13 @@ class Listener:
 
     def _run(self, sock, addr):
         try:
-            self._on_connection(sock, addr)
+            self._on_connection(sock, addr, self._hand_over)
         finally:
-            with self._lock:
-                self._threads.discard(threading.current_thread())
+            self._hand_over()
+
+    def _hand_over(self):
+        with self._lock:
+            self._threads.discard(threading.current_thread())
 
     def close(self):
         with self._lock:
@@ -185,7 +191,7 @@ class LinkManager:
             raise
         return self._add_peer(sock, ack, inbound=False, deadline=deadline)
 
-    def _handshake(self, sock, addr):
+    def _handshake(self, sock, addr, hand_over):
         """The listener's side, in a connection thread. Anything but a
         well-formed HELLO (or a first frame the transport takes) drops the
         connection."""
@@ -197,6 +203,7 @@ class LinkManager:
             if payload_len:
                 raise ProtocolError(f"{msg_type.name} with a payload as first frame")
             if msg_type != MsgType.HELLO:
+                hand_over()
                 self.transport.accept(stream, msg_type, hello)
                 return
             status, message = self._admit(hello)
@@ -268,6 +275,13 @@ class LinkManager:
             code = getattr(exc, "status_code", LLMStatusCode.LLM_LINK_FAILED)
             peer.channel.close(f"data path set-up failed: {exc}")
             raise LLMException(code, f"data path to {peer.name}: {exc}") from None
+        finally:
+            peer.attached.set()
+        if peer.channel.closed:              # ended while being set up: detach what came late
+            self.transport.detach_peer(peer)
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"link to {peer.name} ended while being set up: "
+                               f"{peer.channel.close_reason}")
         log.info("linked to %s (%s)", peer.name, "inbound" if inbound else "outbound")
         return peer
 
@@ -406,14 +420,14 @@ class LinkManager:
                     self._failures.popitem(last=False)
 
     def close(self):
-        """Stop listening, close every link (forced)."""
+        """Refuse new links, close every link (forced), stop listening."""
         self.closed = True
-        self.stop_listening()
         for peer in self.peers():
             try:
                 self.disconnect(peer, force=True, timeout_ms=1000)
             except LLMException:
                 peer.channel.close("engine closed")
+        self.stop_listening()
 
 
 def _status(code):

@@ -7,6 +7,7 @@ import numpy as np
 
 from kvcache.descriptors import RegionTable
 from kvcache.engine.link import Link, LinkState
+from kvcache.engine.pins import Pins
 
 
 class Peer:
@@ -21,12 +22,12 @@ class Peer:
         self.link = Link(name)
         self.channel = None
         self.data = None
+        self.attached = threading.Event()          # set once ``data`` is in place
         self.closing_by_peer = False
         self.regions = RegionTable(regions)
         self._known = set(int(i) for i in self.regions.ids)
-        self._pins = {}
         self._lock = threading.Lock()
-        self._released = threading.Condition(self._lock)
+        self._pins = Pins(self._lock)
 
     @property
     def state(self):
@@ -56,19 +57,11 @@ class Peer:
             pinned = np.unique(ids).tolist() if ids.size else []
             if require_known and not self._known.issuperset(pinned):
                 return None
-            for i in pinned:
-                self._pins[i] = self._pins.get(i, 0) + 1
+            self._pins.add(pinned)
         return ids, pinned
 
     def unpin_remote(self, pinned):
-        with self._lock:
-            for i in pinned:
-                left = self._pins[i] - 1
-                if left:
-                    self._pins[i] = left
-                else:
-                    del self._pins[i]
-            self._released.notify_all()
+        self._pins.remove(pinned)
 
     def revoke(self, ids, timeout_s):
         """The peer released regions ``ids``: drop them from our copy and wait
@@ -78,8 +71,7 @@ class Peer:
         with self._lock:
             self.regions = RegionTable(r for r in self.regions.as_list() if r[0] not in gone)
             self._known -= gone
-            return self._released.wait_for(lambda: not any(self._pins.get(i) for i in gone),
-                                           timeout_s)
+            return self._pins.wait_clear(gone, timeout_s)
 
     def __repr__(self):
         return f"Peer({self.name!r}, cluster {self.cluster_id}, {self.link.state.name})"

@@ -20,11 +20,10 @@ import time
 import numpy as np
 
 from kvcache.descriptors import NO_REGION, RegionTable
+from kvcache.engine.pins import Pins
 from kvcache.status import LLMException, LLMStatusCode
+from kvcache.transports.base import SLOTS
 
-# Addressable regions live at once at most; a region's id modulo SLOTS is
-# its slot in the shared-memory transport's pin board.
-SLOTS = 1 << 14
 
 
 class Region:
@@ -76,10 +75,9 @@ class RegionRegistry:
     def __init__(self, transport):
         self.transport = transport
         self._lock = threading.Lock()
-        self._released = threading.Condition(self._lock)
         self._regions = {}                  # id -> Region (withdrawn ones excluded)
         self._table = RegionTable()         # the addressable ones
-        self._pins = {}                     # id -> pins
+        self._pins = Pins(self._lock)
         self._ids = itertools.count(1)
         self._last_id = 0
 
@@ -89,7 +87,7 @@ class RegionRegistry:
         """A new region's id. LLM_PARAM_INVALID for memory that is not ours,
         not inside its parent, or overlapping another addressable region."""
         addr, length = int(addr), int(length)
-        if addr <= 0 or length <= 0 or addr + length > 1 << 64:
+        if addr <= 0 or length <= 0 or addr + length >= 1 << 64:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"cannot register addr={addr:#x} length={length}")
         if parent is None:
@@ -148,10 +146,9 @@ class RegionRegistry:
             ok = revoke(withdrawn, deadline)
         with self._lock:
             if ok:
-                ok = self._released.wait_for(lambda: not any(self._pins.get(i) for i in gone),
-                                             max(0.0, deadline - time.monotonic()))
+                ok = self._pins.wait_clear(gone, deadline - time.monotonic())
             if not ok:
-                busy = {i: self._pins.get(i, 0) for i in gone}
+                busy = self._pins.count(gone)
                 restored = dict(self._regions)
                 restored.update((i, saved[i]) for i in gone)
                 self._regions, self._table = restored, _table_of(restored)
@@ -160,8 +157,7 @@ class RegionRegistry:
                 self.transport.publish_region(i)
             raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
                                f"region {region_id} is still in use by transfers "
-                               f"({sum(busy.values())} pinned here"
-                               f"{'' if sum(busy.values()) else ', or by a peer'}); it stays "
+                               f"({busy} pinned here{'' if busy else ', or by a peer'}); it stays "
                                "registered, release it again later")
         if region.parent is None:
             self.transport.unregister_region(region_id)
@@ -192,7 +188,7 @@ class RegionRegistry:
         with self._lock:
             ids = self._table.check(addrs, lengths, "local")
             pinned = _distinct(ids)
-            self._pin(pinned)
+            self._pins.add(pinned)
         return ids, pinned
 
     def pin_named(self, named, addrs, lengths):
@@ -208,7 +204,7 @@ class RegionRegistry:
                                  else found != named)
             if not bad.size:
                 ids = _distinct(named)
-                self._pin(ids)
+                self._pins.add(ids)
                 return ids
         i = int(bad[0])
         region = int(named[i])
@@ -219,19 +215,8 @@ class RegionRegistry:
                                f"{message}: that region was released or renewed")
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"{message}: a foreign address")
 
-    def _pin(self, ids):
-        for i in ids:
-            self._pins[i] = self._pins.get(i, 0) + 1
-
     def unpin(self, ids):
-        with self._lock:
-            for i in ids:
-                left = self._pins[i] - 1
-                if left:
-                    self._pins[i] = left
-                else:
-                    del self._pins[i]
-            self._released.notify_all()
+        self._pins.remove(ids)
 
     # --- views -----------------------------------------------------------------------
 
@@ -244,8 +229,7 @@ class RegionRegistry:
 
     def pinned(self):
         """{region id: pins} (for tests and diagnostics)."""
-        with self._lock:
-            return dict(self._pins)
+        return self._pins.snapshot()
 
 
 def _table_of(regions):

@@ -15,10 +15,6 @@ def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def is_str(value):
-    return isinstance(value, str) and len(value) <= 4096
-
-
 def list_of(check, limit):
     return lambda v: isinstance(v, list) and len(v) <= limit and all(check(x) for x in v)
 

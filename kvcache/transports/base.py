@@ -11,6 +11,11 @@ from abc import ABC, abstractmethod
 
 from kvcache.transports.tcp.protocol import ProtocolError
 
+# Addressable regions live at once at most; a region's id modulo SLOTS is
+# its slot in the shared-memory transport's pin board, so the registry never
+# gives two live regions the same slot.
+SLOTS = 1 << 14
+
 
 class LinkData:
     """What a transport keeps per link (``peer.data``); closed when the link

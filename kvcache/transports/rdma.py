@@ -27,7 +27,6 @@ import numpy as np
 
 from kvcache.config import env_flag, env_int, env_list, env_str
 from kvcache.descriptors import RegionTable
-from kvcache.engine.link import LinkState
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import LinkData, Transport
 
@@ -234,7 +233,7 @@ class RdmaTransport(Transport):
                 qp.to_rtr(qpn, psn, gid, self.gid_index, path_mtu=mtu)
                 qp.to_rts(my_psn, timeout=self.ack_timeout)
             except self.pv.VerbsError as exc:
-                raise _failed(f"bring-up of QP {qp.qp_num:#x} (step {exc.call})", exc)
+                raise _failed(f"bring-up of QP {qp.qp_num:#x} (step {exc.call})", exc) from None
         self._set_keys(group, keys)
 
     def _set_keys(self, group, keys):
@@ -288,13 +287,9 @@ class RdmaTransport(Transport):
     # --- transfers ---------------------------------------------------------------
 
     def _group(self, peer):
+        # An inbound link's set-up call can come before the link is attached.
+        peer.attached.wait(ATTACH_WAIT_S)
         group = peer.data
-        if group is None:
-            # An inbound link whose set-up call came before the link was attached.
-            end = time.monotonic() + ATTACH_WAIT_S
-            while group is None and time.monotonic() < end:
-                time.sleep(0.001)
-                group = peer.data
         if group is None:
             raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
                                f"RDMA queue pairs to {peer.name} are not set up")
@@ -359,7 +354,7 @@ class RdmaTransport(Transport):
                     batch.wait(max(1, min(LINK_CHECK_MS, remaining)))
                     break
                 except self.pv.VerbsTimeout:
-                    if peer.link.state == LinkState.FAILED:
+                    if not peer.linked:
                         raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                            f"RDMA {op} to {peer.name}: the link failed "
                                            f"during the transfer ({peer.link.reason})") from None

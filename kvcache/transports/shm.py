@@ -34,8 +34,8 @@ import numpy as np
 
 from kvcache.bufpool import SIZE_SEALS
 from kvcache.descriptors import RegionTable
-from kvcache.engine.regions import SLOTS
 from kvcache.status import LLMException, LLMStatusCode
+from kvcache.transports.base import SLOTS
 from kvcache.transports.tcp.transport import TcpLink, TcpTransport
 from pyverbs_kv import pieces
 
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 GRANT_TIMEOUT_S = 5
 UNMAP_WAIT_S = 60
 BOARD_BYTES = 16 * SLOTS
-CHUNK_BYTES = 64 << 20           # a copy checks its deadline between chunks
+CHUNK_BYTES = 16 << 20           # a copy checks its deadline and link between chunks
 POLL_S = 0.001
 
 
@@ -228,10 +228,11 @@ class ShmTransport(TcpTransport):
         with self._lock:
             board = self._boards.pop(peer, None)
             self._grants = {t: g for t, g in self._grants.items() if g[0] is not peer}
+            slots = {i % SLOTS for i in self._published}
         if board is not None:
             # The peer may still hold the mapping: nothing stays published to
             # it, and the board is kept while copies of its are in flight.
-            for slot in {i % SLOTS for i in self._published}:
+            for slot in slots:
                 pieces.board_publish(board.addr, slot, 0)
             with self._lock:
                 self._draining.append(board)
@@ -342,6 +343,10 @@ class ShmTransport(TcpTransport):
                     raise LLMException(LLMStatusCode.LLM_TIMEOUT,
                                        f"{op} to {peer.name}: the deadline passed after "
                                        f"{start} of {lengths.size} pieces")
+                if not peer.linked:
+                    raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                       f"{op} to {peer.name}: the link ended after {start} "
+                                       f"of {lengths.size} pieces ({peer.link.reason})")
                 stop = int(np.searchsorted(ends, ends[start] - lengths[start] + CHUNK_BYTES,
                                            side="right"))
                 stop = max(stop, start + 1)

@@ -54,12 +54,12 @@ class MsgType(IntEnum):
 
 def _regions(value):
     """A region table: [[id, addr, length], ...], each region non-empty and
-    inside the 64-bit address space, none overlapping another."""
+    ending below 2**64, none overlapping another."""
     if not isinstance(value, list) or len(value) > MAX_REGIONS:
         return False
     if not all(isinstance(r, list) and len(r) == 3 and all(_is_int(v) for v in r)
                and 0 < r[0] < ADDRESS_SPACE and 0 < r[1] and 0 < r[2]
-               and r[1] + r[2] <= ADDRESS_SPACE for r in value):
+               and r[1] + r[2] < ADDRESS_SPACE for r in value):
         return False
     spans = sorted((r[1], r[1] + r[2]) for r in value)
     return all(spans[i][1] <= spans[i + 1][0] for i in range(len(spans) - 1))

@@ -112,6 +112,9 @@ class TcpTransport(Transport):
             raise ProtocolError(f"expected HELLO or LANE, got {msg_type.name}")
         with self._lock:
             peer = self._tokens.pop(header["token"], None)
+        # The grant can come before the link's own set-up has finished.
+        if peer is not None:
+            peer.attached.wait(self.ctx.io_timeout_ms / 1000)
         if peer is None or not peer.linked or peer.data is None:
             raise ProtocolError("a lane for no live link (unknown or used token)")
         lane = Lane(stream.sock, self.ctx.io_timeout_ms)
