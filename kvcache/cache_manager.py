@@ -13,7 +13,6 @@ moving or removing a key renews the cache's region ids."""
 import itertools
 import logging
 import threading
-import time
 import weakref
 
 import numpy as np
@@ -22,6 +21,7 @@ from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
 from kvcache.engine.rpc import is_int
+from kvcache.checks import public
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, Placement
 
@@ -93,6 +93,7 @@ def _key_params(key):
 
 
 class CacheManager:
+    @public
     def __init__(self, engine, pool, cluster_id, sync_timeout_ms):
         self._engine = engine
         self._pool = pool
@@ -140,6 +141,7 @@ class CacheManager:
             self._pool.free(base)
             raise
 
+    @public
     def allocate_cache(self, cache_desc, cache_keys=()):
         """A per-request cache (shape[0] = batch) from the pool, findable by
         each CacheKey in ``cache_keys``."""
@@ -149,6 +151,7 @@ class CacheManager:
                 raise _invalid(f"allocate_cache takes CacheKey keys, got {key!r}")
         return self._allocate(cache_desc, "cache", keys)
 
+    @public
     def allocate_blocks_cache(self, cache_desc, blocks_cache_key=None):
         """A blocks cache (shape[0] = number of blocks) from the pool."""
         keys = [blocks_cache_key] if blocks_cache_key is not None else []
@@ -184,15 +187,18 @@ class CacheManager:
                 self._engine.unregister_memory(top)
             raise
 
+    @public
     def register_blocks_cache(self, cache_desc, addrs, blocks_cache_key=None):
         """Use caller-owned memory (one address per tensor) as a blocks cache."""
         keys = [blocks_cache_key] if blocks_cache_key is not None else []
         return self._register(cache_desc, addrs, "blocks", keys)
 
+    @public
     def register_cache(self, cache_desc, addrs, cache_keys=()):
         """Use caller-owned memory as a per-request cache."""
         return self._register(cache_desc, addrs, "cache", list(cache_keys))
 
+    @public
     def get_cache(self, cache_id):
         with self._lock:
             cache = self._caches.get(cache_id)
@@ -213,16 +219,7 @@ class CacheManager:
                                    f"cache {cache.cache_id} is already being freed")
             self._releasing.add(cache.cache_id)
         try:
-            deadline = time.monotonic() + self.release_timeout_ms / 1000
-            for i, region in enumerate(regions):
-                left = max(1, int((deadline - time.monotonic()) * 1000))
-                try:
-                    self._engine.unregister_memory(region, left)
-                except LLMException:
-                    if i:       # some tensors released already: the cache is half gone
-                        log.error("cluster %d: cache %d partly released", self._cluster_id,
-                                  cache.cache_id)
-                    raise
+            self._engine.unregister_memory(list(regions), self.release_timeout_ms)
             with self._lock:
                 del self._caches[cache.cache_id]
                 for key in cache.keys:
@@ -236,6 +233,7 @@ class CacheManager:
         """How long freeing a cache waits for the transfers using it."""
         return max(self.sync_timeout_ms, self._engine.timeout_ms)
 
+    @public
     def deallocate_cache(self, cache):
         """Free a pool cache (or unregister a registered one) once no transfer,
         ours or a peer's, uses it. LLM_LINK_BUSY when one still does after
@@ -249,6 +247,7 @@ class CacheManager:
         self._release(cache, [cache.region_ids[0]])
         self._pool.free(cache.tensor_addrs[0])     # a pool cache starts at its first tensor
 
+    @public
     def unregister_cache(self, cache_id):
         """Stop exposing a registered cache (as llm_datadist's
         unregister_cache; the memory stays the caller's). Waits for
@@ -258,6 +257,7 @@ class CacheManager:
             return self.deallocate_cache(cache)
         self._release(cache, cache.containers)
 
+    @public
     def remove_cache_key(self, cache_key):
         """The key no longer names its cache (as llm_datadist's
         remove_cache_key): the cache's region ids are renewed, so a peer's
@@ -393,6 +393,7 @@ class CacheManager:
         return (op, local, remote_addrs, lengths, np.asarray(remote.region_ids)[remote_t],
                 pieces)
 
+    @public
     def pull_blocks(self, src_cache_key, dst_cache, src_blocks=(), dst_blocks=(),
                     src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
         """Read blocks ``src_blocks`` of the remote cache named by
@@ -405,6 +406,7 @@ class CacheManager:
         self._blocks("read", src_cache_key, cluster, dst_cache, dst_blocks, src_blocks,
                      dst_layer_range, src_layer_range, tensor_num_per_layer)
 
+    @public
     def push_blocks(self, dst_cache_key, src_cache, src_blocks=(), dst_blocks=(),
                     src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
         """Write ``src_blocks`` of the local ``src_cache`` into ``dst_blocks``
@@ -450,6 +452,7 @@ class CacheManager:
         lengths = np.full(local.size, size, dtype=np.uint64)
         return op, local, remote_addrs, lengths, np.asarray(remote.region_ids)[remote_t], 1
 
+    @public
     def pull_cache(self, src_cache_key, dst_cache, batch_index=0, size=-1,
                    src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
         """Read one batch row of a remote cache (CacheKey: row 0;
@@ -459,6 +462,7 @@ class CacheManager:
         self._rows("read", src_cache_key, dst_cache, batch_index, remote_row, size,
                    dst_layer_range, src_layer_range, tensor_num_per_layer)
 
+    @public
     def push_cache(self, dst_cache_key, src_cache, src_batch_index=0, size=-1,
                    src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
         """Write row ``src_batch_index`` of ``src_cache`` into the remote row
@@ -467,6 +471,7 @@ class CacheManager:
         self._rows("write", dst_cache_key, src_cache, src_batch_index, remote_row, size,
                    src_layer_range, dst_layer_range, tensor_num_per_layer)
 
+    @public
     def close(self):
         with self._lock:
             caches = list(self._caches.values())

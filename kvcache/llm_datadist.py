@@ -9,6 +9,8 @@ from kvcache.cache_manager import CacheManager
 from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, parse_address
 from kvcache.engine.address import format_address
 from kvcache.rdma_support import rdma_status
+from kvcache import checks
+from kvcache.checks import public
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import LLMClusterInfo, LLMRole
 
@@ -89,6 +91,7 @@ def choose_transport(requested):
 
 
 class LLMDataDist:
+    @public
     def __init__(self, role, cluster_id):
         self.role = LLMRole(role)
         self.cluster_id = int(cluster_id)
@@ -99,6 +102,7 @@ class LLMDataDist:
         self.transport = None
         self.transport_reason = ""
 
+    @public
     def init(self, options):
         """Start: buffer pool, engine, listener (from the options of
         LLMConfig.generate_options())."""
@@ -154,10 +158,13 @@ class LLMDataDist:
     def listen_address(self):
         return self._started().address
 
+    @public
     def link_clusters(self, clusters, timeout=3000):
         """Link to each cluster's first remote address. Returns (status,
-        [status per cluster]); LLM_SUCCESS only if all linked."""
+        [status per cluster]); LLM_SUCCESS only if all linked. ``timeout``:
+        ms per link, 1..2**31-1."""
         engine = self._started()
+        timeout = checks.timeout_ms(timeout, "timeout")
         clusters = list(clusters)
         if len(clusters) > MAX_CLUSTERS_PER_CALL:
             raise LLMException(LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT,
@@ -189,12 +196,17 @@ class LLMDataDist:
             return LLMStatusCode.LLM_LINK_FAILED
         return LLMStatusCode.LLM_SUCCESS
 
+    @public
     def unlink_clusters(self, clusters, timeout=3000, force=False):
         """Unlink each cluster. Returns (status, [status per cluster]);
         LLM_LINK_BUSY for a link with transfers in flight unless ``force``."""
         engine = self._started()
+        timeout = checks.timeout_ms(timeout, "timeout")
         results = []
         for info in clusters:
+            if not isinstance(info, LLMClusterInfo):
+                results.append(LLMStatusCode.LLM_PARAM_INVALID)
+                continue
             peer = engine.find_peer(info.remote_cluster_id)
             if peer is None:
                 results.append(LLMStatusCode.LLM_NOT_YET_LINK)
@@ -207,6 +219,7 @@ class LLMDataDist:
         ok = all(r == LLMStatusCode.LLM_SUCCESS for r in results)
         return (LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_UNLINK_FAILED), results
 
+    @public
     def check_link_status(self, remote_cluster_id):
         """The LinkState of the link to a cluster: FAILED when the last one
         failed (until the next link), IDLE when there is none."""
@@ -216,6 +229,7 @@ class LLMDataDist:
             return peer.state
         return LinkState.FAILED if engine.links.failure(remote_cluster_id) else LinkState.IDLE
 
+    @public
     def switch_role(self, role, switch_options=None):
         """Become ``role``. LLM_EXIST_LINK while links remain. With
         switch_options["llm.ListenIpInfo"] the cluster listens there from now
@@ -243,6 +257,7 @@ class LLMDataDist:
         engine.role = role.value
         self.role = role
 
+    @public
     def finalize(self):
         """Unlink everything, free caches and the pool. Idempotent."""
         if self._engine is None:

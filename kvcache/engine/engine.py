@@ -17,6 +17,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
+from kvcache import checks
+from kvcache.checks import public
 from kvcache.config import apply_debug
 from kvcache.descriptors import as_descriptor_arrays, merge_runs, u64_column
 from kvcache.engine.links import LinkManager
@@ -55,6 +59,7 @@ TRANSPORTS = {"tcp": _tcp_transport, "shm": _shm_transport, "rdma": _rdma_transp
 class EngineContext:
     """What an engine lends its transport (``Transport.bind``)."""
 
+    @public
     def __init__(self, name, io_timeout_ms, regions, call, serve, listen_port):
         self.name = name
         self.io_timeout_ms = io_timeout_ms
@@ -80,12 +85,18 @@ class TransferEngine:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"transport {transport!r} not available here; have "
                                f"{sorted(TRANSPORTS)}")
+        if name is not None and (not isinstance(name, str) or not 0 < len(name) <= 256):
+            raise checks.invalid(f"engine name must be a string of 1..256 characters, "
+                                 f"got {name!r}")
         self.name = name or f"engine-{os.getpid()}-{id(self):x}"
-        self.cluster_id = int(cluster_id)
+        self.cluster_id = checks.integer(cluster_id, "cluster_id", 0, (1 << 63) - 1)
+        if role not in ("prompt", "decoder", "mix"):
+            raise checks.invalid(f"role must be 'prompt', 'decoder' or 'mix', got {role!r}")
         self.role = role
-        self.timeout_ms = timeout_ms
-        self.io_timeout_ms = io_timeout_ms
-        self.transport = TRANSPORTS[transport](int(device_id))
+        self.timeout_ms = checks.timeout_ms(timeout_ms, "timeout_ms")
+        handshake_timeout_ms = checks.timeout_ms(handshake_timeout_ms, "handshake_timeout_ms")
+        self.io_timeout_ms = io_timeout_ms = checks.timeout_ms(io_timeout_ms, "io_timeout_ms")
+        self.transport = TRANSPORTS[transport](checks.integer(device_id, "device_id", 0))
         self.registry = RegionRegistry(self.transport)
         self.rpc = Rpc()
         self.notifications = Notifications()
@@ -118,6 +129,7 @@ class TransferEngine:
         """Where we listen ("ip:port", "[ipv6]:port"), or None."""
         return self.links.address
 
+    @public
     def start_listening(self, address):
         """Accept links at ``address`` ("ip:port", "[ipv6]:port" or
         "host:port"; port 0 picks one, see ``address``)."""
@@ -128,11 +140,12 @@ class TransferEngine:
         links stay)."""
         self.links.stop_listening()
 
+    @public
     def connect(self, address, timeout_ms=None):
         """Link to the engine listening at ``address``; returns the Peer once
         the listener has the link too. LLM_LINK_FAILED / LLM_TIMEOUT / the
         peer's refusal code."""
-        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+        timeout = self._timeout(timeout_ms)
         peer = self.links.connect(address, timeout)
         # The listener marks the link LINKED once it has read READY; one round
         # trip makes sure it has, so it can use the link as soon as we return.
@@ -144,26 +157,30 @@ class TransferEngine:
                                f"{address} did not confirm the link: {exc}") from None
         return peer
 
+    @public
     def disconnect(self, peer, force=False, timeout_ms=None):
         """Unlink: tell the peer (when the link is healthy), close, forget.
         LLM_LINK_BUSY while transfers run, unless ``force``, which aborts
         them (they fail with LLM_LINK_FAILED)."""
-        self.links.disconnect(self.peer(peer), force, timeout_ms)
+        self.links.disconnect(self.peer(peer), bool(force), self._timeout(timeout_ms))
 
     def peers(self):
         """Live links (a link that ended leaves the table)."""
         return self.links.peers()
 
+    @public
     def peer(self, name_or_peer):
         """The Peer by name (or the Peer itself); LLM_NOT_YET_LINK if unknown."""
         return self.links.peer(name_or_peer)
 
+    @public
     def find_peer(self, cluster_id):
         """The most recent Peer of a cluster id, or None."""
         return self.links.find_peer(cluster_id)
 
     # --- memory ------------------------------------------------------------------------
 
+    @public
     def register_memory(self, addr, length, *, parent=None, addressable=True, share=None):
         """Make [addr, addr + length) reachable by peers; returns its region id.
 
@@ -176,19 +193,24 @@ class TransferEngine:
         shared-memory transport). Addressable regions never overlap."""
         return self.registry.register(addr, length, parent, addressable, share)
 
-    def unregister_memory(self, region_id, timeout_ms=None):
-        """Withdraw a region (and its sub-regions) once no transfer, ours or
-        a peer's, uses it. LLM_LINK_BUSY when one still does after
-        ``timeout_ms`` (default: the engine's): the region then stays
-        registered and can be released later."""
-        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
+    @public
+    def unregister_memory(self, region_ids, timeout_ms=None):
+        """Withdraw a region, or a list of regions (all or none), with their
+        sub-regions, once no transfer, ours or a peer's, uses them.
+        LLM_LINK_BUSY when one still does after ``timeout_ms`` (default: the
+        engine's): the regions then stay registered and can be released
+        later."""
+        timeout = self._timeout(timeout_ms)
+        many = isinstance(region_ids, (list, tuple))
+        ids = [checks.integer(i, "region id", 1) for i in (region_ids if many else [region_ids])]
         revoke = self._revoke if self.transport.one_sided else None
-        self.registry.release(region_id, time.monotonic() + timeout / 1000, revoke)
+        self.registry.release(ids, time.monotonic() + timeout / 1000, revoke)
 
+    @public
     def renew_region(self, region_id):
         """A new id for an addressable region (its cache key moved): peers
         naming the old id are refused and look it up again. Returns the id."""
-        new_id = self.registry.renew(region_id)
+        new_id = self.registry.renew(checks.integer(region_id, "region id", 1))
         if self.transport.one_sided:
             self._revoke([region_id], time.monotonic() + self.timeout_ms / 1000)
         return new_id
@@ -214,11 +236,13 @@ class TransferEngine:
 
     # --- control calls -----------------------------------------------------------------
 
+    @public
     def add_handler(self, method, handler):
         """Serve control calls ``method`` (not a reserved name, see
         kvcache.engine.rpc): handler(peer, params dict) -> dict."""
         self.rpc.serve(method, handler, reserved=False)
 
+    @public
     def call(self, peer, method, params, timeout_ms=None):
         """A control call to the peer's handler; returns its result dict.
         Not a transfer: it touches no registered memory, so a peer waiting
@@ -226,19 +250,28 @@ class TransferEngine:
         return self._call(self.peer(peer), method, params, timeout_ms)
 
     def _call(self, peer, method, params, timeout_ms=None):
+        if not isinstance(method, str) or not 0 < len(method) <= 4096:
+            raise checks.invalid(f"method must be a string of 1..4096 characters, got "
+                                 f"{method!r}")
         if not isinstance(params, dict):
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, "params must be a dict")
-        return self.links.call(peer, method, params, timeout_ms)
+            raise checks.invalid("params must be a dict")
+        return self.links.call(peer, method, params, self._timeout(timeout_ms))
+
+    def _timeout(self, timeout_ms):
+        """A caller's deadline in ms (None: the engine's), checked."""
+        return self.timeout_ms if timeout_ms is None else checks.timeout_ms(timeout_ms)
 
     def _rpc_regions(self, peer, params):
         return {"regions": [list(r) for r in self.registry.rows()]}
 
     def _rpc_revoke(self, peer, params):
-        if not peer.revoke(params["ids"], params["timeout_ms"] / 1000):
+        timeout_s = min(params["timeout_ms"], checks.MAX_TIMEOUT_MS) / 1000
+        if not peer.revoke(params["ids"], timeout_s):
             raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
                                f"transfers on regions {params['ids']} still running")
         return {}
 
+    @public
     def refresh_regions(self, peer, timeout_ms=None):
         """Fetch the peer's current memory table."""
         peer = self.peer(peer)
@@ -246,6 +279,7 @@ class TransferEngine:
 
     # --- transfers -----------------------------------------------------------------------
 
+    @public
     def transfer_sync(self, peer, op, local_addrs, remote_addrs, lengths, timeout_ms=None,
                       remote_regions=None):
         """Copy between our registered memory and the peer's: ``op`` 'write'
@@ -270,9 +304,9 @@ class TransferEngine:
             if named.size != local.size:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    "remote_regions must name one region per piece")
+        timeout = self._timeout(timeout_ms)
         if local.size == 0:
             return 0
-        timeout = self.timeout_ms if timeout_ms is None else timeout_ms
         deadline = time.monotonic() + timeout / 1000
         peer.link.begin_transfer()
         local_pins = remote_pins = None
@@ -305,23 +339,32 @@ class TransferEngine:
         return total
 
     def _pin_remote(self, peer, remote, lengths, named, timeout_ms):
-        one_sided = self.transport.one_sided
-        pinned = peer.pin_remote(remote, lengths, named, require_known=one_sided)
+        """Pin the peer's regions in our copy of its table (refreshed once
+        when it does not cover the pieces). Where the peer's CPU does not
+        check pieces (shared memory, RDMA), each must lie in the region it
+        names here."""
+        strict = not self.transport.owner_checks
+        pinned = peer.pin_remote(remote, lengths, named, strict)
         if pinned is None:
             self.refresh_regions(peer, timeout_ms)
-            pinned = peer.pin_remote(remote, lengths, named, require_known=one_sided)
+            pinned = peer.pin_remote(remote, lengths, named, strict)
         if pinned is not None:
             return pinned
-        if named is not None:
+        if named is not None and not peer.knows(named):
             raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                f"{peer.name} no longer has the regions the pieces name")
-        peer.regions.check(remote, lengths, f"remote ({peer.name})")   # names the piece
-        raise AssertionError("unreachable")
+        ids = peer.regions.check(remote, lengths, f"remote ({peer.name})")   # names the piece
+        i = int(np.flatnonzero(ids != named)[0])
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                           f"remote ({peer.name}) piece {i} [{int(remote[i]):#x}, "
+                           f"+{int(lengths[i])}) is not inside region {int(named[i])} it names")
 
+    @public
     def transfer_async(self, peer, op, local_addrs, remote_addrs, lengths, timeout_ms=None):
         """transfer_sync on a worker thread; returns a TransferRequest. Bad
         arrays are refused here (LLM_PARAM_INVALID)."""
         local, remote, lengths, _ = as_descriptor_arrays(local_addrs, remote_addrs, lengths)
+        self._timeout(timeout_ms)
         with self._pool_lock:
             if self._closed:
                 raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED, "engine closed")
@@ -333,20 +376,25 @@ class TransferEngine:
         return TransferRequest(future)
 
     # Mooncake-style spellings.
+    @public
     def transfer_sync_write(self, peer, local_addr, remote_addr, length):
         return self.transfer_sync(peer, "write", [local_addr], [remote_addr], [length])
 
+    @public
     def transfer_sync_read(self, peer, local_addr, remote_addr, length):
         return self.transfer_sync(peer, "read", [local_addr], [remote_addr], [length])
 
+    @public
     def batch_transfer_sync_write(self, peer, local_addrs, remote_addrs, lengths):
         return self.transfer_sync(peer, "write", local_addrs, remote_addrs, lengths)
 
+    @public
     def batch_transfer_sync_read(self, peer, local_addrs, remote_addrs, lengths):
         return self.transfer_sync(peer, "read", local_addrs, remote_addrs, lengths)
 
     # --- notifications -------------------------------------------------------------------
 
+    @public
     def notify(self, peer, name, message=b"", timeout_ms=None):
         """Deliver (name, message bytes) to the peer; returns once it has it.
         ``message``: bytes-like, at most MAX_NOTIFY_BYTES (4 MiB); ``name``:
@@ -356,7 +404,7 @@ class TransferEngine:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                "notification name must be a string of at most 4096 characters")
         try:
-            body = memoryview(message)
+            body = memoryview(bytes(message) if not isinstance(message, bytes) else message)
         except TypeError:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"notification message must be bytes-like, got "
@@ -365,7 +413,7 @@ class TransferEngine:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"notification message of {body.nbytes} bytes exceeds "
                                f"MAX_NOTIFY_BYTES ({MAX_NOTIFY_BYTES})")
-        self.links.notify(self.peer(peer), name, body, timeout_ms)
+        self.links.notify(self.peer(peer), name, body, self._timeout(timeout_ms))
 
     def get_notifications(self):
         """[(peer name, name, message bytes)] received since the last call."""

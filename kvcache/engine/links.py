@@ -52,7 +52,7 @@ class Listener:
         self.address = format_address(host, self.sock.getsockname()[1])
         self.port = self.sock.getsockname()[1]
         self._on_connection = on_connection
-        self._threads = set()
+        self._threads = {}                 # connection thread -> its socket, until handed over
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._accept_loop, name="kv-accept",
@@ -76,7 +76,7 @@ class Listener:
                 if self._closed:
                     sock.close()
                     return
-                self._threads.add(thread)
+                self._threads[thread] = sock
             thread.start()
 
     def _run(self, sock, addr):
@@ -87,21 +87,25 @@ class Listener:
 
     def _hand_over(self):
         with self._lock:
-            self._threads.discard(threading.current_thread())
+            self._threads.pop(threading.current_thread(), None)
 
     def close(self):
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-            threads = list(self._threads)
+            threads = dict(self._threads)
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         self._thread.join(JOIN_S)
         self.sock.close()
-        for thread in threads:
+        for thread, sock in threads.items():
+            try:
+                sock.shutdown(socket.SHUT_RDWR)       # a handshake in progress ends now
+            except OSError:
+                pass
             if thread is not threading.current_thread():
                 thread.join(JOIN_S)
 
@@ -323,9 +327,9 @@ class LinkManager:
         except ChannelClosed as exc:
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"link to {peer.name} failed: {exc}") from None
-        except ProtocolError as exc:          # our own request does not fit a frame
+        except (ProtocolError, TypeError, ValueError) as exc:   # params that are no frame
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               f"call {method!r}: {exc}") from None
+                               f"call {method!r}: parameters cannot be sent: {exc}") from None
         if reply["status"] != LLMStatusCode.LLM_SUCCESS:
             raise LLMException(_status(reply["status"]), reply["message"])
         result = reply.get("result")
@@ -382,14 +386,15 @@ class LinkManager:
         tell = peer.link.begin_unlink(force)
         if peer.link.in_flight:
             tell = False              # forced while busy: the peer sees the connection drop
-        if tell:
-            try:
+        try:
+            if tell:
                 peer.channel.call(MsgType.BYE, {}, timeout_ms=timeout_ms or self.timeout_ms)
-            except (ChannelClosed, LLMException) as exc:
-                log.info("unlink notice to %s not delivered: %s", peer.name, exc)
-        if peer.state == LinkState.FAILED:
-            peer.link.transition(LinkState.IDLE, "unlinked")
-        peer.channel.close("unlinked")
+        except (ChannelClosed, LLMException) as exc:
+            log.info("unlink notice to %s not delivered: %s", peer.name, exc)
+        finally:
+            if peer.state == LinkState.FAILED:
+                peer.link.transition(LinkState.IDLE, "unlinked")
+            peer.channel.close("unlinked")
 
     def _channel_closed(self, channel, reason):
         """The link's connection ended (any thread): the state first (a

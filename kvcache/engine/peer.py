@@ -42,23 +42,29 @@ class Peer:
             self.regions = RegionTable(rows)
             self._known = set(int(i) for i in self.regions.ids)
 
-    def pin_remote(self, remote, lengths, named=None, require_known=False):
+    def pin_remote(self, remote, lengths, named=None, strict=False):
         """Pin the peer's regions our pieces touch. ``named``: the region id
-        of every piece, as the caller looked it up. Returns (ids per piece,
-        pinned ids), or None when our copy of the peer's table does not
-        cover the pieces (refresh it, then try again)."""
+        of every piece, as the caller looked it up. ``strict`` (a transport
+        whose owner does not check pieces itself): every piece must lie in
+        the region it names in our copy of the peer's table. Returns (ids
+        per piece, pinned ids), or None when our copy does not cover the
+        pieces that way (refresh it, then try again)."""
         with self._lock:
-            if named is None:
-                ids, misses = self.regions.locate(remote, lengths)
-                if misses:
+            if named is None or strict:
+                located, misses = self.regions.locate(remote, lengths)
+                if misses or (named is not None and (located != named).any()):
                     return None
+                ids = located
             else:
                 ids = named
             pinned = np.unique(ids).tolist() if ids.size else []
-            if require_known and not self._known.issuperset(pinned):
-                return None
             self._pins.add(pinned)
         return ids, pinned
+
+    def knows(self, ids):
+        """Whether every region id in ``ids`` is in our copy of the table."""
+        with self._lock:
+            return self._known.issuperset(int(i) for i in np.unique(ids))
 
     def unpin_remote(self, pinned):
         self._pins.remove(pinned)

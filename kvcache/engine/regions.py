@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 
+from kvcache.checks import integer
 from kvcache.descriptors import NO_REGION, RegionTable
 from kvcache.engine.pins import Pins
 from kvcache.status import LLMException, LLMStatusCode
@@ -27,14 +28,20 @@ from kvcache.transports.base import SLOTS
 
 
 class Region:
-    __slots__ = ("region_id", "addr", "length", "parent", "addressable")
+    """``retired``: the earlier ids (generations) of a renewed region, whose
+    transfers may still run."""
+    __slots__ = ("region_id", "addr", "length", "parent", "addressable", "retired")
 
-    def __init__(self, region_id, addr, length, parent, addressable):
+    def __init__(self, region_id, addr, length, parent, addressable, retired=()):
         self.region_id = region_id
         self.addr = addr
         self.length = length
         self.parent = parent
         self.addressable = addressable
+        self.retired = list(retired)
+
+    def ids(self):
+        return [self.region_id] + self.retired
 
 
 def check_host_mapped(addr, length):
@@ -86,7 +93,7 @@ class RegionRegistry:
     def register(self, addr, length, parent=None, addressable=True, share=None):
         """A new region's id. LLM_PARAM_INVALID for memory that is not ours,
         not inside its parent, or overlapping another addressable region."""
-        addr, length = int(addr), int(length)
+        addr, length = integer(addr, "addr"), integer(length, "length")
         if addr <= 0 or length <= 0 or addr + length >= 1 << 64:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"cannot register addr={addr:#x} length={length}")
@@ -114,8 +121,9 @@ class RegionRegistry:
         return region.region_id
 
     def _next_id(self):
-        """The next id whose pin-board slot no live addressable region holds."""
-        taken = {i % SLOTS for i in self._regions}
+        """The next id whose pin-board slot no live region holds (nor any
+        earlier generation of one, whose copies may still be in flight)."""
+        taken = {i % SLOTS for r in self._regions.values() for i in r.ids()}
         if len(taken) >= SLOTS:
             raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
                                f"{SLOTS} regions registered; release some first")
@@ -125,53 +133,62 @@ class RegionRegistry:
                 self._last_id = region_id
                 return region_id
 
-    def release(self, region_id, deadline, revoke=None):
-        """Withdraw ``region_id`` (and its sub-regions), wait for their pins
-        and for ``revoke(ids, deadline)`` (peers dropping them; returns
+    def release(self, region_ids, deadline, revoke=None):
+        """Withdraw the regions ``region_ids`` (an id or a list; with their
+        sub-regions and every earlier generation of each), wait for their
+        pins and for ``revoke(ids, deadline)`` (peers dropping them; returns
         whether all did) until ``deadline`` (time.monotonic()), then forget
-        them and unregister a top-level region from the transport.
-        LLM_LINK_BUSY at the deadline, with everything restored."""
+        them and unregister the top-level ones from the transport. All or
+        nothing: LLM_LINK_BUSY at the deadline, with everything restored."""
+        if isinstance(region_ids, int):
+            region_ids = [region_ids]
         with self._lock:
-            region = self._regions.get(region_id)
-            if region is None:
+            missing = [i for i in region_ids if i not in self._regions]
+            if missing:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                                   f"region {region_id} is not registered")
-            gone = {region_id} | {i for i, r in self._regions.items() if r.parent == region_id}
-            kept = {i: r for i, r in self._regions.items() if i not in gone}
+                                   f"region {missing[0]} is not registered")
+            gone = set(region_ids) | {i for i, r in self._regions.items()
+                                      if r.parent in region_ids}
             saved = self._regions
+            kept = {i: r for i, r in saved.items() if i not in gone}
             self._regions, self._table = kept, _table_of(kept)
-        withdrawn = [i for i in gone if saved[i].addressable]
+        every = {g for i in gone for g in saved[i].ids()}       # all generations
+        withdrawn = [g for i in gone if saved[i].addressable for g in saved[i].ids()]
         ok = all([self.transport.withdraw_region(i, deadline) for i in withdrawn])
         if ok and revoke is not None and withdrawn:
             ok = revoke(withdrawn, deadline)
         with self._lock:
             if ok:
-                ok = self._pins.wait_clear(gone, deadline - time.monotonic())
+                ok = self._pins.wait_clear(every, deadline - time.monotonic())
             if not ok:
-                busy = self._pins.count(gone)
+                busy = self._pins.count(every)
                 restored = dict(self._regions)
                 restored.update((i, saved[i]) for i in gone)
                 self._regions, self._table = restored, _table_of(restored)
         if not ok:
-            for i in withdrawn:
-                self.transport.publish_region(i)
+            for i in gone:
+                if saved[i].addressable:
+                    self.transport.publish_region(i)
             raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
-                               f"region {region_id} is still in use by transfers "
+                               f"region {sorted(region_ids)[0]} is still in use by transfers "
                                f"({busy} pinned here{'' if busy else ', or by a peer'}); it stays "
                                "registered, release it again later")
-        if region.parent is None:
-            self.transport.unregister_region(region_id)
+        for i in region_ids:
+            if saved[i].parent is None:
+                self.transport.unregister_region(i)
 
     def renew(self, region_id):
         """Give an addressable region a new id (a new generation): a peer
         naming the old id is refused from now on and looks it up again.
-        Transfers already running under the old id finish; its memory stays."""
+        Transfers already running under the old id finish; its memory stays,
+        and releasing the region waits for them too."""
         with self._lock:
             old = self._regions.get(region_id)
             if old is None or not old.addressable:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"region {region_id} is not an addressable region")
-            new = Region(self._next_id(), old.addr, old.length, old.parent, True)
+            new = Region(self._next_id(), old.addr, old.length, old.parent, True,
+                         old.retired + [region_id])
             regions = {i: r for i, r in self._regions.items() if i != region_id}
             regions[new.region_id] = new
             self._regions, self._table = regions, _table_of(regions)

@@ -27,6 +27,10 @@ class LinkData:
 
 class Transport(ABC):
     name = "abstract"
+    # Whether the side that owns the memory checks every piece itself right
+    # before the bytes move (TCP). Where it does not, the initiator checks
+    # each piece against its copy of the owner's table first.
+    owner_checks = True
     # One-sided transports (RDMA) move bytes into peer memory without the
     # peer's CPU: releasing memory needs every peer to drop it first.
     one_sided = False

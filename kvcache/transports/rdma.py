@@ -104,6 +104,7 @@ class RdmaTransport(Transport):
     checks every piece against the peer's memory keys (and the hardware
     enforces the registered bounds)."""
     name = "rdma"
+    owner_checks = False
     one_sided = True
 
     def __init__(self, device_id=0):

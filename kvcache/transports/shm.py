@@ -42,6 +42,8 @@ from pyverbs_kv import pieces
 log = logging.getLogger(__name__)
 
 GRANT_TIMEOUT_S = 5
+MAX_GRANTS_AT_ONCE = 16
+MAP_RETRY_S = 1.0                # after a failed mapping, TCP for this long, then try again
 UNMAP_WAIT_S = 60
 BOARD_BYTES = 16 * SLOTS
 CHUNK_BYTES = 16 << 20           # a copy checks its deadline and link between chunks
@@ -82,6 +84,7 @@ class ShmLink(TcpLink):
         self.shift = np.empty(0, dtype=np.uint64)
         self.board = None                  # the peer's board for us: address
         self.mapped = False
+        self.retry_at = 0.0
         self.map_lock = threading.Lock()
         self.copies = 0
         self.idle = threading.Condition(self.map_lock)
@@ -109,6 +112,7 @@ class ShmLink(TcpLink):
 class ShmTransport(TcpTransport):
     """TCP for everything a peer cannot share; memcpy for what it can."""
     name = "shm"
+    owner_checks = False           # the initiator copies; the pin board guards liveness
 
     def __init__(self):
         super().__init__()
@@ -117,6 +121,7 @@ class ShmTransport(TcpTransport):
         self._boards = {}                   # peer -> _Board (live links)
         self._draining = []                 # boards of ended links with copies left
         self._grants = {}                   # token -> (peer, board)
+        self._granting = {}                 # grant thread -> its connection
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.socket_name = f"kvcache-shm-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener.bind("\0" + self.socket_name)
@@ -205,23 +210,38 @@ class ShmTransport(TcpTransport):
                 conn, _ = self._listener.accept()
             except OSError:
                 return
+            with self._lock:
+                if self._closed or len(self._granting) >= MAX_GRANTS_AT_ONCE:
+                    conn.close()                # a peer flooding us gets nothing
+                    continue
+                thread = threading.Thread(target=self._grant, args=(conn,),
+                                          name="kv-shm-grant", daemon=True)
+                self._granting[thread] = conn
+            thread.start()
+
+    def _grant(self, conn):
+        """One grant connection, within GRANT_TIMEOUT_S: the token, then our
+        memfds and this link's board, to a process of our own user only."""
+        try:
             with conn:
-                try:
-                    conn.settimeout(GRANT_TIMEOUT_S)
-                    token = conn.recv(64).decode(errors="replace")
-                    with self._lock:
-                        peer, board = self._grants.pop(token, (None, None))
-                        shared = list(self._shared.items())
-                    if board is None:
-                        continue                # not a grant we made: drop it
-                    pid = struct.unpack("3i", conn.getsockopt(
-                        socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[0]
-                    board.peer_pid = pid
-                    header = json.dumps([[i, a, n, off] for i, (a, n, _, off) in shared]).encode()
-                    socket.send_fds(conn, [len(header).to_bytes(4, "big") + header],
-                                    [fd for _, (_, _, fd, _) in shared] + [board.fd])
-                except OSError as exc:
-                    log.info("shm grant failed: %s", exc)
+                conn.settimeout(GRANT_TIMEOUT_S)
+                pid, uid, _ = struct.unpack("3i", conn.getsockopt(
+                    socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+                token = conn.recv(64).decode(errors="replace")
+                with self._lock:
+                    peer, board = self._grants.pop(token, (None, None))
+                    shared = list(self._shared.items())
+                if board is None or uid != os.getuid():
+                    return                      # not a grant we made, or another user
+                board.peer_pid = pid
+                header = json.dumps([[i, a, n, off] for i, (a, n, _, off) in shared]).encode()
+                socket.send_fds(conn, [len(header).to_bytes(4, "big") + header],
+                                [fd for _, (_, _, fd, _) in shared] + [board.fd])
+        except OSError as exc:
+            log.info("shm grant failed: %s", exc)
+        finally:
+            with self._lock:
+                self._granting.pop(threading.current_thread(), None)
 
     def detach_peer(self, peer):
         super().detach_peer(peer)
@@ -244,19 +264,24 @@ class ShmTransport(TcpTransport):
         lanes = super().attach_peer(peer, timeout_ms).lanes
         return ShmLink(lanes)
 
-    def _mapped(self, peer):
+    def _mapped(self, peer, deadline):
+        """The link's mappings; mapped at first use. A mapping that failed
+        is tried again MAP_RETRY_S later (TCP meanwhile)."""
         link = peer.data
         with link.map_lock:
-            if not link.mapped:
-                link.mapped = True
-                self._map_peer(peer, link)
+            if not link.mapped and time.monotonic() >= link.retry_at:
+                link.retry_at = time.monotonic() + MAP_RETRY_S
+                self._map_peer(peer, link, deadline)
         return link
 
-    def _map_peer(self, peer, link):
-        grant = self.ctx.call(peer, "shm.grant", {})
+    def _map_peer(self, peer, link, deadline):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        grant = self.ctx.call(peer, "shm.grant", {}, max(1, int(left * 1000)))
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
-                conn.settimeout(GRANT_TIMEOUT_S)
+                conn.settimeout(max(0.001, min(GRANT_TIMEOUT_S, deadline - time.monotonic())))
                 conn.connect("\0" + str(grant["socket"]))
                 conn.sendall(str(grant["token"]).encode())
                 data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 64)
@@ -288,6 +313,7 @@ class ShmTransport(TcpTransport):
             link.shift = np.array([shifts[int(i)] for i in link.table.ids],
                                   dtype=np.int64).view(np.uint64)
             link.board = np.frombuffer(board, dtype=np.uint8).ctypes.data
+            link.mapped = True
             log.info("mapped %d shared region(s) of %s", len(rows), peer.name)
         except (ValueError, OSError, LLMException) as exc:
             for m in link.maps:
@@ -302,7 +328,7 @@ class ShmTransport(TcpTransport):
     # --- transfers ----------------------------------------------------------------------------
 
     def _move(self, op, peer, local, remote, lengths, regions, deadline):
-        link = self._mapped(peer)
+        link = self._mapped(peer, deadline)
         with link.map_lock:
             if link.board is None:
                 table, shift, board = RegionTable(), link.shift, None
@@ -374,6 +400,14 @@ class ShmTransport(TcpTransport):
             pass
         self._thread.join(5)
         self._listener.close()
+        with self._lock:
+            granting = dict(self._granting)
+        for thread, conn in granting.items():
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            thread.join(5)
         with self._lock:
             boards = list(self._boards.values()) + self._draining
             self._boards, self._draining = {}, []

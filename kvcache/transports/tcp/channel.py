@@ -96,7 +96,7 @@ class Channel(FrameStream):
         timeout = self.io_timeout_ms if timeout_ms is None else timeout_ms
         try:
             self.send(msg_type, req_id, header, pieces, timeout, prefix)
-        except ChannelClosed:
+        except BaseException:          # closed, or a header that does not encode
             with self._pending_lock:
                 self._pending.pop(req_id, None)
             raise
@@ -158,26 +158,44 @@ class Channel(FrameStream):
         while True:
             item = self._replies.get()
             if item is None:
-                return
+                break
             req_id, produce, after = item
             try:
-                if self.closed:
-                    continue        # nobody to answer; still run ``after``
-                try:
-                    header, pieces = produce()
-                except LLMException as exc:
-                    header, pieces = {"status": int(exc.status_code), "message": str(exc)}, None
-                except Exception as exc:
-                    log.exception("%s: reply to %d failed", self.name, req_id)
-                    header, pieces = {"status": int(LLMStatusCode.LLM_FAILED),
-                                      "message": f"peer failed: {exc!r}"}, None
-                try:
-                    self.send(MsgType.REPLY, req_id, header, pieces)
-                except ChannelClosed:
-                    pass
+                if not self.closed:
+                    self._reply(req_id, produce)
             finally:
                 if after is not None:
                     after()
+        # Requests queued behind the close still release what they hold.
+        while True:
+            try:
+                item = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and item[2] is not None:
+                item[2]()
+
+    def _reply(self, req_id, produce):
+        try:
+            header, pieces = produce()
+        except LLMException as exc:
+            header, pieces = {"status": int(exc.status_code), "message": str(exc)}, None
+        except Exception as exc:
+            log.exception("%s: reply to %d failed", self.name, req_id)
+            header, pieces = {"status": int(LLMStatusCode.LLM_FAILED),
+                              "message": f"peer failed: {exc!r}"}, None
+        try:
+            self.send(MsgType.REPLY, req_id, header, pieces)
+        except ChannelClosed:
+            pass
+        except Exception as exc:           # a handler's result that is no JSON frame
+            log.warning("%s: reply to %d does not encode: %s", self.name, req_id, exc)
+            try:
+                self.send(MsgType.REPLY, req_id, {
+                    "status": int(LLMStatusCode.LLM_FAILED),
+                    "message": f"the peer's handler returned what cannot be sent: {exc}"})
+            except ChannelClosed:
+                pass
 
     # --- closing --------------------------------------------------------------
 
