@@ -115,7 +115,16 @@ class Throttle:
 
     def release(self):
         self._done.set()
-        self._thread.join(5)
+        if self._thread is not threading.current_thread():
+            self._thread.join(5)
+
+    def release_after(self, seconds):
+        """Release from a timer ``seconds`` from now (whatever the test is
+        blocked in by then)."""
+        timer = threading.Timer(seconds, self.release)
+        timer.daemon = True
+        timer.start()
+        return self
 
 
 class RawReader:
@@ -259,7 +268,12 @@ def block_view(cache, tensor, block):
 
 
 def fill_cache(cache, value):
-    for tensor in cache.tensors():
+    """Set every byte of a local cache to ``value``, last tensor first, each
+    from its first block up. Transfers move tensor after tensor; with the
+    destination blocks reversed, the block a running transfer writes last
+    (the last tensor's block 0) is the first refilled, so a transfer still
+    running when the refill starts is caught however fast it is."""
+    for tensor in reversed(cache.tensors()):
         as_bytes(tensor)[:] = value
 
 

@@ -15,16 +15,22 @@ The rules these tests hold the engine and the cache manager to:
   LLM_KV_CACHE_NOT_EXIST (removed) or reads the new cache (given away).
 
 A transfer is held in flight by freezing the process on the other side
-(SIGSTOP, helpers.Freeze), or, where this process does the copying itself
-(the shared-memory transport copies on the initiator), by its size; each
-test first checks that the transfer really is in flight, so it cannot pass
-by missing the race. Memory freed too early is caught by writing a known
-value into it (or into the cache that gets the same memory next) after the
-free returned, letting the transfer end, and counting the bytes that
-changed.
+(SIGSTOP, helpers.Freeze), by slowing it down while it stays alive
+(helpers.Throttle: it runs 0.5 ms in every 50, so it still answers control
+calls), or, where this process does the copying itself (the shared-memory
+transport copies on the initiator), by its size. Each test checks that the
+transfer is in flight before it frees, and fails (rather than passes) when
+it finds the transfer ended too early to be raced. Memory freed too early
+is caught by writing a known value into it (or into the cache that gets the
+same memory next) right after the free returned, letting the transfer end,
+and counting the bytes that changed. Only the shared-memory variants of the
+pull tests (report 1) rest on timing alone: a 128 MiB copy (~30 ms here)
+against the free's notice round trip to the peer (~1 ms).
+
+Remote actions beyond tests/kv_peer.py are not needed; helpers.RawReader is
+a second kind of peer process (a bare TransferEngine, no cache manager).
 """
 import json
-import signal
 import time
 
 import numpy as np
@@ -188,26 +194,27 @@ def test_unregister_memory_during_a_read_into_it_waits_or_refuses_and_no_byte_la
         # One small read first: lanes / the shared mapping are set up.
         engine.transfer_sync(peer, "read", [region_memory.ctypes.data], [remote_base], [PIECE])
         offsets = np.arange(READ_BYTES // PIECE, dtype=np.uint64) * np.uint64(PIECE)
+        # Over TCP the peer sends the data: frozen for the read's first
+        # 0.5 s, it cannot end before we unregister. (Shared memory is
+        # copied here, 256 MiB of first-touch pages: far longer than the
+        # unregister takes.)
+        freeze = world.freeze(prompt).stop().resume_after(0.5)
         request = engine.transfer_async(peer, "read", region_memory.ctypes.data + offsets[::-1],
                                         remote_base + offsets, np.full(offsets.size, PIECE))
         wait_until(lambda: peer.link.in_flight or request.status() != "pending", 5,
                    what="the read in flight")
-        # Over TCP the peer sends the data: freeze it so the read cannot end
-        # before we unregister (shared memory is copied here, 256 MiB of
-        # first-touch pages, which takes far longer than the unregister).
-        freeze = world.freeze(prompt).stop().resume_after(0.5)
         assert request.status() == "pending", "the read ended before it could be raced"
         refused = status_of(engine.unregister_memory, region)
-        region_memory[:] = 0                  # after unregister returned: not ours to get
         returned_frozen = freeze.resumed_at is None
+        region_memory[:] = 0                  # after unregister returned: not ours to get
         code = status_of(request.wait, 15_000)
         landed = int(np.count_nonzero(region_memory))
         assert refused is None or refused.status_code == LLMStatusCode.LLM_LINK_BUSY, refused
+        when = "while the peer was still frozen" if returned_frozen else "after it continued"
         assert landed == 0, (
             f"{landed} bytes of the read landed in the region after unregister_memory "
-            f"{'refused' if refused else 'returned'} (it returned "
-            f"{'while the peer was still frozen' if returned_frozen else 'after the peer continued'}; the read "
-            f"ended with {name(code and code.status_code)})")
+            f"{'refused' if refused else 'returned'} (it returned {when}; the read ended with "
+            f"{name(code and code.status_code)})")
         if refused is not None:
             # Refused: still registered, usable, and unregistrable now.
             assert region in [r[0] for r in engine.regions()]
@@ -238,17 +245,24 @@ def _pulling_decoder(world, transport, pool_bytes):
 
 def _start_big_pull(world, prompt, decoder, transport, cache):
     """Start pulling every block into ``cache`` (destination blocks reversed:
-    32,768 separate pieces) and return once it is in flight. Over TCP the
-    prompt, which sends the data, is frozen for 0.5 s; shared memory is
-    copied by this process, a 128 MiB copy of first-touch pages."""
+    32,768 separate pieces) and return once it is in flight.
+
+    Over TCP the prompt, which sends the data, is slowed down for the first
+    second (it runs 0.5 ms in every 50): it still answers the free's notice
+    to forget the cache within ~0.1 s, but sends only a few MiB by then; the
+    rest lands after the test has refilled the memory. (Frozen instead, it
+    would answer the notice only when continued, and then send all 128 MiB
+    in ~60 ms, overlapping the refill.) Shared memory is copied by this
+    process: 128 MiB in ~30 ms, against a notice's round trip of ~1 ms; the
+    refill starts with the blocks the copy writes last (helpers.fill_cache)."""
     cm = decoder.cache_manager
     cm.pull_blocks(BlocksCacheKey(1), cache, [0], [0])        # look-up and lanes ready
+    if transport == "tcp":
+        world.throttle(prompt).release_after(1.0)
     blocks = list(range(PULL_BLOCKS))
     pull = Outcome(cm.pull_blocks, BlocksCacheKey(1), cache, blocks, blocks[::-1])
     link_state = decoder.engine.find_peer(1).link
     wait_until(lambda: link_state.in_flight or pull.done(), 5, what="the pull in flight")
-    if transport == "tcp":
-        world.freeze(prompt).stop().resume_after(0.5)
     assert not pull.done(), f"the pull ended ({name(pull.code)}) before it could be raced"
     return pull
 
@@ -291,7 +305,7 @@ def test_unregister_cache_during_a_pull_into_it_waits_or_refuses_and_no_byte_lan
     pull = _start_big_pull(world, prompt, decoder, transport, x)
     refused = status_of(cm.unregister_cache, x.cache_id)
     pull_running = not pull.done()
-    for a in owned:
+    for a in reversed(owned):                   # see helpers.fill_cache
         as_bytes(a)[:] = 0
     pull.join(20)
     landed = sum(int(np.count_nonzero(as_bytes(a))) for a in owned)
@@ -529,8 +543,7 @@ def _keyed_prompt(world, transport):
     decoder = world.spawn("decoder", 2, listen="", transport=transport, buf_pool_cfg=pool(16 * MiB))
     dst = decoder.call("alloc_cache", 2, ROW_DESC.shape)
     assert decoder.call("link", 1, prompt.listen_address) == LLMStatusCode.LLM_SUCCESS
-    decoder.call("pull_cache", 1, None, dst, req_id=KEY.req_id)   # the decoder remembers it
-    _assert_read(decoder, dst, a)
+    assert _holds(_read_by_key(decoder, dst), a)          # the decoder remembers the look-up
     return prompt, cm, a, decoder, dst
 
 
@@ -539,10 +552,13 @@ def _fill_pattern(cache, seed):
         as_bytes(tensor)[:] = pattern(seed, i, tensor.nbytes)
 
 
-def _assert_read(decoder, dst, cache):
-    got = decoder.call("tensors", dst)
-    for i, tensor in enumerate(cache.tensors()):
-        np.testing.assert_array_equal(got[i].reshape(-1), as_bytes(tensor))
+def _read_by_key(decoder, dst):
+    decoder.call("pull_cache", 1, None, dst, req_id=KEY.req_id)
+    return [t.reshape(-1) for t in decoder.call("tensors", dst)]
+
+
+def _holds(got, cache):
+    return all(np.array_equal(g, as_bytes(t)) for g, t in zip(got, cache.tensors()))
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -550,8 +566,11 @@ def test_a_pull_by_a_removed_cache_key_says_not_exist(world, transport):
     prompt, cm, a, decoder, dst = _keyed_prompt(world, transport)
     cm.remove_cache_key(KEY)
     with pytest.raises(PeerError) as err:
-        decoder.call("pull_cache", 1, None, dst, req_id=KEY.req_id)
-    assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+        got = _read_by_key(decoder, dst)
+        raise AssertionError(f"the pull by the removed key succeeded, reading "
+                             f"{'the old cache' if _holds(got, a) else 'other bytes'}")
+    assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, name(
+        err.value.status_code)
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
@@ -560,5 +579,7 @@ def test_a_pull_by_a_cache_key_given_to_a_new_cache_reads_the_new_cache(world, t
     cm.remove_cache_key(KEY)
     b = cm.allocate_cache(ROW_DESC, [KEY])
     _fill_pattern(b, seed=2)
-    decoder.call("pull_cache", 1, None, dst, req_id=KEY.req_id)
-    _assert_read(decoder, dst, b)
+    got = _read_by_key(decoder, dst)
+    assert _holds(got, b), (
+        f"the pull by the key read {'the old cache' if _holds(got, a) else 'other bytes'}, "
+        f"not the cache the key now names")
