@@ -15,10 +15,11 @@ import traceback
 import numpy as np
 
 
-def wait_until(predicate, timeout_s, interval_s=0.0002, what="condition"):
-    """Poll ``predicate`` until it is true; TimeoutError after ``timeout_s``.
-    The short sleep releases the GIL, so the engine's threads in this process
-    keep running while we poll."""
+def wait_until(predicate, timeout_s=5.0, what="condition", interval_s=0.0002):
+    """Poll ``predicate`` until it is true and return its value; TimeoutError
+    after ``timeout_s``. The short sleep releases the GIL, so the engine's
+    threads in this process keep running while we poll. The one poll loop
+    of the test suite."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()

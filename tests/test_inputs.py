@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import kvcache
+from helpers import wait_until, watchdog
 from kv_peer import PeerError, PeerProcess
 from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                      LLMDataDist, LLMException, LLMRole, LLMStatusCode, TransferEngine)
@@ -38,26 +39,8 @@ TEST_DEADLINE_S = 120          # a hung test fails instead of hanging the run
 @pytest.fixture(autouse=True)
 def _deadline():
     """Fail (not hang) a test that runs past TEST_DEADLINE_S."""
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran past its {TEST_DEADLINE_S} s deadline")
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_DEADLINE_S)
-    try:
+    with watchdog(TEST_DEADLINE_S):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def wait_until(condition, timeout_s=5.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {timeout_s} s")
-        time.sleep(0.01)
 
 
 # --- the wire, by hand ---------------------------------------------------------------
@@ -528,10 +511,10 @@ def test_engines_link_and_transfer_over_ipv6_loopback(transport):
         assert_link_works(c, peer, other, theirs, fill=0x44)
 
 
-@needs_ipv6
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_llm_datadist_links_and_pulls_over_ipv6_loopback(transport):
-    prompt = datadist(LLMRole.PROMPT, 1, transport, listen="[::1]:0")
+def _datadist_pull_over(transport, listen, host):
+    """A prompt listening on ``listen``; a decoder links to ``host`` at its
+    port and pulls one block, byte-exact."""
+    prompt = datadist(LLMRole.PROMPT, 1, transport, listen=listen)
     decoder = datadist(LLMRole.DECODER, 2, transport)
     try:
         desc = CacheDesc(2, DataType.DT_UINT8, [BLOCKS, ROW])
@@ -540,7 +523,7 @@ def test_llm_datadist_links_and_pulls_over_ipv6_loopback(transport):
         _fill(remote, _prompt_value)
         _fill(local, _decoder_value)
         ret, rets = decoder.link_clusters(
-            [cluster_info(1, "::1", port_of(prompt.listen_address))], timeout=3000)
+            [cluster_info(1, host, port_of(prompt.listen_address))], timeout=3000)
         assert rets == [LLMStatusCode.LLM_SUCCESS], rets
         decoder.cache_manager.pull_blocks(BlocksCacheKey(1), local, [3], [0],
                                           tensor_num_per_layer=1)
@@ -551,6 +534,12 @@ def test_llm_datadist_links_and_pulls_over_ipv6_loopback(transport):
         prompt.finalize()
 
 
+@needs_ipv6
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_llm_datadist_links_and_pulls_over_ipv6_loopback(transport):
+    _datadist_pull_over(transport, "[::1]:0", "::1")
+
+
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_host_names_are_accepted_wherever_an_address_is(transport):
     with TransferEngine("named-a", listen="localhost:0", transport=transport) as a, \
@@ -558,22 +547,7 @@ def test_host_names_are_accepted_wherever_an_address_is(transport):
         mine, theirs = registered(b, 4096), registered(a, 4096)
         peer = b.connect(f"localhost:{port_of(a.address)}", timeout_ms=3000)
         assert_link_works(b, peer, mine, theirs)
-    prompt = datadist(LLMRole.PROMPT, 1, transport, listen="localhost:0")
-    decoder = datadist(LLMRole.DECODER, 2, transport)
-    try:
-        desc = CacheDesc(2, DataType.DT_UINT8, [BLOCKS, ROW])
-        remote = prompt.cache_manager.allocate_blocks_cache(desc, BlocksCacheKey(1))
-        local = decoder.cache_manager.allocate_blocks_cache(desc)
-        _fill(remote, _prompt_value)
-        ret, rets = decoder.link_clusters(
-            [cluster_info(1, "localhost", port_of(prompt.listen_address))], timeout=3000)
-        assert rets == [LLMStatusCode.LLM_SUCCESS], rets
-        decoder.cache_manager.pull_blocks(BlocksCacheKey(1), local, [5], [6],
-                                          tensor_num_per_layer=1)
-        assert (local.tensors()[1][6] == _prompt_value(1, 5)).all()
-    finally:
-        decoder.finalize()
-        prompt.finalize()
+    _datadist_pull_over(transport, "localhost:0", "localhost")
 
 
 # === 13. a peer frozen or killed in the middle of a transfer ======================

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import wait_until
 from kv_peer import PeerError, PeerProcess, pattern
 from kvcache import DataType, LLMException, LLMStatusCode, TransferEngine
 from kvcache.transports.tcp.protocol import FRAME, MsgType, decode_frame, encode
@@ -203,10 +204,7 @@ def _in_flight(engine, peer, src, dst):
     pieces = np.arange(4096, dtype=np.uint64) * 65536
     request = engine.transfer_async(peer, "write", src.ctypes.data + pieces,
                                     dst.ctypes.data + pieces[::-1], [65536] * 4096)
-    deadline = time.monotonic() + 5
-    while peer.link.in_flight == 0 and time.monotonic() < deadline:
-        time.sleep(0.0005)
-    assert peer.link.in_flight == 1
+    wait_until(lambda: peer.link.in_flight, 5, what="the transfer in flight")
     return request
 
 

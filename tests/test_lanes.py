@@ -5,13 +5,13 @@ closed with them."""
 import json
 import socket
 import threading
-import time
 
 import numpy as np
 
 from kvcache import LLMException, LLMStatusCode, TransferEngine
 from kvcache.transports.tcp.protocol import FRAME, MsgType, decode_frame, encode
 
+from helpers import wait_until
 from test_kv_faults import _hand_made_peer, _recv_all
 
 
@@ -21,18 +21,11 @@ def _registered(engine, size=1 << 20, fill=0):
     return buf
 
 
-def _wait_until(condition, timeout_s=5):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
-
-
 def test_lane_to_a_listening_peer_and_the_channel_to_one_that_is_not():
     with TransferEngine("listens") as a, TransferEngine("silent", listen=None) as b:
         mem_a, mem_b = _registered(a, fill=1), _registered(b, fill=2)
         peer_a = b.connect(a.address)                  # b's view of a
-        _wait_until(lambda: a.peers())
+        wait_until(lambda: a.peers())
         peer_b = a.peer("silent")
         addr_a, addr_b = mem_a.ctypes.data, mem_b.ctypes.data
         # b -> a: a listens, so b opens a lane.
@@ -147,7 +140,7 @@ def test_unlinking_closes_the_lanes_on_both_sides():
         assert len(served) == 1
         b.disconnect(peer)
         assert pool.closed and not pool.idle
-        _wait_until(lambda: not served)
+        wait_until(lambda: not served)
         try:
             b.transfer_sync(peer, "read", [mem_b.ctypes.data], [mem_a.ctypes.data], [8])
             raise AssertionError("a transfer on an unlinked peer went through")

@@ -11,7 +11,6 @@ import mmap
 import os
 import re
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -23,8 +22,9 @@ import pytest
 
 from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist,
                      LLMException, LLMRole, LLMStatusCode, TransferEngine)
+from helpers import wait_until, watchdog
 from test_inputs import (HELLO, HELLO_ACK, READY, assert_link_works, cluster_info, hello,
-                         port_of, recv_wire_frame, registered, wait_until, wire_frame)
+                         port_of, recv_wire_frame, registered, wire_frame)
 
 TRANSPORTS = ["tcp", "shm"]
 TINY_POOL = '{"buf_pool_size": 2097152}'
@@ -38,15 +38,9 @@ SLACK = {"threads": 3, "fds": 3, "unix listeners": 1, "maps": 32}
 
 @pytest.fixture(autouse=True)
 def _deadline():
-    def expired(signum, frame):
-        raise TimeoutError(f"test ran past its {TEST_DEADLINE_S} s deadline")
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(TEST_DEADLINE_S)
-    try:
+    """Fail (not hang) a test that runs past TEST_DEADLINE_S."""
+    with watchdog(TEST_DEADLINE_S):
         yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # --- counting what this process holds -----------------------------------------------

@@ -4,11 +4,11 @@ import mmap
 import os
 import socket
 import threading
-import time
 
 import numpy as np
 import pytest
 
+from helpers import wait_until
 from kvcache import LLMException, LLMStatusCode, TransferEngine
 from kvcache.bufpool import SharedMemory
 
@@ -102,10 +102,7 @@ def test_threads_copy_at_once_and_unlink_waits_for_their_copies(engines):
     threads = [threading.Thread(target=writer, args=(t,)) for t in range(4)]
     for t in threads:
         t.start()
-    deadline = time.monotonic() + 10
-    while min(rounds) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert min(rounds) >= 3
+    wait_until(lambda: min(rounds) >= 3, 10, what="three rounds per thread")
     np.testing.assert_array_equal(view(memory), src)
     a.disconnect(peer, force=True)               # unmaps only after running copies end
     for t in threads:
