@@ -193,7 +193,7 @@ class LinkManager:
         except LLMException:
             stream.close()
             raise
-        return self._add_peer(sock, ack, inbound=False, deadline=deadline)
+        return self._add_peer(sock, ack, inbound=False, attach_ms=timeout_ms)
 
     def _handshake(self, sock, addr, hand_over):
         """The listener's side, in a connection thread. Anything but a
@@ -221,7 +221,7 @@ class LinkManager:
             msg_type, _, _, payload_len = stream.recv_frame(_left_ms(deadline))
             if msg_type != MsgType.READY or payload_len:
                 raise ProtocolError(f"expected READY, got {msg_type.name}")
-            self._add_peer(sock, hello, inbound=True, deadline=deadline)
+            self._add_peer(sock, hello, inbound=True, attach_ms=self.timeout_ms)
         except (StreamClosed, ProtocolError, LLMException, OSError) as exc:
             log.info("dropped connection from %s: %s", addr, exc)
             (stream or sock).close()
@@ -253,8 +253,9 @@ class LinkManager:
                             f"cluster {peer.cluster_id} is already linked as {peer.name}")
         return LLMStatusCode.LLM_SUCCESS, ""
 
-    def _add_peer(self, sock, info, inbound, deadline):
-        """Make the link live: peer table, channel, the transport's data path.
+    def _add_peer(self, sock, info, inbound, attach_ms):
+        """Make the link live: peer table, channel, the transport's data path
+        (set up within ``attach_ms``: RDMA brings QPs up over the channel).
         Any failure on the way fails this link (with a status) and nothing
         else."""
         peer = Peer(info["name"], info["cluster_id"], info["role"], info["regions"], inbound)
@@ -273,8 +274,7 @@ class LinkManager:
         peer.channel.start()
         try:
             # The data path may need the control channel (RDMA QP exchange).
-            peer.data = self.transport.attach_peer(
-                peer, max(1, int((deadline - time.monotonic()) * 1000)))
+            peer.data = self.transport.attach_peer(peer, attach_ms)
         except Exception as exc:
             code = getattr(exc, "status_code", LLMStatusCode.LLM_LINK_FAILED)
             peer.channel.close(f"data path set-up failed: {exc}")

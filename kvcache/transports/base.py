@@ -36,11 +36,12 @@ class Transport(ABC):
     one_sided = False
 
     def bind(self, ctx):
-        """Called once by the engine before anything else. ``ctx`` gives the
-        engine's name, io_timeout_ms, regions (the RegionRegistry), call(peer,
-        method, params, timeout_ms), serve(method, handler, schema) for the
-        transport's own control calls, and listen_port()."""
-        self.ctx = ctx
+        """Called once by the engine before anything else. ``ctx`` (kept as
+        ``self.engine``) gives the engine's name, io_timeout_ms, regions (the
+        RegionRegistry), call(peer, method, params, timeout_ms), serve(method,
+        handler, schema) for the transport's own control calls, and
+        listen_port()."""
+        self.engine = ctx
 
     def register_region(self, region_id, addr, length, share=None):
         """A top-level region was registered (an RDMA MR, a shareable

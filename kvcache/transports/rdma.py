@@ -266,7 +266,7 @@ class RdmaTransport(Transport):
             return _QPGroup()            # the initiator drives set-up (rdma.connect)
         group = self._new_group()
         try:
-            remote = self.ctx.call(peer, "rdma.connect", self._describe(group), timeout_ms)
+            remote = self.engine.call(peer, "rdma.connect", self._describe(group), timeout_ms)
             self._connect_group(group, remote)
         except BaseException:
             group.close()
@@ -299,7 +299,7 @@ class RdmaTransport(Transport):
     def _remote_keys(self, peer, group, remote, lengths):
         ids, misses = group.remote_keys.locate(remote, lengths)
         if misses:
-            self._set_keys(group, self.ctx.call(peer, "rdma.keys", {})["keys"])
+            self._set_keys(group, self.engine.call(peer, "rdma.keys", {})["keys"])
             ids = group.remote_keys.check(remote, lengths, f"remote ({peer.name}, RDMA)")
         return ids
 

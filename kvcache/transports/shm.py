@@ -278,7 +278,7 @@ class ShmTransport(TcpTransport):
         left = deadline - time.monotonic()
         if left <= 0:
             return
-        grant = self.ctx.call(peer, "shm.grant", {}, max(1, int(left * 1000)))
+        grant = self.engine.call(peer, "shm.grant", {}, max(1, int(left * 1000)))
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
                 conn.settimeout(max(0.001, min(GRANT_TIMEOUT_S, deadline - time.monotonic())))

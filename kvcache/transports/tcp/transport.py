@@ -81,8 +81,8 @@ class TcpTransport(Transport):
             host = peer.channel.sock.getpeername()[0]
         except OSError as exc:                  # the link's connection just went
             raise StreamClosed(f"the link's connection is gone: {exc}") from None
-        grant = (lambda ms: self.ctx.call(peer, "tcp.lane", {}, ms))
-        return TcpLink(LanePool(peer.name, grant, host, self.ctx.io_timeout_ms))
+        grant = (lambda ms: self.engine.call(peer, "tcp.lane", {}, ms))
+        return TcpLink(LanePool(peer.name, grant, host, self.engine.io_timeout_ms))
 
     def detach_peer(self, peer):
         with self._lock:
@@ -99,7 +99,7 @@ class TcpTransport(Transport):
 
     def _rpc_lane(self, peer, params):
         """Grant ``peer`` one data lane: a one-time token for our listener."""
-        port = self.ctx.listen_port()
+        port = self.engine.listen_port()
         if not port:
             return {"port": 0}
         token = secrets.token_hex(16)
@@ -114,10 +114,10 @@ class TcpTransport(Transport):
             peer = self._tokens.pop(header["token"], None)
         # The grant can come before the link's own set-up has finished.
         if peer is not None:
-            peer.attached.wait(self.ctx.io_timeout_ms / 1000)
+            peer.attached.wait(self.engine.io_timeout_ms / 1000)
         if peer is None or not peer.linked or peer.data is None:
             raise ProtocolError("a lane for no live link (unknown or used token)")
-        lane = Lane(stream.sock, self.ctx.io_timeout_ms)
+        lane = Lane(stream.sock, self.engine.io_timeout_ms)
         with peer.data.lock:
             peer.data.served.add(lane)
         try:
