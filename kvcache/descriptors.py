@@ -56,11 +56,11 @@ def as_descriptor_arrays(local_addrs, remote_addrs, lengths):
     if not (local.size == remote.size == length.size):
         raise _invalid(f"descriptor arrays differ in length: {local.size} local, "
                        f"{remote.size} remote, {length.size} lengths")
-    total, zero = pieces.length_total(length)
+    total, zero, wrap = pieces.check_pieces(local, remote, length)
     if zero >= 0:
         raise _invalid(f"descriptor {zero} has length 0")
-    if local.size and ((local + length < local).any() or (remote + length < remote).any()):
-        raise _invalid("a piece runs past the end of the address space")
+    if wrap >= 0:
+        raise _invalid(f"descriptor {wrap} runs past the end of the address space")
     return local, remote, length, total
 
 

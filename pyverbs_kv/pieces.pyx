@@ -326,6 +326,47 @@ def length_total(lengths):
     return total, zero
 
 
+def check_pieces(local, remote, lengths):
+    """(sum of ``lengths``, index of the first zero length or -1, index of
+    the first piece that runs past 2**64 on either side or -1), in one pass:
+    what every transfer checks before anything else."""
+    cdef cnp.ndarray l = as_u64(local), r = as_u64(remote), n = as_u64(lengths)
+    cdef const uint64_t *lv = data_of(l)
+    cdef const uint64_t *rv = data_of(r)
+    cdef const uint64_t *nv = data_of(n)
+    cdef Py_ssize_t count = length_of(n), i, zero = -1, wrap = -1
+    cdef uint64_t total = 0
+    if length_of(l) != count or length_of(r) != count:
+        raise ValueError("descriptor arrays differ in length")
+    with nogil:
+        for i in range(count):
+            if nv[i] == 0 and zero < 0:
+                zero = i
+            if wrap < 0 and (lv[i] + nv[i] < lv[i] or rv[i] + nv[i] < rv[i]):
+                wrap = i
+            total += nv[i]
+    return total, zero, wrap
+
+
+def distinct(values):
+    """The distinct values of a uint64 array as a sorted list of ints; one
+    value (the usual case: one region) without sorting."""
+    cdef cnp.ndarray v = as_u64(values)
+    cdef const uint64_t *vv = data_of(v)
+    cdef Py_ssize_t count = length_of(v), i
+    cdef bint same = True
+    if count == 0:
+        return []
+    with nogil:
+        for i in range(1, count):
+            if vv[i] != vv[0]:
+                same = False
+                break
+    if same:
+        return [int(vv[0])]
+    return np.unique(v).tolist()
+
+
 def check_block_ids(ids, int64_t limit, bint distinct):
     """First problem in a list of block ids: (index, "range") for an id
     outside 0..limit-1, (index, "repeat") for an id seen before (checked

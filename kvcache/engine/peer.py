@@ -3,11 +3,11 @@ transport's per-link data, and our copy of its region table with the pins
 our transfers hold on its regions."""
 import threading
 
-import numpy as np
 
 from kvcache.descriptors import RegionTable
 from kvcache.engine.link import Link, LinkState
 from kvcache.engine.pins import Pins
+from pyverbs_kv.pieces import distinct
 
 
 class Peer:
@@ -57,14 +57,14 @@ class Peer:
                 ids = located
             else:
                 ids = named
-            pinned = np.unique(ids).tolist() if ids.size else []
+            pinned = distinct(ids)
             self._pins.add(pinned)
         return ids, pinned
 
     def knows(self, ids):
         """Whether every region id in ``ids`` is in our copy of the table."""
         with self._lock:
-            return self._known.issuperset(int(i) for i in np.unique(ids))
+            return self._known.issuperset(distinct(ids))
 
     def unpin_remote(self, pinned):
         self._pins.remove(pinned)

@@ -9,6 +9,7 @@ class Pins:
         self.lock = lock
         self.released = threading.Condition(lock)
         self._counts = {}
+        self._waiting = 0
 
     def add(self, ids):
         """Pin ``ids`` (the caller holds ``lock``)."""
@@ -24,13 +25,18 @@ class Pins:
                     self._counts[i] = left
                 else:
                     del self._counts[i]
-            self.released.notify_all()
+            if self._waiting:
+                self.released.notify_all()
 
     def wait_clear(self, ids, timeout_s):
         """Wait (the caller holds ``lock``) until none of ``ids`` is pinned;
         False at the deadline."""
-        return self.released.wait_for(lambda: not any(self._counts.get(i) for i in ids),
-                                      max(0.0, timeout_s))
+        self._waiting += 1
+        try:
+            return self.released.wait_for(lambda: not any(self._counts.get(i) for i in ids),
+                                          max(0.0, timeout_s))
+        finally:
+            self._waiting -= 1
 
     def count(self, ids):
         return sum(self._counts.get(i, 0) for i in ids)

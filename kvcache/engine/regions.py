@@ -21,6 +21,7 @@ import numpy as np
 
 from kvcache.checks import integer
 from kvcache.descriptors import NO_REGION, RegionTable
+from pyverbs_kv.pieces import distinct
 from kvcache.engine.pins import Pins
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import SLOTS
@@ -64,15 +65,6 @@ def check_host_mapped(addr, length):
                        f"[{addr:#x}, +{length}) is not host memory mapped readable and "
                        f"writable in this process (from {covered:#x} on); device memory "
                        "cannot be registered")
-
-
-def _distinct(values):
-    """Distinct values of a uint64 array as ints; one value (the usual case)
-    without sorting."""
-    first = values[0]
-    if (values == first).all():
-        return [int(first)]
-    return np.unique(values).tolist()
 
 
 class RegionRegistry:
@@ -204,7 +196,7 @@ class RegionRegistry:
         LLM_PARAM_INVALID for a piece outside them."""
         with self._lock:
             ids = self._table.check(addrs, lengths, "local")
-            pinned = _distinct(ids)
+            pinned = distinct(ids)
             self._pins.add(pinned)
         return ids, pinned
 
@@ -220,7 +212,7 @@ class RegionRegistry:
             bad = np.flatnonzero((found != named) | (found == NO_REGION) if misses
                                  else found != named)
             if not bad.size:
-                ids = _distinct(named)
+                ids = distinct(named)
                 self._pins.add(ids)
                 return ids
         i = int(bad[0])

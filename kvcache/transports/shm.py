@@ -353,8 +353,7 @@ class ShmTransport(TcpTransport):
     def _copy(self, op, peer, board, local, remote, lengths, regions, table, shift, deadline):
         """Copy in chunks, inside the board slots of the named regions.
         Returns the indices of pieces not in shared memory (or None)."""
-        ids = np.unique(regions) if regions.size and regions.min() != regions.max() \
-            else regions[:1]
+        ids = np.array(pieces.distinct(regions), dtype=np.uint64)
         slots = ids % np.uint64(SLOTS)
         bad = pieces.board_enter(board, slots, ids)
         if bad >= 0:
@@ -362,7 +361,8 @@ class ShmTransport(TcpTransport):
                                f"{peer.name} released region {int(ids[bad])} (its pin board "
                                "no longer names it)")
         try:
-            ends = np.cumsum(lengths)
+            total = pieces.length_total(lengths)[0]
+            ends = np.cumsum(lengths) if total > CHUNK_BYTES else None
             missed, start = [], 0
             while start < lengths.size:
                 if time.monotonic() >= deadline:
@@ -373,9 +373,11 @@ class ShmTransport(TcpTransport):
                     raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                        f"{op} to {peer.name}: the link ended after {start} "
                                        f"of {lengths.size} pieces ({peer.link.reason})")
-                stop = int(np.searchsorted(ends, ends[start] - lengths[start] + CHUNK_BYTES,
-                                           side="right"))
-                stop = max(stop, start + 1)
+                if ends is None:
+                    stop = lengths.size
+                else:
+                    stop = max(start + 1, int(np.searchsorted(
+                        ends, ends[start] - lengths[start] + CHUNK_BYTES, side="right")))
                 part = slice(start, stop)
                 got = pieces.copy_mapped(op == "write", local[part], remote[part],
                                          lengths[part], table.starts, table.ends, shift)
