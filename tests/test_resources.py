@@ -125,7 +125,7 @@ def run_cycles(cycle, count, what, warm_up=5):
 
 ENGINE_CYCLES = 1000          # today: +661 threads (tcp); +1755 threads, +1000 sockets (shm)
 DATADIST_CYCLES = 200         # today: +189 threads (tcp); +382 threads, +200 sockets (auto)
-LINK_CYCLES = 200             # two engines, a link, one write and one read, close both
+LINK_CYCLES = 1000            # two engines, a link, one write and one read, close both
 RDMA_LINK_CYCLES = 100        # the same over RDMA (QPs, CQs, MRs), in the VM lane
 
 
