@@ -8,6 +8,8 @@ KVCACHE_SOCKET_IFNAME  pick the GID on this netdev
 KVCACHE_IB_TIMEOUT     ACK timeout exponent (default 14)
 KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
+KVCACHE_AUTH_KEY       the shared secret every link must prove
+KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
 KVCACHE_DEBUG          1: debug logging for the kvcache loggers"""
 import logging
 import os

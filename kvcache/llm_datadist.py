@@ -27,6 +27,7 @@ OPT_SYNC_TIMEOUT = "llm.SyncKvCacheWaitTime"
 OPT_TRANSPORT = "llm.Transport"
 OPT_LINK_TIMEOUT = "llm.LinkTimeout"
 OPT_ENABLE_SWITCH_ROLE = "llm.EnableSwitchRole"
+OPT_AUTH_KEY = "llm.AuthKey"
 
 
 class LLMConfig:
@@ -34,7 +35,9 @@ class LLMConfig:
     device_id (int, 0), listen_ip_info ("ip:port" this process accepts links
     on; whoever listens is the server of its links), buf_pool_cfg (JSON, see kvcache.bufpool),
     sync_kv_timeout (ms per transfer, default 1000), transport
-    (auto|tcp|shm|rdma), link_timeout (ms, default 3000), enable_switch_role."""
+    (auto|tcp|shm|rdma), link_timeout (ms, default 3000), enable_switch_role,
+    auth_key (the shared secret every link must prove, a string of at least
+    16 bytes; "" : KVCACHE_AUTH_KEY / KVCACHE_AUTH_KEY_FILE, or none)."""
 
     def __init__(self):
         self.device_id = 0
@@ -44,12 +47,14 @@ class LLMConfig:
         self.transport = "auto"
         self.link_timeout = 3000
         self.enable_switch_role = False
+        self.auth_key = ""
 
     def generate_options(self):
         return {OPT_DEVICE_ID: str(self.device_id), OPT_LISTEN: str(self.listen_ip_info),
                 OPT_BUF_POOL: str(self.buf_pool_cfg), OPT_SYNC_TIMEOUT: str(self.sync_kv_timeout),
                 OPT_TRANSPORT: str(self.transport), OPT_LINK_TIMEOUT: str(self.link_timeout),
-                OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0"}
+                OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0",
+                OPT_AUTH_KEY: str(self.auth_key)}
 
 
 def _int_option(options, key, default):
@@ -127,7 +132,8 @@ class LLMDataDist:
                                           cluster_id=self.cluster_id, role=self.role.value,
                                           transport=self.transport,
                                           timeout_ms=self.link_timeout_ms,
-                                          device_id=self.device_id)
+                                          device_id=self.device_id,
+                                          auth_key=options.get(OPT_AUTH_KEY) or None)
             self._cache_manager = CacheManager(self._engine, pool, self.cluster_id,
                                                self.sync_timeout_ms)
         except BaseException:

@@ -23,6 +23,7 @@ from kvcache import checks
 from kvcache.checks import public
 from kvcache.config import apply_debug
 from kvcache.descriptors import as_descriptor_arrays, merge_runs, u64_column
+from kvcache.engine import auth
 from kvcache.engine.links import LinkManager
 from kvcache.engine.regions import RegionRegistry
 from kvcache.engine.requests import Notifications, TransferRequest
@@ -75,11 +76,15 @@ class TransferEngine:
     "tcp", "shm" or "rdma". ``timeout_ms``: the default deadline of links,
     control calls, transfers and releases; ``handshake_timeout_ms`` bounds a
     whole handshake, ``io_timeout_ms`` every frame once it started.
-    Raises LLMException (LLM_PARAM_INVALID, LLM_FEATURE_NOT_ENABLED)."""
+    ``auth_key`` (str or bytes, at least 16 bytes; default KVCACHE_AUTH_KEY,
+    else the file KVCACHE_AUTH_KEY_FILE): the shared secret both ends of
+    every link must prove (kvcache.engine.auth); None: links are not
+    authenticated. Raises LLMException (LLM_PARAM_INVALID,
+    LLM_FEATURE_NOT_ENABLED)."""
 
     def __init__(self, name=None, *, listen="127.0.0.1:0", cluster_id=0, role="mix",
                  transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
-                 io_timeout_ms=30_000, device_id=0):
+                 io_timeout_ms=30_000, device_id=0, auth_key=None):
         apply_debug()
         if transport not in TRANSPORTS:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
@@ -101,7 +106,8 @@ class TransferEngine:
         self.rpc = Rpc()
         self.notifications = Notifications()
         self.links = LinkManager(self._identity, self.transport, self.rpc, self.notifications,
-                                 timeout_ms, handshake_timeout_ms, io_timeout_ms)
+                                 timeout_ms, handshake_timeout_ms, io_timeout_ms,
+                                 key=auth.load_key(auth_key))
         self.rpc.serve("engine.regions", self._rpc_regions, {})
         self.rpc.serve("engine.revoke", self._rpc_revoke,
                        {"ids": list_of(is_int, MAX_REGIONS), "timeout_ms": is_int})

@@ -1,9 +1,12 @@
 """Links: the listener, the handshake, admission, the peer table, control
 calls and teardown.
 
-Handshake (initiator -> listener): HELLO (who we are, our regions) ->
-HELLO_ACK (accepted or why not, the listener's regions) -> READY; all three
-within one deadline. A connection whose first frame is not a HELLO is handed
+Handshake (initiator -> listener): HELLO (who we are, our regions, a nonce)
+-> HELLO_ACK (accepted or why not, the listener's regions, its nonce and
+proof) -> READY (our proof); all three within one deadline. With a shared
+secret (``kvcache.engine.auth``) both proofs are checked and no region table
+travels in the handshake: tables are asked for over the link once both sides
+proved the secret. A connection whose first frame is not a HELLO is handed
 to the transport (data lanes). A link whose connection ends leaves the peer
 table: an orderly unlink goes to IDLE, anything else to FAILED, remembered
 (bounded) for status queries."""
@@ -13,6 +16,7 @@ import socket
 import threading
 import time
 
+from kvcache.engine import auth
 from kvcache.engine.address import format_address, listen_socket, parse_address
 from kvcache.engine.link import LinkState
 from kvcache.engine.peer import Peer
@@ -116,8 +120,9 @@ class LinkManager:
     what peers send."""
 
     def __init__(self, identity, transport, rpc, notifications, timeout_ms,
-                 handshake_timeout_ms, io_timeout_ms):
+                 handshake_timeout_ms, io_timeout_ms, key=None):
         self.identity = identity
+        self.key = key
         self.transport = transport
         self.rpc = rpc
         self.notifications = notifications
@@ -137,6 +142,7 @@ class LinkManager:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"already listening on {self.listener.address}")
         self.listener = Listener(address, self._handshake)
+        auth.warn_if_exposed(parse_address(address)[0], self.key)
 
     def stop_listening(self):
         listener, self.listener = self.listener, None
@@ -166,8 +172,9 @@ class LinkManager:
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"connect to {address}: {exc}") from None
         stream = FrameStream(sock, self.io_timeout_ms)
+        hello = self._hello()
         try:
-            stream.send_frame(MsgType.HELLO, 0, self.identity(), timeout_ms=_left_ms(deadline))
+            stream.send_frame(MsgType.HELLO, 0, hello, timeout_ms=_left_ms(deadline))
             msg_type, _, ack, payload_len = stream.recv_frame(_left_ms(deadline))
             if msg_type != MsgType.HELLO_ACK or payload_len:
                 raise ProtocolError(f"expected HELLO_ACK, got {msg_type.name}")
@@ -176,12 +183,20 @@ class LinkManager:
                                    f"{address} refused the link: {ack['message']}")
             if ack["transport"] != self.transport.name:
                 raise ProtocolError(f"peer chose transport {ack['transport']!r}")
+            ready = {}
+            if self.key is not None:
+                sides = (hello["nonce"], ack.get("nonce", ""), hello["name"], ack["name"])
+                if not auth.verify(self.key, ack.get("proof"), "listener", *sides):
+                    raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                       f"{address} did not prove the shared secret "
+                                       "(no auth_key there, or another one)")
+                ready["proof"] = auth.proof(self.key, "initiator", *sides)
             with self._lock:
                 old = self._peers.get(ack["name"])
                 if old is not None and old.linked:
                     raise LLMException(LLMStatusCode.LLM_ALREADY_LINK,
                                        f"already linked to {ack['name']}")
-            stream.send_frame(MsgType.READY, 0, {}, timeout_ms=_left_ms(deadline))
+            stream.send_frame(MsgType.READY, 0, ready, timeout_ms=_left_ms(deadline))
         except StreamTimeout:
             stream.close()
             raise LLMException(LLMStatusCode.LLM_TIMEOUT,
@@ -211,16 +226,22 @@ class LinkManager:
                 self.transport.accept(stream, msg_type, hello)
                 return
             status, message = self._admit(hello)
-            ack = dict(self.identity(), status=int(status), message=message,
+            ack = dict(self._hello(), status=int(status), message=message,
                        transport=self.transport.name)
             del ack["transports"], ack["listen"]
+            if self.key is not None:
+                sides = (hello.get("nonce", ""), ack["nonce"], hello["name"], ack["name"])
+                ack["proof"] = auth.proof(self.key, "listener", *sides)
             stream.send_frame(MsgType.HELLO_ACK, 0, ack, timeout_ms=_left_ms(deadline))
             if status != LLMStatusCode.LLM_SUCCESS:
                 stream.close()
                 return
-            msg_type, _, _, payload_len = stream.recv_frame(_left_ms(deadline))
+            msg_type, _, ready, payload_len = stream.recv_frame(_left_ms(deadline))
             if msg_type != MsgType.READY or payload_len:
                 raise ProtocolError(f"expected READY, got {msg_type.name}")
+            if self.key is not None and not auth.verify(self.key, ready.get("proof"),
+                                                        "initiator", *sides):
+                raise ProtocolError(f"{hello['name']} did not prove the shared secret")
             self._add_peer(sock, hello, inbound=True, attach_ms=self.timeout_ms)
         except (StreamClosed, ProtocolError, LLMException, OSError) as exc:
             log.info("dropped connection from %s: %s", addr, exc)
@@ -228,6 +249,14 @@ class LinkManager:
         except Exception:                  # a bug must not leave the socket open
             log.exception("dropped connection from %s", addr)
             (stream or sock).close()
+
+    def _hello(self):
+        """Our HELLO fields with a fresh nonce; with a secret, no region table
+        (it is asked for over the link, once both sides proved the secret)."""
+        hello = dict(self.identity(), nonce=auth.nonce())
+        if self.key is not None:
+            hello["regions"] = []
+        return hello
 
     def _admit(self, hello):
         if self.closed:

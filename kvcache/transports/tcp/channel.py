@@ -53,6 +53,7 @@ class Channel(FrameStream):
         self._ids = itertools.count(1)
         self._replies = queue.SimpleQueue()
         self._closed = threading.Event()
+        self._done = threading.Event()          # close() finished, on_close included
         self.close_reason = None
         self._reader = threading.Thread(target=self._read_loop, name=f"kv-reader-{name}",
                                         daemon=True)
@@ -201,9 +202,13 @@ class Channel(FrameStream):
 
     def close(self, reason="closed"):
         """Close once: fail waiting callers, stop both threads (joined unless
-        called from one of them), release the socket, then ``on_close``."""
+        called from one of them), release the socket, then ``on_close``. A
+        second caller returns once the first has finished (unless it is one of
+        the channel's own threads, which the first may be joining)."""
         with self._pending_lock:
             if self._closed.is_set():
+                if threading.current_thread() not in (self._reader, self._responder):
+                    self._done.wait(2 * JOIN_S + 1)
                 return
             self.close_reason = reason
             self._closed.set()
@@ -220,5 +225,8 @@ class Channel(FrameStream):
         # Only now, with the reader gone, can the descriptor be released.
         with self._send_lock:
             self.sock.close()
-        if self.on_close is not None:
-            self.on_close(self, reason)
+        try:
+            if self.on_close is not None:
+                self.on_close(self, reason)
+        finally:
+            self._done.set()

@@ -12,7 +12,7 @@ from enum import IntEnum
 import numpy as np
 
 MAGIC = b"KVC1"
-VERSION = 4
+VERSION = 5
 FRAME = struct.Struct("!4sHHQIQ")
 MAX_HEADER_BYTES = 1 << 20
 MAX_PAYLOAD_BYTES = 1 << 40
@@ -70,6 +70,8 @@ def _is_int(value):
 
 
 _INT, _STR = _is_int, (lambda v: isinstance(v, str) and len(v) <= 4096)
+_HEX = (lambda v: isinstance(v, str) and len(v) <= 128
+        and all(c in "0123456789abcdef" for c in v))
 _LIST_STR = (lambda v: isinstance(v, list) and len(v) <= 16 and all(_STR(x) for x in v))
 _DICT = (lambda v: isinstance(v, dict))
 
@@ -86,6 +88,15 @@ SCHEMAS = {
     MsgType.CALL: {"method": _STR, "params": _DICT},
     MsgType.NOTIFY: {"name": _STR},
     MsgType.BYE: {},
+}
+
+
+# Fields a header may carry; checked when present. The handshake's
+# challenge-response (kvcache.engine.auth): nonces and HMAC proofs, hex.
+OPTIONAL = {
+    MsgType.HELLO: {"nonce": _HEX},
+    MsgType.HELLO_ACK: {"nonce": _HEX, "proof": _HEX},
+    MsgType.READY: {"proof": _HEX},
 }
 
 
@@ -126,6 +137,9 @@ def decode_header(msg_type, raw):
     for field, check in SCHEMAS[msg_type].items():
         if field not in header or not check(header[field]):
             raise ProtocolError(f"{msg_type.name} header field {field!r} missing or invalid")
+    for field, check in OPTIONAL.get(msg_type, {}).items():
+        if field in header and not check(header[field]):
+            raise ProtocolError(f"{msg_type.name} header field {field!r} invalid")
     return header
 
 
