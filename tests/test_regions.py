@@ -1,4 +1,4 @@
-"""The region registry and the shared-memory pin board, in one process."""
+"""The region registry, the shared-memory pin board and asynchronous requests, in one process."""
 import threading
 import time
 
@@ -128,3 +128,16 @@ def test_the_pin_board_never_lets_a_copy_in_after_a_withdrawal_it_missed():
         stop.set()
         thread.join()
     assert not violations
+
+
+def test_an_async_transfer_cancelled_by_close_fails_with_a_status():
+    from concurrent.futures import Future
+
+    from kvcache.engine.requests import TransferRequest
+    future = Future()
+    future.cancel()
+    request = TransferRequest(future)
+    assert request.status() == "failed"
+    with pytest.raises(LLMException) as err:
+        request.wait(100)
+    assert err.value.status_code == LLMStatusCode.LLM_ENGINE_FINALIZED

@@ -1,6 +1,7 @@
 """Asynchronous transfers and received notifications."""
 import collections
 import threading
+from concurrent.futures import CancelledError
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from kvcache.status import LLMException, LLMStatusCode
@@ -15,9 +16,12 @@ class TransferRequest:
         self._future = future
 
     def status(self):
-        """'pending', 'done' or 'failed'."""
+        """'pending', 'done' or 'failed' (a request the engine's close
+        cancelled before it started is 'failed')."""
         if not self._future.done():
             return "pending"
+        if self._future.cancelled():
+            return "failed"
         return "failed" if self._future.exception() is not None else "done"
 
     def wait(self, timeout_ms=None):
@@ -29,6 +33,9 @@ class TransferRequest:
         except FutureTimeout:
             raise LLMException(LLMStatusCode.LLM_TIMEOUT,
                                f"transfer not finished within {timeout_ms} ms") from None
+        except CancelledError:
+            raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED,
+                               "the engine closed before the transfer started") from None
 
 
 class Notifications:
