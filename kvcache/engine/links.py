@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 JOIN_S = 5
 KEPT_FAILURES = 256
+MAX_HANDSHAKES = 64           # connections in their handshake at once, per listener
+MAX_LINKS = 1024              # live links per engine
 
 
 def _roles_compatible(a, b):
@@ -80,6 +82,13 @@ class Listener:
                 if self._closed:
                     sock.close()
                     return
+                if len(self._threads) >= MAX_HANDSHAKES:
+                    # Slow or idle connections must not starve real peers;
+                    # each handshake also ends at its own deadline.
+                    log.warning("%d handshakes in progress on %s: dropped a connection from "
+                                "%s", len(self._threads), self.address, addr)
+                    sock.close()
+                    continue
                 self._threads[thread] = sock
             thread.start()
 
@@ -272,6 +281,9 @@ class LinkManager:
             return (LLMStatusCode.LLM_PARAM_INVALID,
                     f"role {hello['role']} cannot link to role {me['role']}")
         with self._lock:
+            if len(self._peers) >= MAX_LINKS:
+                return (LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT,
+                        f"{len(self._peers)} links already (at most {MAX_LINKS})")
             for peer in self._peers.values():
                 if not peer.linked:
                     continue

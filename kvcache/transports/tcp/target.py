@@ -17,6 +17,21 @@ IDLE_POLL_MS = 500          # how often an idle lane server checks its link
 _OK = {"status": 0, "message": ""}
 
 
+TABLE_CHUNK = 1 << 20
+
+
+def _recv_table(stream, count):
+    """A descriptor table, read in chunks of at most 1 MiB: memory follows the
+    bytes that arrive, not what a peer announces."""
+    size = count * DESC_BYTES
+    if size <= TABLE_CHUNK:
+        return stream.recv_bytes(size)
+    table = bytearray()
+    while len(table) < size:
+        table += stream.recv_bytes(min(TABLE_CHUNK, size - len(table)))
+    return table
+
+
 class DataTarget:
     """Serves WRITE/READ requests against ``regions`` (the engine's
     RegionRegistry). Called from many threads at once (a channel reader,
@@ -31,7 +46,7 @@ class DataTarget:
         to run once the reply is sent or None)."""
         writing = msg_type == MsgType.WRITE
         count, total = check_descriptor_payload(header, payload_len, writing)
-        named, addrs, lengths = descriptor_columns(stream.recv_bytes(count * DESC_BYTES), count)
+        named, addrs, lengths = descriptor_columns(_recv_table(stream, count), count)
         if length_total(lengths)[0] != total:
             raise ProtocolError("descriptor lengths do not add up to the announced bytes")
         try:
