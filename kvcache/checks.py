@@ -16,14 +16,10 @@ def invalid(message):
 
 def timeout_ms(value, what="timeout_ms"):
     """A deadline in ms: an integer in 1..2**31-1."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            if isinstance(value, float) and value.is_integer():
-                value = int(value)
-            else:
-                raise TypeError
-        except (TypeError, OverflowError):
-            raise invalid(f"{what} must be an integer number of ms, got {value!r}") from None
+        raise invalid(f"{what} must be an integer number of ms, got {value!r}")
     if not 0 < value <= MAX_TIMEOUT_MS:
         raise invalid(f"{what} must be in 1..{MAX_TIMEOUT_MS} ms, got {value}")
     return value

@@ -93,12 +93,11 @@ def checked_block_ids(ids, limit, side, destination):
         for i, v in enumerate(values):
             if not isinstance(v, (int, np.integer)) or isinstance(v, (bool, np.bool_)):
                 raise _invalid(f"{side} block id {v!r} (position {i}) is not an integer")
-            if not -1 <= v < limit:
-                raise _invalid(f"{side} block id {int(v)} out of range 0..{limit - 1}")
     try:
         ids = np.asarray(values, dtype=np.int64).ravel()
-    except OverflowError:
-        raise _invalid(f"{side} block id out of range 0..{limit - 1}") from None
+    except OverflowError:                 # past int64: the C check below cannot see it
+        bad = next(int(v) for v in values if not -(1 << 63) <= v < 1 << 63)
+        raise _invalid(f"{side} block id {bad} out of range 0..{limit - 1}") from None
     if isinstance(values, np.ndarray) and values.dtype.kind == "u" and values.size \
             and values.max() >= limit:
         raise _invalid(f"{side} block id {int(values.max())} out of range 0..{limit - 1}")

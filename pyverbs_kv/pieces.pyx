@@ -479,6 +479,16 @@ def board_in_flight(uint64_t board, Py_ssize_t slot):
     return kv_atomic_load(_slot(board, slot) + 1)
 
 
+def board_busy_slots(uint64_t board, Py_ssize_t slots):
+    """How many of the first ``slots`` slots have copies in flight."""
+    cdef Py_ssize_t i, busy = 0
+    with nogil:
+        for i in range(slots):
+            if kv_atomic_load(_slot(board, i) + 1):
+                busy += 1
+    return busy
+
+
 def board_reset(uint64_t board, Py_ssize_t slot):
     """Forget the copies of ``slot`` (their copier is known dead)."""
     kv_atomic_store(_slot(board, slot) + 1, 0)

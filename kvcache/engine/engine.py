@@ -60,7 +60,6 @@ TRANSPORTS = {"tcp": _tcp_transport, "shm": _shm_transport, "rdma": _rdma_transp
 class EngineContext:
     """What an engine lends its transport (``Transport.bind``)."""
 
-    @public
     def __init__(self, name, io_timeout_ms, regions, call, serve, listen_port):
         self.name = name
         self.io_timeout_ms = io_timeout_ms
@@ -82,6 +81,7 @@ class TransferEngine:
     authenticated. Raises LLMException (LLM_PARAM_INVALID,
     LLM_FEATURE_NOT_ENABLED)."""
 
+    @public
     def __init__(self, name=None, *, listen="127.0.0.1:0", cluster_id=0, role="mix",
                  transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
                  io_timeout_ms=30_000, device_id=0, auth_key=None):

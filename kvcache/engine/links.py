@@ -22,7 +22,7 @@ from kvcache.engine.link import LinkState
 from kvcache.engine.peer import Peer
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp.channel import Channel, ChannelClosed
-from kvcache.transports.tcp.framing import FrameStream, StreamClosed, StreamTimeout
+from kvcache.transports.tcp.framing import FrameStream, StreamClosed, StreamTimeout, left_ms
 from kvcache.transports.tcp.protocol import MAX_NOTIFY_BYTES, MsgType, ProtocolError
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,6 @@ MAX_LINKS = 1024              # live links per engine
 
 def _roles_compatible(a, b):
     return a == "mix" or b == "mix" or a != b
-
-
-def _left_ms(deadline):
-    left = int((deadline - time.monotonic()) * 1000)
-    if left <= 0:
-        raise StreamTimeout("the handshake deadline passed")
-    return left
 
 
 class Listener:
@@ -183,8 +176,8 @@ class LinkManager:
         stream = FrameStream(sock, self.io_timeout_ms)
         hello = self._hello()
         try:
-            stream.send_frame(MsgType.HELLO, 0, hello, timeout_ms=_left_ms(deadline))
-            msg_type, _, ack, payload_len = stream.recv_frame(_left_ms(deadline))
+            stream.send_frame(MsgType.HELLO, 0, hello, timeout_ms=left_ms(deadline))
+            msg_type, _, ack, payload_len = stream.recv_frame(left_ms(deadline))
             if msg_type != MsgType.HELLO_ACK or payload_len:
                 raise ProtocolError(f"expected HELLO_ACK, got {msg_type.name}")
             if ack["status"] != LLMStatusCode.LLM_SUCCESS:
@@ -205,7 +198,7 @@ class LinkManager:
                 if old is not None and old.linked:
                     raise LLMException(LLMStatusCode.LLM_ALREADY_LINK,
                                        f"already linked to {ack['name']}")
-            stream.send_frame(MsgType.READY, 0, ready, timeout_ms=_left_ms(deadline))
+            stream.send_frame(MsgType.READY, 0, ready, timeout_ms=left_ms(deadline))
         except StreamTimeout:
             stream.close()
             raise LLMException(LLMStatusCode.LLM_TIMEOUT,
@@ -227,7 +220,7 @@ class LinkManager:
         stream = None
         try:
             stream = FrameStream(sock, self.io_timeout_ms)
-            msg_type, _, hello, payload_len = stream.recv_frame(_left_ms(deadline))
+            msg_type, _, hello, payload_len = stream.recv_frame(left_ms(deadline))
             if payload_len:
                 raise ProtocolError(f"{msg_type.name} with a payload as first frame")
             if msg_type != MsgType.HELLO:
@@ -241,11 +234,11 @@ class LinkManager:
             if self.key is not None:
                 sides = (hello.get("nonce", ""), ack["nonce"], hello["name"], ack["name"])
                 ack["proof"] = auth.proof(self.key, "listener", *sides)
-            stream.send_frame(MsgType.HELLO_ACK, 0, ack, timeout_ms=_left_ms(deadline))
+            stream.send_frame(MsgType.HELLO_ACK, 0, ack, timeout_ms=left_ms(deadline))
             if status != LLMStatusCode.LLM_SUCCESS:
                 stream.close()
                 return
-            msg_type, _, ready, payload_len = stream.recv_frame(_left_ms(deadline))
+            msg_type, _, ready, payload_len = stream.recv_frame(left_ms(deadline))
             if msg_type != MsgType.READY or payload_len:
                 raise ProtocolError(f"expected READY, got {msg_type.name}")
             if self.key is not None and not auth.verify(self.key, ready.get("proof"),

@@ -8,6 +8,7 @@ receives read a frame head within one deadline and payloads straight into
 memory. The socket is non-blocking; every wait is a poll() with a deadline,
 with the GIL released (``pyverbs_kv.sgio``)."""
 import socket
+import time
 
 import numpy as np
 
@@ -26,6 +27,15 @@ class StreamTimeout(StreamClosed):
 
 
 NO_PIECES = np.empty(0, dtype=np.uint64)
+
+
+def left_ms(deadline):
+    """Milliseconds left until ``deadline`` (time.monotonic()); StreamTimeout
+    once it has passed."""
+    left = int((deadline - time.monotonic()) * 1000)
+    if left <= 0:
+        raise StreamTimeout("the deadline passed")
+    return left
 
 
 class FrameStream:

@@ -13,13 +13,12 @@ over the link's control channel. A request carries at most
 never sees a request it must refuse for its size."""
 import secrets
 import threading
-import time
 
 import numpy as np
 
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import LinkData, Transport
-from kvcache.transports.tcp.framing import StreamClosed, StreamTimeout
+from kvcache.transports.tcp.framing import StreamClosed, StreamTimeout, left_ms
 from kvcache.transports.tcp.lane import Lane, LanePool
 from kvcache.transports.tcp.protocol import MAX_DESCRIPTORS, MsgType, ProtocolError
 from kvcache.transports.tcp.target import DataTarget
@@ -53,13 +52,6 @@ def _check_reply(header, what, peer):
     if header["status"] != LLMStatusCode.LLM_SUCCESS:
         raise LLMException(header["status"], f"{what} on {peer.name} refused: "
                                              f"{header['message']}")
-
-
-def _left_ms(deadline):
-    left = int((deadline - time.monotonic()) * 1000)
-    if left <= 0:
-        raise StreamTimeout("the deadline passed")
-    return left
 
 
 class TcpTransport(Transport):
@@ -146,9 +138,9 @@ class TcpTransport(Transport):
         writing = msg_type == MsgType.WRITE
         try:
             lanes = peer.data.lanes
-            lane = lanes.take(_left_ms(deadline))
+            lane = lanes.take(left_ms(deadline))
             if lane is None:
-                reply = peer.channel.call(msg_type, header, timeout_ms=_left_ms(deadline),
+                reply = peer.channel.call(msg_type, header, timeout_ms=left_ms(deadline),
                                           prefix=columns,
                                           pieces=(local, lengths) if writing else None,
                                           reply_into=None if writing else (local, lengths))
@@ -170,17 +162,17 @@ class TcpTransport(Transport):
         req_id = lane.next_id
         lane.next_id += 1
         try:
-            lane.send_frame(msg_type, req_id, header, timeout_ms=_left_ms(deadline),
+            lane.send_frame(msg_type, req_id, header, timeout_ms=left_ms(deadline),
                             prefix=columns,
                             pieces=(local, lengths) if msg_type == MsgType.WRITE else None)
-            reply_type, reply_id, reply, payload_len = lane.recv_frame(_left_ms(deadline))
+            reply_type, reply_id, reply, payload_len = lane.recv_frame(left_ms(deadline))
             if reply_type != MsgType.REPLY or reply_id != req_id:
                 raise ProtocolError(f"{reply_type.name} {reply_id} answering request {req_id}")
             if payload_len:
                 if msg_type != MsgType.READ or payload_len != header["bytes"]:
                     raise ProtocolError(f"a {payload_len}-byte reply to {msg_type.name} of "
                                         f"{header['bytes']} bytes")
-                lane.recv_payload(local, lengths, _left_ms(deadline))
+                lane.recv_payload(local, lengths, left_ms(deadline))
             elif msg_type == MsgType.READ and reply["status"] == LLMStatusCode.LLM_SUCCESS:
                 raise ProtocolError("a READ answered without its data")
         except StreamTimeout:
