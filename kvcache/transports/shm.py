@@ -189,7 +189,7 @@ class ShmTransport(TcpTransport):
         with self._lock:
             draining, self._draining = self._draining, []
         for board in draining:
-            if self._copier_dead(board) or not any(board.busy(s) for s in range(SLOTS)):
+            if self._copier_dead(board) or not pieces.board_busy_slots(board.addr, SLOTS):
                 board.close()
             else:
                 with self._lock:
@@ -356,6 +356,9 @@ class ShmTransport(TcpTransport):
         ids = np.array(pieces.distinct(regions), dtype=np.uint64)
         slots = ids % np.uint64(SLOTS)
         bad = pieces.board_enter(board, slots, ids)
+        if bad >= 0 and not peer.linked:       # an ending link clears the boards
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"{op} to {peer.name}: the link ended ({peer.link.reason})")
         if bad >= 0:
             raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                f"{peer.name} released region {int(ids[bad])} (its pin board "
