@@ -10,9 +10,20 @@ KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
 KVCACHE_AUTH_KEY       the shared secret every link must prove
 KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
-KVCACHE_DEBUG          1: debug logging for the kvcache loggers"""
+KVCACHE_DEBUG          1: debug logging for the kvcache loggers
+KVCACHE_DEBUG_FILE     append the kvcache loggers' records to this file (DEBUG
+                       and up with KVCACHE_DEBUG=1, else what the logging
+                       configuration lets through: WARNING and up by default)
+KVCACHE_ERROR_FILE     append the kvcache loggers' ERROR records to this file
+KVCACHE_TRANSPORT      the FastDeploy-compatible RDMACommunicator's transport:
+                       rdma, tcp, shm or auto (default: RDMA where a device
+                       is usable, else TCP)
+
+Flags (KVCACHE_DEBUG, KVCACHE_RELAX_ORDERING) take 1, true, on or yes, as
+FastDeploy reads them."""
 import logging
 import os
+import threading
 
 from kvcache.status import LLMException, LLMStatusCode
 
@@ -35,11 +46,35 @@ def env_list(name):
 
 
 def env_flag(name):
-    return os.environ.get(name, "") == "1"
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "on", "yes")
+
+
+# (path, level) -> the handler installed for it; once per process.
+_file_handlers = {}
+_file_handlers_lock = threading.Lock()
+_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
 def apply_debug():
-    """KVCACHE_DEBUG=1: the kvcache loggers log at DEBUG (a handler is the
-    application's business; none is installed)."""
+    """KVCACHE_DEBUG=1: the kvcache loggers log at DEBUG. KVCACHE_DEBUG_FILE
+    / KVCACHE_ERROR_FILE: a file handler on them (all records / ERROR and
+    up), installed once per path. Other handlers are the application's
+    business; none is installed without these variables."""
+    logger = logging.getLogger("kvcache")
     if env_flag("KVCACHE_DEBUG"):
-        logging.getLogger("kvcache").setLevel(logging.DEBUG)
+        logger.setLevel(logging.DEBUG)
+    for name, level in (("KVCACHE_DEBUG_FILE", logging.NOTSET),
+                        ("KVCACHE_ERROR_FILE", logging.ERROR)):
+        path = env_str(name)
+        with _file_handlers_lock:
+            if not path or (path, level) in _file_handlers:
+                continue
+            try:
+                handler = logging.FileHandler(path, encoding="utf-8")
+            except OSError as exc:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"{name}={path!r} cannot be opened: {exc.strerror}") from None
+            handler.setLevel(level)
+            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+            logger.addHandler(handler)
+            _file_handlers[path, level] = handler
