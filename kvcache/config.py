@@ -4,7 +4,8 @@ needed, so a process may set it before creating an engine).
 KVCACHE_RDMA_NICS      comma-separated RDMA devices (default: all); local
                        device i uses NIC i modulo their count
 KVCACHE_RDMA_GID_INDEX GID index (default: the RoCE v2 IPv4-mapped GID)
-KVCACHE_SOCKET_IFNAME  pick the GID on this netdev
+KVCACHE_SOCKET_IFNAME  pick the GID on this netdev; the FastDeploy-compatible
+                       decoder listens on its IPv4 address
 KVCACHE_IB_TIMEOUT     ACK timeout exponent (default 14)
 KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
