@@ -424,3 +424,30 @@ def test_fastdeploy_environment_variables(tmp_path):
         assert debug.count(f"{name} has no effect") == 1, name
     assert "remote_block_ids[0] = 4 is outside 0..3" in errors and "INVALID (-1)" in errors
     assert " DEBUG " not in errors and " WARNING " not in errors
+
+
+@pytest.mark.rdma
+def test_fastdeploy_rdma_variables_reach_the_rdma_transport(monkeypatch, cleanup):
+    import pyverbs_kv
+    nic = pyverbs_kv.get_device_list()[0]
+    buf = np.zeros(4 * 1024, np.uint8)
+    for name, value in (("KVCACHE_IB_TIMEOUT", "32"), ("KVCACHE_RDMA_NICS", "no_such_nic")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            with pytest.raises(LLMException) as err:
+                RDMACommunicator("prefill", 0, "0", [buf.ctypes.data], [], 4, 1024,
+                                 transport="rdma")
+            assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+            assert name in str(err.value) or value in str(err.value)
+    # FastDeploy's values; the decoder (spawned now) inherits them too.
+    monkeypatch.setenv("KVCACHE_RDMA_NICS", f"{nic},{nic}")
+    monkeypatch.setenv("KVCACHE_RDMA_GID_INDEX", "1")          # rxe's RoCE v2 IPv4 GID
+    monkeypatch.setenv("KVCACHE_IB_TIMEOUT", "18")
+    monkeypatch.setenv("KVCACHE_RELAX_ORDERING", "true")
+    decoder = Decoder("rdma", 2, 8, 2048)
+    cleanup(decoder)
+    prefill = Prefill("rdma", 2, 8, 2048)
+    cleanup(prefill)
+    assert prefill.comm.connect(HOST, decoder.port) == 0
+    assert prefill.comm.write_cache(HOST, decoder.port, [1, 2], [7, 0], 1) == 0
+    _assert_same(decoder.dump(), _expect((2, 8, 2048, False), prefill, [(1, [1, 2], [7, 0])]))

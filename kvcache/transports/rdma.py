@@ -115,6 +115,10 @@ class RdmaTransport(Transport):
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                f"RDMA transport: pyverbs_kv cannot be loaded: {exc}") from None
         self.pv = pv
+        self.ack_timeout = env_int("KVCACHE_IB_TIMEOUT", 14)
+        if not 0 <= self.ack_timeout <= 31:          # a 5-bit field of the QP attributes
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"KVCACHE_IB_TIMEOUT={self.ack_timeout} is outside 0..31")
         devices = pv.get_device_list()
         wanted = env_list("KVCACHE_RDMA_NICS")
         if wanted:
@@ -150,7 +154,6 @@ class RdmaTransport(Transport):
         except pv.VerbsError as exc:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                f"RDMA transport: GID on {device}: {exc}") from None
-        self.ack_timeout = env_int("KVCACHE_IB_TIMEOUT", 14)
         self.num_qps = max(1, env_int("KVCACHE_RDMA_QPS", 2))
         self.access = pv.DEFAULT_ACCESS
         if env_flag("KVCACHE_RELAX_ORDERING"):
