@@ -11,6 +11,9 @@ from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABL
 from libc.stdint cimport uintptr_t
 from posix.dlfcn cimport dlopen, dlsym, dlerror, dlclose, RTLD_NOW, RTLD_LOCAL
 
+cdef extern from "<dlfcn.h>" nogil:
+    int RTLD_NOLOAD
+
 
 class RuntimeUnavailable(ImportError):
     """The runtime library, or one of the symbols the binding needs, could not be
@@ -157,14 +160,22 @@ cdef Span span(object mem, size_t offset, size_t nbytes, bint writable, bint asy
 
 cdef void *open_library(str runtime, list candidates, list symbols, void **out,
                         object unavailable, list loaded) except NULL:
-    """dlopen the first candidate that loads and dlsym every name in ``symbols``
-    into ``out`` (same order); the path that loaded is appended to ``loaded``.
+    """dlopen the first candidate already loaded in the process, else the first
+    that loads, and dlsym every name in ``symbols`` into ``out`` (same order);
+    the path that loaded is appended to ``loaded``.
     Raises ``unavailable`` (a RuntimeUnavailable) naming the tries, or the
     missing symbols of the library that loaded."""
     cdef void *handle = NULL
     cdef bytes name
     tried = []
+    # A copy the process already loaded (torch's libcudart, say) comes first:
+    # two copies of one runtime in a process keep two sets of state.
     for path in candidates:
+        name = path.encode()
+        handle = dlopen(name, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD)
+        if handle != NULL:
+            break
+    for path in candidates if handle == NULL else ():
         name = path.encode()
         handle = dlopen(name, RTLD_NOW | RTLD_LOCAL)
         if handle != NULL:
@@ -175,7 +186,7 @@ cdef void *open_library(str runtime, list candidates, list symbols, void **out,
         tried.append(text if path in text else f"{path}: {text or 'not loadable'}")
     if handle == NULL:
         raise unavailable(f"{runtime} is not available: no library loaded; tried "
-                                 + "; ".join(tried))
+                          + "; ".join(tried))
     missing = []
     for i, sym in enumerate(symbols):
         out[i] = dlsym(handle, sym.encode())
@@ -184,6 +195,6 @@ cdef void *open_library(str runtime, list candidates, list symbols, void **out,
     if missing:
         dlclose(handle)
         raise unavailable(f"{runtime} is not available: {path} lacks the symbol"
-                                 f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
+                          f"{'s' if len(missing) > 1 else ''} {', '.join(missing)}")
     loaded.append(path)
     return handle
