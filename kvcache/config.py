@@ -10,7 +10,12 @@ KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
 KVCACHE_AUTH_KEY       the shared secret every link must prove
 KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
-KVCACHE_DEBUG          1: debug logging for the kvcache loggers"""
+KVCACHE_DEBUG          1: debug logging for the kvcache loggers
+KVCACHE_ACL_LIB        path of libascendcl.so (default: $ASCEND_HOME_PATH/lib64, the CANN
+                       install locations, the loader path); read by pyverbs_kv.acl at
+                       its first load
+KVCACHE_CUDA_LIB       path of libcudart (default: libcudart.so.13/.12/.so, then torch's
+                       bundled copy); read by pyverbs_kv.cuda at its first load"""
 import logging
 import os
 
