@@ -1,12 +1,15 @@
 """Builds the C test doubles of the accelerator runtimes (tests/doubles/:
 fake_ascendcl.c for libascendcl.so, fake_cudart.c for libcudart) with the C
-compiler, and runs a Python snippet in a fresh process with a given runtime
-environment (the library is loaded once per process, at first use)."""
+compiler, checks that a call leaves the GIL free, and runs a Python snippet in
+a fresh process with a given runtime environment (the library is loaded once
+per process, at first use)."""
 import ctypes
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 DOUBLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "doubles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,3 +53,30 @@ def run_python(code, env_updates, timeout=120):
             env[key] = value
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
+
+
+def gil_free_during(call, delay_setter):
+    """Run ``call`` while the double makes each copy take 0.4 s, and say whether
+    another Python thread ran in the middle of it (it cannot while the GIL is
+    held). The margins keep the thread's own start and stop out of the window."""
+    seen, stop = [], threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            seen.append(time.monotonic())
+            time.sleep(0.002)
+
+    delay_setter(400_000)
+    thread = threading.Thread(target=ticker)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        start = time.monotonic()
+        call()
+        end = time.monotonic()
+    finally:
+        stop.set()
+        thread.join(10)
+        delay_setter(0)
+    assert end - start >= 0.4
+    return any(start + 0.1 < t < end - 0.1 for t in seen)

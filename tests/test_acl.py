@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 
-from accel_doubles import build, load, run_python
+from accel_doubles import build, gil_free_during, load, run_python
 from pyverbs_kv import acl
 
 N = 8192
@@ -296,6 +296,18 @@ def test_another_thread_binds_the_device_on_first_use(fake):
         ctx.memcpy(out, dev, N, acl.ACL_MEMCPY_DEVICE_TO_HOST)
         np.testing.assert_array_equal(out, src)
     assert fake.fake_acl_device_refs(1) == 0 and calls(fake, "aclrtResetDevice") == 2
+
+
+def test_the_gil_is_released_while_acl_copies(fake):
+    fake.fake_acl_set_copy_delay_us.argtypes = [ctypes.c_long]
+    src = pattern(N, 4)
+    with acl.Context(0) as ctx:
+        dev, pinned, stream = ctx.alloc(N), ctx.alloc_host(N), ctx.create_stream()
+        assert gil_free_during(lambda: ctx.memcpy(dev, src, N, acl.ACL_MEMCPY_HOST_TO_DEVICE),
+                               fake.fake_acl_set_copy_delay_us)
+        ctx.memcpy(pinned, dev, N, acl.ACL_MEMCPY_DEVICE_TO_HOST, stream=stream)
+        assert gil_free_during(stream.synchronize, fake.fake_acl_set_copy_delay_us)
+        np.testing.assert_array_equal(np.frombuffer(pinned, np.uint8), src)
 
 
 PROBE = textwrap.dedent("""

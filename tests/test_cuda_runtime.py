@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from accel_doubles import build, load, run_python
+from accel_doubles import build, gil_free_during, load, run_python
 from pyverbs_kv import cuda
 
 N = 8192
@@ -166,6 +166,13 @@ def test_close_order_and_limits(fake, ctx):
     assert calls(fake, "cudaStreamDestroy") == 1 and calls(fake, "cudaFreeHost") == 1
     with pytest.raises(ValueError, match="Context of device 0 is closed"):
         ctx.alloc(N)
+
+
+def test_the_gil_is_released_while_cuda_copies(fake, ctx):
+    fake.fake_cudart_set_copy_delay_us.argtypes = [ctypes.c_long]
+    dev, host = ctx.alloc(N), pattern(N, 5)
+    assert gil_free_during(lambda: ctx.memcpy(dev, host, N, cuda.cudaMemcpyHostToDevice),
+                           fake.fake_cudart_set_copy_delay_us)
 
 
 PROBE = textwrap.dedent("""

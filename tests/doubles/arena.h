@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #define ARENA_BYTES (1ULL << 32)        /* reserved, not committed (MAP_NORESERVE) */
 #define ARENA_LIMIT (1ULL << 28)        /* an allocation above this fails as out of memory */
@@ -69,6 +70,16 @@ static long calls_of(const char *name)
             n = calls[i].n;
     pthread_mutex_unlock(&lock);
     return n;
+}
+
+/* How long each copy takes, in microseconds (0: no delay), so that the tests can
+ * see whether the binding holds the GIL while the runtime works. */
+static long copy_delay_us;
+
+static void copy_delay(void)
+{
+    if (copy_delay_us > 0)
+        usleep((useconds_t)copy_delay_us);
 }
 
 static void reset_calls(void)
@@ -263,8 +274,10 @@ static int stream_run(const char *call, struct stream *s)
                         || check_side(call, "queued copy src", c->src, c->n, src_dev,
                                       "(queued)")))
             rc = -1;
-        if (rc == 0)
+        if (rc == 0) {
+            copy_delay();
             memmove(c->dst, c->src, c->n);
+        }
     }
     s->npending = 0;
     return rc;

@@ -195,8 +195,10 @@ aclError aclrtMemcpy(void *dst, size_t destMax, const void *src, size_t count,
     ENTER("aclrtMemcpy");
     NEED_DEVICE();
     rc_ = check_copy(call_, dst, destMax, src, count, kind);
-    if (rc_ == ACL_SUCCESS)
+    if (rc_ == ACL_SUCCESS) {
+        copy_delay();
         memmove(dst, src, count);
+    }
     LEAVE;
 }
 
@@ -292,6 +294,7 @@ const char *aclGetRecentErrMsg(void)
 /* For the tests (ctypes): calls made per symbol, live allocations, init state. */
 long fake_acl_calls(const char *name) { return calls_of(name); }
 void fake_acl_reset_calls(void) { reset_calls(); }
+void fake_acl_set_copy_delay_us(long us) { copy_delay_us = us; }
 long fake_acl_live_device_blocks(void) { return live_blocks(&dev_arena); }
 long fake_acl_live_host_blocks(void) { return live_blocks(&host_arena); }
 int fake_acl_initialized(void) { return initialized; }

@@ -128,8 +128,10 @@ cudaError_t cudaMemcpy(void *dst, const void *src, size_t count, cudaMemcpyKind 
 {
     ENTER("cudaMemcpy");
     rc_ = check_copy(call_, dst, src, count, kind);
-    if (rc_ == cudaSuccess)
+    if (rc_ == cudaSuccess) {
+        copy_delay();
         memmove(dst, src, count);
+    }
     LEAVE;
 }
 
@@ -259,6 +261,7 @@ cudaError_t cudaGetLastError(void)
 /* For the tests (ctypes). */
 long fake_cudart_calls(const char *name) { return calls_of(name); }
 void fake_cudart_reset_calls(void) { reset_calls(); }
+void fake_cudart_set_copy_delay_us(long us) { copy_delay_us = us; }
 long fake_cudart_live_device_blocks(void) { return live_blocks(&dev_arena); }
 long fake_cudart_live_host_blocks(void) { return live_blocks(&host_arena); }
 const char *fake_cudart_last_detail(void) { return has_msg ? last_msg : ""; }
