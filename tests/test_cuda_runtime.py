@@ -269,8 +269,10 @@ GPU_CHECK = textwrap.dedent("""
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(bool(_gpu_reason()), reason=_gpu_reason() or "a GPU is here")
 def test_real_gpu_copies_and_torch_pointers():
+    reason = _gpu_reason()      # here, not at collection: importing torch takes seconds
+    if reason:
+        pytest.skip(reason)
     res = run_python(GPU_CHECK, {"KVCACHE_CUDA_LIB": None}, timeout=300)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "GPU OK" in res.stdout
