@@ -7,6 +7,9 @@ VERBS_MODULES = ["libibverbs_enums", "librdmacm", "base", "device", "pd", "mr", 
                  "cm"]
 # Modules that must load where libibverbs is missing link nothing of rdma-core.
 PLAIN_MODULES = ["sgio", "pieces"]
+# Accelerator runtimes are dlopen'ed at first use, never linked: the package builds and
+# imports where CANN or CUDA is missing (pyverbs_kv/acl.pyx says where each is looked for).
+ACCEL_MODULES = ["accel", "acl", "cuda"]
 
 
 def extension(name, libraries):
@@ -17,7 +20,8 @@ def extension(name, libraries):
 
 
 extensions = ([extension(name, ["ibverbs", "rdmacm"]) for name in VERBS_MODULES]
-              + [extension(name, []) for name in PLAIN_MODULES])
+              + [extension(name, []) for name in PLAIN_MODULES]
+              + [extension(name, ["dl"]) for name in ACCEL_MODULES])
 
 setup(
     ext_modules=cythonize(extensions, language_level=3,

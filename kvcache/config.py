@@ -19,6 +19,11 @@ KVCACHE_ERROR_FILE     append the kvcache loggers' ERROR records to this file
 KVCACHE_TRANSPORT      the FastDeploy-compatible RDMACommunicator's transport:
                        rdma, tcp, shm or auto (default: RDMA where a device
                        is usable, else TCP)
+KVCACHE_ACL_LIB        path of libascendcl.so (default: $ASCEND_HOME_PATH/lib64, the CANN
+                       install locations, the loader path); read by pyverbs_kv.acl at
+                       its first load
+KVCACHE_CUDA_LIB       path of libcudart (default: libcudart.so.13/.12/.so, then torch's
+                       bundled copy); read by pyverbs_kv.cuda at its first load
 
 Flags (KVCACHE_DEBUG, KVCACHE_RELAX_ORDERING) take 1, true, on or yes, as
 FastDeploy reads them."""

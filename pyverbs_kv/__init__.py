@@ -1,7 +1,9 @@
 """pyverbs_kv: Cython bindings of libibverbs and librdmacm with a vectorised
-RDMA data path (see README.md), plus two modules that need no RDMA library:
-``pyverbs_kv.sgio`` (scatter/gather I/O for sockets and shared memory) and
-``pyverbs_kv.pieces`` (building, locating and merging descriptor arrays).
+RDMA data path (see README.md), plus modules that need no RDMA library:
+``pyverbs_kv.sgio`` (scatter/gather I/O for sockets and shared memory),
+``pyverbs_kv.pieces`` (building, locating and merging descriptor arrays), and
+``pyverbs_kv.acl`` / ``pyverbs_kv.cuda`` (the Ascend and CUDA runtimes, loaded
+with dlopen at first use).
 
 The verbs names below load on first use, so ``import pyverbs_kv.sgio`` works
 where libibverbs is missing; touching a verbs name there raises ImportError."""
@@ -19,7 +21,8 @@ _EXPORTS = {
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
-__all__ = sorted(_WHERE) + ["enums", "cm", "sgio", "pieces"]
+_MODULES = ("enums", "cm", "sgio", "pieces", "acl", "cuda")
+__all__ = sorted(_WHERE) + list(_MODULES)
 
 
 def __getattr__(name):
@@ -27,6 +30,6 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f"pyverbs_kv.{_WHERE[name]}"), name)
         globals()[name] = value
         return value
-    if name in ("enums", "cm", "sgio", "pieces"):
+    if name in _MODULES:
         return importlib.import_module(f"pyverbs_kv.{name}")
     raise AttributeError(f"module 'pyverbs_kv' has no attribute {name!r}")
