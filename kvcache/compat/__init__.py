@@ -1,0 +1,3 @@
+"""Entry points shaped like other KV-transfer libraries, one module per
+library, so their users switch by changing an import. Each calls down into
+kvcache.engine; nothing below imports them."""
