@@ -32,3 +32,13 @@ def _rdma_gate(request):
 def rdma_ip():
     """The address rxe0 sits on (inside scripts/rdma-vm)."""
     return os.environ.get("PYVERBS_KV_TEST_IP", "10.99.0.1")
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    """A real etcd server for the session (tests/etcd_server.py): skips
+    without etcd, fails instead where KVCACHE_REQUIRE_ETCD=1 (CI)."""
+    from etcd_server import start_or_skip
+    server = start_or_skip(pytest)
+    yield server
+    server.stop()
