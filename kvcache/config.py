@@ -10,7 +10,9 @@ KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
 KVCACHE_AUTH_KEY       the shared secret every link must prove
 KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
-KVCACHE_DEBUG          1: debug logging for the kvcache loggers"""
+KVCACHE_DEBUG          1: debug logging for the kvcache loggers
+KVCACHE_ETCD_TTL_S     lease of the records an engine keeps in etcd, in seconds
+                       (default 10; kvcache.engine.discovery)"""
 import logging
 import os
 

@@ -25,8 +25,8 @@ etcd-server is 3.4; ``/v3beta/`` went away in 3.5)."""
 import json
 import logging
 import threading
-import time
 
+from kvcache.config import env_int
 from kvcache.engine.address import format_address, parse_address
 from kvcache.status import LLMException, LLMStatusCode
 
@@ -47,14 +47,18 @@ def cluster_key(cluster_id):
     return f"{PREFIX}cluster/{int(cluster_id)}"
 
 
-def open_discovery(metadata_server, ttl_s=DEFAULT_TTL_S, call_timeout_s=DEFAULT_CALL_TIMEOUT_S):
+def open_discovery(metadata_server, ttl_s=None, call_timeout_s=DEFAULT_CALL_TIMEOUT_S):
     """The discovery service ``metadata_server`` names (see the module doc).
+    ``ttl_s``: the etcd lease, in seconds (default KVCACHE_ETCD_TTL_S, else
+    10): how long a dead process stays findable.
     LLM_PARAM_INVALID for a malformed endpoint, LLM_FEATURE_NOT_ENABLED
     when etcd3gw is not installed, LLM_LINK_FAILED when etcd does not
     answer within ``call_timeout_s``."""
     text = (metadata_server or "").strip()
     if text in ("", P2P):
         return PeerToPeer()
+    if ttl_s is None:
+        ttl_s = env_int("KVCACHE_ETCD_TTL_S", DEFAULT_TTL_S)
     if not isinstance(ttl_s, int) or ttl_s < 1:
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                            f"lease ttl must be a whole number of seconds >= 1, got {ttl_s!r}")
@@ -135,7 +139,8 @@ class Etcd:
 
     def resolve(self, key):
         """The record under ``key``, or None when nobody publishes it."""
-        values = self._do(f"get {key}", lambda: self._client.get(key))
+        with self._lock:                   # one request at a time on the client's session
+            values = self._do(f"get {key}", lambda: self._client.get(key))
         if not values:
             return None
         try:
@@ -147,17 +152,17 @@ class Etcd:
     def _keepalive(self):
         while not self._stop.wait(self.ttl_s / 3):
             try:
-                if self._lease.refresh() > 0:
-                    continue
-                # The lease expired (we were stopped or cut off for longer
-                # than its ttl): take a new one and publish again.
-                log.warning("etcd lease %s expired; publishing again", self._lease.id)
                 with self._lock:
+                    if self._lease.refresh() > 0:
+                        continue
+                    # The lease expired (we were stopped or cut off for longer
+                    # than its ttl): take a new one and publish again.
+                    log.warning("etcd lease %s expired; publishing again", self._lease.id)
                     self._lease = self._client.lease(ttl=self.ttl_s)
                     for key, value in self._records.items():
                         self._client.put(key, value, lease=self._lease)
-            except self._errors as exc:
-                log.warning("etcd at %s: keepalive failed (%s); retrying", self.endpoint, exc)
+            except Exception as exc:      # the thread outlives any one failed call
+                log.warning("etcd at %s: keepalive failed (%r); retrying", self.endpoint, exc)
 
     def close(self, timeout_s=DEFAULT_CALL_TIMEOUT_S):
         """Stop the keepalive thread and revoke the lease. Idempotent."""
@@ -171,13 +176,3 @@ class Etcd:
             log.warning("etcd at %s: revoking lease failed (%s); it expires in %d s",
                         self.endpoint, exc, self.ttl_s)
 
-
-def wait_resolve(discovery, key, timeout_s, interval_s=0.05):
-    """``discovery.resolve(key)`` retried until a record appears or
-    ``timeout_s`` passed (None then)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        record = discovery.resolve(key)
-        if record is not None or time.monotonic() >= deadline:
-            return record
-        time.sleep(interval_s)
