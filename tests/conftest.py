@@ -20,6 +20,12 @@ def _rdma_gate(request):
     instead inside the VM lane (PYVERBS_KV_REQUIRE_RDMA=1)."""
     if request.node.get_closest_marker("rdma") is None:
         return
+    require_rdma()
+
+
+def require_rdma():
+    """Skip where no RDMA device exists; fail instead in the VM lane. For
+    fixtures of a wider scope than the test, which run before its gate."""
     devices, reason = _rdma_devices()
     if devices:
         return

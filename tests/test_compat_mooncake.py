@@ -5,12 +5,14 @@ back and compares, one by one, in batches and in asynchronous batches; then
 every failure is a negative code, never an exception. Each runs on tcp and
 shm here and on rdma in the VM lane."""
 import json
+import os
 import random
 import string
 
 import numpy as np
 import pytest
 
+from conftest import require_rdma
 from mooncake_target import Target
 from kvcache.compat import mooncake
 from kvcache.compat.mooncake import TransferEngine, TransferNotify, TransferOpcode
@@ -22,24 +24,29 @@ CIRCLES = 200
 BATCH, SLOT = 100, 1024
 
 
-@pytest.fixture(params=TRANSPORTS)
+# One target and one initiator per protocol for the module (starting processes is what
+# costs time in the VM lane); a test that kills its target starts its own.
+@pytest.fixture(scope="module", params=TRANSPORTS)
 def protocol(request):
+    if request.param == "rdma":
+        require_rdma()
     return request.param
 
 
-@pytest.fixture
-def host(protocol, request):
-    return request.getfixturevalue("rdma_ip") if protocol == "rdma" else "127.0.0.1"
+@pytest.fixture(scope="module")
+def host(protocol):
+    return os.environ.get("PYVERBS_KV_TEST_IP", "10.99.0.1") if protocol == "rdma" \
+        else "127.0.0.1"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def target(protocol, host):
     peer = Target(protocol, host=host)
     yield peer
     peer.close()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def initiator(protocol, host):
     engine = TransferEngine(managed_pool_bytes=4 << 20)
     assert engine.initialize(host, "P2PHANDSHAKE", protocol, "") == 0
@@ -159,6 +166,7 @@ def test_notification_follows_the_transfer(initiator, target):
 
 
 def test_failures_are_negative_codes(initiator, target, caplog):
+    caplog.set_level("WARNING", logger="kvcache.compat.mooncake")
     src = initiator.get_first_buffer_address(initiator.get_local_segment_name())
     seg, dst = target.segment, target.first
     codes = {
@@ -199,12 +207,16 @@ def test_failures_are_negative_codes(initiator, target, caplog):
     assert initiator.transfer_sync_write(seg, src, dst, 8) == 0
 
 
-def test_a_killed_target_fails_the_transfer(initiator, target):
-    src = initiator.get_first_buffer_address(initiator.get_local_segment_name())
-    assert initiator.transfer_sync_write(target.segment, src, target.first, 64) == 0
-    target.kill()
-    assert initiator.transfer_sync_write(target.segment, src, target.first, 64) < 0
-    assert initiator.send_probe(target.segment) < 0
+def test_a_killed_target_fails_the_transfer(initiator, protocol, host):
+    target = Target(protocol, host=host)
+    try:
+        src = initiator.get_first_buffer_address(initiator.get_local_segment_name())
+        assert initiator.transfer_sync_write(target.segment, src, target.first, 64) == 0
+        target.kill()
+        assert initiator.transfer_sync_write(target.segment, src, target.first, 64) < 0
+        assert initiator.send_probe(target.segment) < 0
+    finally:
+        target.close()
 
 
 def test_calls_before_initialize_and_after_close():
