@@ -147,3 +147,21 @@ def test_xpyd_decoders_find_prompts_only_through_etcd(etcd, short_leases):
     finally:
         for peer in prompts + decoders:
             peer.close()
+
+
+def test_a_killed_cluster_leaves_etcd_and_cannot_be_linked_by_id(etcd, short_leases):
+    prompt = PeerProcess("prompt", 41, transport="tcp", buf_pool_cfg=POOL,
+                         metadata_server=etcd.url)
+    decoder = PeerProcess("decoder", 42, listen="", transport="tcp", buf_pool_cfg=POOL,
+                          metadata_server=etcd.url)
+    reader = discovery.open_discovery(etcd.url)
+    try:
+        assert reader.resolve(discovery.cluster_key(41))["listen"] == prompt.address
+        prompt.kill()
+        wait_until(lambda: reader.resolve(discovery.cluster_key(41)) is None,
+                   timeout_s=TTL_S + 10, what="the killed cluster's lease expiring")
+        assert decoder.call("link", 41, None) == LLMStatusCode.LLM_LINK_FAILED
+    finally:
+        reader.close()
+        decoder.close()
+        prompt.close()
