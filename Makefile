@@ -6,10 +6,12 @@ PY := $(VENV)/bin/python
 # Build and run-time needs, then what the Soft-RoCE VM lane needs.
 APT_BUILD := build-essential python3-dev python3-venv pkg-config rdma-core ibverbs-providers \
              libibverbs-dev librdmacm-dev
+# The etcd server the discovery tests start (tests/etcd_server.py).
+APT_TEST := etcd-server
 APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest iproute2 \
           busybox-static util-linux
 PIP_BUILD := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.24"
-PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0
+PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0 etcd3gw==2.7.0
 # Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
 RUFF_VERSION := 0.17.5
 PIP_LINT := ruff==$(RUFF_VERSION)
@@ -20,7 +22,7 @@ PIP_LINT := ruff==$(RUFF_VERSION)
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.py pyproject.toml $(wildcard pyverbs_kv/*.pyx pyverbs_kv/*.pxd)
-	scripts/apt-ensure $(APT_BUILD)
+	scripts/apt-ensure $(APT_BUILD) $(APT_TEST)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_TEST)
@@ -60,8 +62,9 @@ $(VENV)/.ruff-$(RUFF_VERSION):
 wheel-check: setup
 	$(PY) scripts/wheel_check.py --python $(PYTHON)
 
+# KVCACHE_REQUIRE_ETCD=1: the etcd tests fail, never skip, when etcd is missing.
 test-host:
-	$(PY) -m pytest -q tests
+	KVCACHE_REQUIRE_ETCD=1 $(PY) -m pytest -q tests
 
 # The VM lane: every test marked rdma, inside Soft-RoCE. Fails (never skips)
 # when the VM does not boot or rxe0 does not appear.

@@ -24,6 +24,8 @@ KVCACHE_ACL_LIB        path of libascendcl.so (default: $ASCEND_HOME_PATH/lib64,
                        its first load
 KVCACHE_CUDA_LIB       path of libcudart (default: libcudart.so.13/.12/.so, then torch's
                        bundled copy); read by pyverbs_kv.cuda at its first load
+KVCACHE_ETCD_TTL_S     lease of the records an engine keeps in etcd, in seconds
+                       (default 10; kvcache.engine.discovery)
 
 Flags (KVCACHE_DEBUG, KVCACHE_RELAX_ORDERING) take 1, true, on or yes, as
 FastDeploy reads them."""

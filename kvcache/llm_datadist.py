@@ -6,7 +6,7 @@ import time
 
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache_manager import CacheManager
-from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, parse_address
+from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, discovery, parse_address
 from kvcache.engine.address import format_address
 from kvcache.rdma_support import rdma_status
 from kvcache import checks
@@ -28,6 +28,7 @@ OPT_TRANSPORT = "llm.Transport"
 OPT_LINK_TIMEOUT = "llm.LinkTimeout"
 OPT_ENABLE_SWITCH_ROLE = "llm.EnableSwitchRole"
 OPT_AUTH_KEY = "llm.AuthKey"
+OPT_METADATA_SERVER = "llm.MetadataServer"
 
 
 class LLMConfig:
@@ -37,7 +38,11 @@ class LLMConfig:
     sync_kv_timeout (ms per transfer, default 1000), transport
     (auto|tcp|shm|rdma), link_timeout (ms, default 3000), enable_switch_role,
     auth_key (the shared secret every link must prove, a string of at least
-    16 bytes; "" : KVCACHE_AUTH_KEY / KVCACHE_AUTH_KEY_FILE, or none)."""
+    16 bytes; "" : KVCACHE_AUTH_KEY / KVCACHE_AUTH_KEY_FILE, or none),
+    metadata_server ("" or "P2PHANDSHAKE": none; "etcd://host:port" or
+    "host:port": a listening cluster publishes itself there under its
+    cluster id, and link_clusters finds a cluster given without an address
+    there, see kvcache.engine.discovery)."""
 
     def __init__(self):
         self.device_id = 0
@@ -48,13 +53,15 @@ class LLMConfig:
         self.link_timeout = 3000
         self.enable_switch_role = False
         self.auth_key = ""
+        self.metadata_server = ""
 
     def generate_options(self):
         return {OPT_DEVICE_ID: str(self.device_id), OPT_LISTEN: str(self.listen_ip_info),
                 OPT_BUF_POOL: str(self.buf_pool_cfg), OPT_SYNC_TIMEOUT: str(self.sync_kv_timeout),
                 OPT_TRANSPORT: str(self.transport), OPT_LINK_TIMEOUT: str(self.link_timeout),
                 OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0",
-                OPT_AUTH_KEY: str(self.auth_key)}
+                OPT_AUTH_KEY: str(self.auth_key),
+                OPT_METADATA_SERVER: str(self.metadata_server)}
 
 
 def _int_option(options, key, default):
@@ -106,6 +113,7 @@ class LLMDataDist:
         self._lock = threading.Lock()
         self.transport = None
         self.transport_reason = ""
+        self._discovery = None
 
     @public
     def init(self, options):
@@ -128,6 +136,7 @@ class LLMDataDist:
         pool = BufferPool(BufPoolConfig.parse(options.get(OPT_BUF_POOL, "")))
         self._engine = None
         try:
+            self._discovery = discovery.open_discovery(options.get(OPT_METADATA_SERVER, ""))
             self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=listen or None,
                                           cluster_id=self.cluster_id, role=self.role.value,
                                           transport=self.transport,
@@ -136,13 +145,27 @@ class LLMDataDist:
                                           auth_key=options.get(OPT_AUTH_KEY) or None)
             self._cache_manager = CacheManager(self._engine, pool, self.cluster_id,
                                                self.sync_timeout_ms)
+            self._publish()
         except BaseException:
             if self._engine is not None:
                 self._engine.close()
+            if self._discovery is not None:
+                self._discovery.close()
             pool.close()
             self._engine = self._cache_manager = None
             raise
         self._pool = pool
+
+    def _publish(self):
+        """Where this cluster listens, under its cluster id (a record only
+        while it listens; with a metadata server)."""
+        engine, key = self._engine, discovery.cluster_key(self.cluster_id)
+        if not engine.address:
+            self._discovery.withdraw(key)
+            return
+        self._discovery.publish(key, {"name": engine.name, "listen": engine.address,
+                                      "transport": engine.transport.name,
+                                      "cluster_id": self.cluster_id, "role": engine.role})
 
     def _started(self):
         if self._engine is None:
@@ -166,9 +189,10 @@ class LLMDataDist:
 
     @public
     def link_clusters(self, clusters, timeout=3000):
-        """Link to each cluster's first remote address. Returns (status,
-        [status per cluster]); LLM_SUCCESS only if all linked. ``timeout``:
-        ms per link, 1..2**31-1."""
+        """Link to each cluster's first remote address (a cluster given
+        without one is looked up by its id on the metadata server). Returns
+        (status, [status per cluster]); LLM_SUCCESS only if all linked.
+        ``timeout``: ms per link, 1..2**31-1."""
         engine = self._started()
         timeout = checks.timeout_ms(timeout, "timeout")
         clusters = list(clusters)
@@ -183,12 +207,26 @@ class LLMDataDist:
         return (LLMStatusCode.LLM_SUCCESS if ok else LLMStatusCode.LLM_LINK_FAILED), results
 
     def _link_one(self, engine, info, timeout):
-        if not isinstance(info, LLMClusterInfo) or not info.remote_ip_info:
+        if not isinstance(info, LLMClusterInfo) or not (info.remote_ip_info
+                                                        or self._discovery.uses_server):
             return LLMStatusCode.LLM_PARAM_INVALID
         existing = engine.find_peer(info.remote_cluster_id)
         if existing is not None and existing.state == LinkState.LINKED:
             return LLMStatusCode.LLM_ALREADY_LINK
-        host, port = info.remote_ip_info[0]
+        if info.remote_ip_info:
+            host, port = info.remote_ip_info[0]
+        else:
+            try:
+                record = self._discovery.resolve(discovery.cluster_key(info.remote_cluster_id))
+            except LLMException as exc:
+                log.warning("cluster %d: looking up cluster %d failed: %s", self.cluster_id,
+                            info.remote_cluster_id, exc)
+                return exc.status_code
+            if record is None:
+                log.warning("cluster %d: cluster %d is not published at %s", self.cluster_id,
+                            info.remote_cluster_id, self._discovery.endpoint)
+                return LLMStatusCode.LLM_LINK_FAILED
+            host, port = parse_address(record["listen"])
         try:
             peer = engine.connect(format_address(host, port), timeout_ms=timeout)
         except LLMException as exc:
@@ -262,6 +300,7 @@ class LLMDataDist:
             engine.stop_listening()
         engine.role = role.value
         self.role = role
+        self._publish()
 
     @public
     def finalize(self):
@@ -271,4 +310,5 @@ class LLMDataDist:
         engine, self._engine = self._engine, None
         self._cache_manager.close()
         engine.close()
+        self._discovery.close()
         self._pool.close()

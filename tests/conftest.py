@@ -20,6 +20,12 @@ def _rdma_gate(request):
     instead inside the VM lane (PYVERBS_KV_REQUIRE_RDMA=1)."""
     if request.node.get_closest_marker("rdma") is None:
         return
+    require_rdma()
+
+
+def require_rdma():
+    """Skip where no RDMA device exists; fail instead in the VM lane. For
+    fixtures of a wider scope than the test, which run before its gate."""
     devices, reason = _rdma_devices()
     if devices:
         return
@@ -32,3 +38,13 @@ def _rdma_gate(request):
 def rdma_ip():
     """The address rxe0 sits on (inside scripts/rdma-vm)."""
     return os.environ.get("PYVERBS_KV_TEST_IP", "10.99.0.1")
+
+
+@pytest.fixture(scope="session")
+def etcd():
+    """A real etcd server for the session (tests/etcd_server.py): skips
+    without etcd, fails instead where KVCACHE_REQUIRE_ETCD=1 (CI)."""
+    from etcd_server import start_or_skip
+    server = start_or_skip(pytest)
+    yield server
+    server.stop()

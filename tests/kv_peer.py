@@ -74,8 +74,9 @@ class Actions:
     def link(self, remote_cluster_id, address, timeout=3000):
         info = LLMClusterInfo()
         info.remote_cluster_id = remote_cluster_id
-        host, port = address.rsplit(":", 1)
-        info.append_remote_ip_info(host, int(port))
+        if address:              # None: the cluster is found by id (a metadata server)
+            host, port = address.rsplit(":", 1)
+            info.append_remote_ip_info(host, int(port))
         ret, rets = self.dd.link_clusters([info], timeout=timeout)
         return int(rets[0])
 

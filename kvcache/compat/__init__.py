@@ -1,1 +1,3 @@
-"""Drop-in entry points for users of other KV transfer libraries (FastDeploy, Mooncake)."""
+"""Entry points shaped like other KV-transfer libraries (FastDeploy,
+Mooncake), one module per library, so their users switch by changing an
+import. Each calls down into kvcache.engine; nothing below imports them."""

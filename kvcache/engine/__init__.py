@@ -1,7 +1,8 @@
 """The one-sided engine: ``TransferEngine`` (the facade) over the region
 registry (``regions``), the link manager (``links``: listener, handshake,
 peer table), control calls (``rpc``), asynchronous requests and
-notifications (``requests``)."""
+notifications (``requests``); segment discovery (``discovery``: P2P or etcd)
+sits beside it, used by the layers above."""
 from kvcache.engine.address import parse_address
 from kvcache.engine.engine import TRANSPORTS, TransferEngine
 from kvcache.engine.link import Link, LinkState

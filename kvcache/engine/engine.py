@@ -381,23 +381,6 @@ class TransferEngine:
                                        remote.copy(), lengths.copy(), timeout_ms)
         return TransferRequest(future)
 
-    # Mooncake-style spellings.
-    @public
-    def transfer_sync_write(self, peer, local_addr, remote_addr, length):
-        return self.transfer_sync(peer, "write", [local_addr], [remote_addr], [length])
-
-    @public
-    def transfer_sync_read(self, peer, local_addr, remote_addr, length):
-        return self.transfer_sync(peer, "read", [local_addr], [remote_addr], [length])
-
-    @public
-    def batch_transfer_sync_write(self, peer, local_addrs, remote_addrs, lengths):
-        return self.transfer_sync(peer, "write", local_addrs, remote_addrs, lengths)
-
-    @public
-    def batch_transfer_sync_read(self, peer, local_addrs, remote_addrs, lengths):
-        return self.transfer_sync(peer, "read", local_addrs, remote_addrs, lengths)
-
     # --- notifications -------------------------------------------------------------------
 
     @public
