@@ -14,6 +14,7 @@ Copies between host caches run here (numpy over the tensors' memory); the
 copier is chosen per (source placement, destination placement), which is
 where a device copy will slot in."""
 import contextlib
+import ctypes
 
 import numpy as np
 
@@ -43,10 +44,8 @@ def _cache(cache, what, blocks):
 def _rows(cache, index):
     """Tensor ``index`` as bytes, one row per block (or batch row)."""
     desc = cache.cache_desc
-    view = np.ctypeslib.as_array(
-        (np.ctypeslib.ctypes.c_uint8 * desc.tensor_bytes).from_address(
-            cache.tensor_addrs[index]))
-    return view.reshape(desc.shape[0], desc.row_bytes)
+    raw = (ctypes.c_uint8 * desc.tensor_bytes).from_address(cache.tensor_addrs[index])
+    return np.frombuffer(raw, dtype=np.uint8).reshape(desc.shape[0], desc.row_bytes)
 
 
 def _host_block_copy(src, dst, src_ids, dst_ids):
