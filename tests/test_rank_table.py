@@ -1,11 +1,14 @@
 """The rank-table link flow (LLMDataDist.link / unlink /
 query_register_mem_status): two real processes on 127.0.0.1 call link with
 the same rank table, watch the status move PREPARING -> OK, move blocks over
-the links and unlink; a member that never comes up makes the comm FAILED
-within the link timeout; bad tables are refused naming the field."""
+the links and unlink; link/unlink cycles leave nothing behind; a member that
+never comes up makes the comm FAILED within the link timeout; bad tables are
+refused naming the field."""
 import json
 import multiprocessing as mp
+import os
 import socket
+import threading
 import time
 
 import numpy as np
@@ -289,3 +292,31 @@ def test_unknown_comm_ids_and_a_taken_member_address(lone):
             lone.link("link", {1: 0, 2: 1}, table("127.0.0.1", [free_port(), port]))
         assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
         assert f"cannot listen on 127.0.0.1:{port}" in str(err.value)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_link_unlink_cycles_leave_no_thread_or_fd_behind(transport):
+    x, y = start(LLMRole.PROMPT, 1, transport), start(LLMRole.DECODER, 2, transport)
+    try:
+        with watchdog(120):
+            def cycle():
+                rank_table = table("127.0.0.1", [free_port(), free_port()])
+                ids = [dd.link("c", {1: 0, 2: 1}, rank_table) for dd in (x, y)]
+                for dd, comm_id in zip((x, y), ids):
+                    wait_until(lambda: dd.query_register_mem_status(comm_id)
+                               == RegisterMemStatus.OK, 30, "comm OK", 0.005)
+                x.unlink(ids[0])
+                y.unlink(ids[1])
+                wait_until(lambda: not x.engine.peers() and not y.engine.peers(), 10,
+                           "links gone")
+
+            cycle()                                       # warm-up: lazily made workers
+            threads, fds = threading.active_count(), len(os.listdir("/proc/self/fd"))
+            for _ in range(20):
+                cycle()
+            wait_until(lambda: threading.active_count() <= threads, 10, "threads back")
+            assert len(os.listdir("/proc/self/fd")) <= fds
+            assert x.engine.address is None and y.engine.address is None
+    finally:
+        x.finalize()
+        y.finalize()
