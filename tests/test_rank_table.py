@@ -63,13 +63,14 @@ def desc():
 
 
 def _prompt_member(events, go, done, transport, rank_table, info):
-    """Cluster 1: a blocks cache of known bytes, then the rank-table link;
-    reports what it saw on ``events``."""
+    """Cluster 1: a blocks cache of known bytes, then (on ``go``) the
+    rank-table link; reports what it saw on ``events``."""
     try:
         dd = start(LLMRole.PROMPT, 1, transport)
         cache = dd.cache_manager.allocate_blocks_cache(desc(), BlocksCacheKey(1))
         for i, tensor in enumerate(cache.tensors()):
             tensor.view(np.uint8).reshape(-1)[:] = pattern(1, i, tensor.nbytes)
+        events.put(("ready",))
         go.wait(WAIT_S)
         comm_id = dd.link("link", info, rank_table)
         deadline = time.monotonic() + WAIT_S
@@ -113,6 +114,8 @@ def test_two_processes_link_by_rank_table_pull_and_unlink(transport, member_ip,
     try:
         with watchdog(3 * WAIT_S):
             cache = dd.cache_manager.allocate_blocks_cache(desc())
+            # The link deadline starts at link: both interpreters are up by then.
+            assert events.get(timeout=WAIT_S) == ("ready",)
             comm_id = dd.link("link", info, rank_table)
             assert comm_id == 1                  # llm_datadist numbers comms from 1
             # The prompt side has not called link yet: nothing can be linked.
@@ -122,9 +125,8 @@ def test_two_processes_link_by_rank_table_pull_and_unlink(transport, member_ip,
             go.set()
             wait_until(lambda: dd.query_register_mem_status(comm_id) != RegisterMemStatus
                        .PREPARING, WAIT_S, "comm status leaving PREPARING", 0.01)
+            assert events.get(timeout=WAIT_S) == ("status", 1, "OK")
             assert dd.query_register_mem_status(comm_id) == RegisterMemStatus.OK
-            kind, *rest = events.get(timeout=WAIT_S)
-            assert (kind, *rest) == ("status", 1, "OK")
 
             src_blocks, dst_blocks = [3, 0, 31, 7], [30, 1, 2, 9]
             dd.cache_manager.pull_blocks(BlocksCacheKey(1), cache, src_blocks, dst_blocks)
