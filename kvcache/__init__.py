@@ -8,6 +8,7 @@ from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache import Cache
 from kvcache.engine import LinkState, Peer, TransferEngine, TransferRequest
 from kvcache.llm_datadist import LLMConfig, LLMDataDist
+from kvcache.rank_table import RegisterMemStatus
 from kvcache.rdma_support import RdmaStatus, rdma_status
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp.protocol import MAX_NOTIFY_BYTES
@@ -17,4 +18,5 @@ from kvcache.values import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAnd
 __all__ = ["BlocksCacheKey", "BufPoolConfig", "BufferPool", "Cache", "CacheDesc", "CacheKey",
            "CacheKeyByIdAndIndex", "DataType", "LLMClusterInfo", "LLMConfig", "LLMDataDist",
            "LLMException", "LLMRole", "LLMStatusCode", "LinkState", "MAX_NOTIFY_BYTES", "Peer",
-           "Placement", "RdmaStatus", "TransferEngine", "TransferRequest", "rdma_status"]
+           "Placement", "RdmaStatus", "RegisterMemStatus", "TransferEngine", "TransferRequest",
+           "rdma_status"]

@@ -4,7 +4,12 @@ import ctypes
 
 import numpy as np
 
+from kvcache.checks import public
+from kvcache.engine.regions import check_host_mapped
+from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import CacheDesc, Placement
+
+CPU_CACHE_ID = -1           # llm_datadist's id of a cache no cache manager holds
 
 
 class Cache:
@@ -21,6 +26,32 @@ class Cache:
         self.owned = owned                     # allocated from the pool (vs registered)
         self.keys = list(keys)
         self.containers = []                   # top-level regions of registered memory
+
+    @classmethod
+    @public
+    def create_cpu_cache(cls, cache_desc, addrs):
+        """A blocks cache over caller-owned host memory (one address per
+        tensor, as llm_datadist's create_cpu_cache), for swap_blocks: no
+        cache manager holds it (cache_id -1) and no peer can reach it.
+        LLM_PARAM_INVALID for a placement other than HOST, a wrong address
+        count, or memory not mapped readable and writable here."""
+        if not isinstance(cache_desc, CacheDesc):
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"cache_desc must be a CacheDesc, got {type(cache_desc).__name__}")
+        if cache_desc.placement != Placement.HOST:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"cache_desc placement must be HOST, got "
+                               f"{cache_desc.placement.name}")
+        if not isinstance(addrs, (list, tuple)) or len(addrs) != cache_desc.num_tensors:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"addrs must be a list of {cache_desc.num_tensors} addresses "
+                               "(one per tensor)")
+        for addr in addrs:
+            if isinstance(addr, bool) or not isinstance(addr, int) or addr <= 0:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"address {addr!r} is not a positive int")
+            check_host_mapped(addr, cache_desc.tensor_bytes)
+        return cls(CPU_CACHE_ID, cache_desc, addrs, "blocks", [], owned=False)
 
     @property
     def per_device_tensor_addrs(self):

@@ -21,6 +21,7 @@ from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
 from kvcache.engine.rpc import is_int
+from kvcache.local_copy import LocalCopies
 from kvcache.checks import public
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, Placement
@@ -110,6 +111,7 @@ class CacheManager:
         self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False,
                                                    share=(pool.memory.fd, 0))
         engine.rpc.serve("cache.lookup", self._rpc_lookup, {"by": lambda v: v in _LOOKUPS})
+        self._local = LocalCopies(self.get_cache, engine.registry)
 
     # --- local caches ----------------------------------------------------------
 
@@ -470,6 +472,35 @@ class CacheManager:
         remote_row = getattr(dst_cache_key, "batch_index", 0)
         self._rows("write", dst_cache_key, src_cache, src_batch_index, remote_row, size,
                    src_layer_range, dst_layer_range, tensor_num_per_layer)
+
+    # --- local copies (kvcache.local_copy) -----------------------------------------------
+
+    @public
+    def swap_blocks(self, src_cache, dst_cache, src_to_dst):
+        """Copy blocks between two blocks caches, {src block: dst block} (as
+        llm_datadist's swap_blocks; host caches only yet, see README)."""
+        self._local.swap_blocks(src_cache, dst_cache, src_to_dst)
+
+    @public
+    def copy_blocks(self, cache, copy_block_info):
+        """Copy blocks within a blocks cache, {src block: [dst blocks]} (as
+        llm_datadist's copy_blocks)."""
+        self._local.copy_blocks(cache, copy_block_info)
+
+    @public
+    def copy_cache(self, dst, src, dst_batch_index=0, src_batch_index=0, offset=0, size=-1,
+                   req_id=None):
+        """Copy a batch row between per-request caches (as llm_datadist's
+        copy_cache; ``offset`` and ``size`` in bytes per tensor row)."""
+        self._local.copy_cache(dst, src, dst_batch_index, src_batch_index, offset, size, req_id)
+
+    @public
+    def deallocate_blocks_cache(self, cache):
+        """deallocate_cache for a blocks cache (as llm_datadist's);
+        LLM_PARAM_INVALID for a per-request cache."""
+        if not isinstance(cache, Cache) or cache.kind != "blocks":
+            raise _invalid(f"deallocate_blocks_cache takes a blocks cache, got {cache!r}")
+        self.deallocate_cache(cache)
 
     @public
     def close(self):

@@ -8,6 +8,7 @@ from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache_manager import CacheManager
 from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, discovery, parse_address
 from kvcache.engine.address import format_address
+from kvcache.rank_table import DEFAULT_BASE_PORT, RankTableLinks
 from kvcache.rdma_support import rdma_status
 from kvcache import checks
 from kvcache.checks import public
@@ -29,6 +30,7 @@ OPT_LINK_TIMEOUT = "llm.LinkTimeout"
 OPT_ENABLE_SWITCH_ROLE = "llm.EnableSwitchRole"
 OPT_AUTH_KEY = "llm.AuthKey"
 OPT_METADATA_SERVER = "llm.MetadataServer"
+OPT_RANK_TABLE_PORT = "llm.RankTablePort"
 
 
 class LLMConfig:
@@ -42,7 +44,10 @@ class LLMConfig:
     metadata_server ("" or "P2PHANDSHAKE": none; "etcd://host:port" or
     "host:port": a listening cluster publishes itself there under its
     cluster id, and link_clusters finds a cluster given without an address
-    there, see kvcache.engine.discovery)."""
+    there, see kvcache.engine.discovery),
+    rank_table_port (the base port of the rank-table flow: a member without
+    ``device_port`` listens at its device_ip, port base + rank_id; default
+    26000)."""
 
     def __init__(self):
         self.device_id = 0
@@ -54,6 +59,7 @@ class LLMConfig:
         self.enable_switch_role = False
         self.auth_key = ""
         self.metadata_server = ""
+        self.rank_table_port = DEFAULT_BASE_PORT
 
     def generate_options(self):
         return {OPT_DEVICE_ID: str(self.device_id), OPT_LISTEN: str(self.listen_ip_info),
@@ -61,7 +67,8 @@ class LLMConfig:
                 OPT_TRANSPORT: str(self.transport), OPT_LINK_TIMEOUT: str(self.link_timeout),
                 OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0",
                 OPT_AUTH_KEY: str(self.auth_key),
-                OPT_METADATA_SERVER: str(self.metadata_server)}
+                OPT_METADATA_SERVER: str(self.metadata_server),
+                OPT_RANK_TABLE_PORT: str(self.rank_table_port)}
 
 
 def _int_option(options, key, default):
@@ -129,6 +136,10 @@ class LLMDataDist:
         self.sync_timeout_ms = _int_option(options, OPT_SYNC_TIMEOUT, 1000)
         self.link_timeout_ms = _int_option(options, OPT_LINK_TIMEOUT, 3000)
         self.device_id = _int_option(options, OPT_DEVICE_ID, 0)
+        self.rank_table_port = _int_option(options, OPT_RANK_TABLE_PORT, DEFAULT_BASE_PORT)
+        if self.rank_table_port > 65535:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"option {OPT_RANK_TABLE_PORT} must be 1..65535")
         self.transport, self.transport_reason = choose_transport(
             options.get(OPT_TRANSPORT, "auto") or "auto")
         log.info("cluster %d: transport %s (%s)", self.cluster_id, self.transport,
@@ -146,6 +157,7 @@ class LLMDataDist:
             self._cache_manager = CacheManager(self._engine, pool, self.cluster_id,
                                                self.sync_timeout_ms)
             self._publish()
+            self._rank_links = RankTableLinks(self._engine, self.cluster_id)
         except BaseException:
             if self._engine is not None:
                 self._engine.close()
@@ -274,6 +286,37 @@ class LLMDataDist:
         return LinkState.FAILED if engine.links.failure(remote_cluster_id) else LinkState.IDLE
 
     @public
+    def link(self, comm_name, cluster_rank_info, rank_table):
+        """The rank-table flow (as llm_datadist's link): every member calls
+        it with the same ``rank_table`` (HCCL-style JSON text, version 1.0 or
+        1.2) and ``cluster_rank_info`` ({cluster id: rank id}, ranks
+        ascending). Returns the comm id (int, 1, 2, ... per LLMDataDist) at
+        once; the links come up in the background within link_timeout ms:
+        poll query_register_mem_status(comm_id) until OK (or FAILED). We
+        listen at our member's device_ip and port (kvcache.rank_table).
+        LLM_PARAM_INVALID naming the field for a bad table or one without
+        this cluster, or when that address cannot be listened on."""
+        self._started()
+        return self._rank_links.link(comm_name, cluster_rank_info, rank_table,
+                                     self.rank_table_port, self.link_timeout_ms)
+
+    @public
+    def unlink(self, comm_id):
+        """Close the links of a comm (as llm_datadist's unlink; a member that
+        unlinked first is skipped) and forget its id. LLM_PARAM_INVALID for
+        an unknown comm id."""
+        self._started()
+        self._rank_links.unlink(comm_id, self.link_timeout_ms)
+
+    @public
+    def query_register_mem_status(self, comm_id):
+        """RegisterMemStatus of a comm: PREPARING while its links come up,
+        OK once every member is linked, FAILED when one was not by the link
+        timeout. LLM_PARAM_INVALID for an unknown comm id."""
+        self._started()
+        return self._rank_links.status(comm_id)
+
+    @public
     def switch_role(self, role, switch_options=None):
         """Become ``role``. LLM_EXIST_LINK while links remain. With
         switch_options["llm.ListenIpInfo"] the cluster listens there from now
@@ -308,6 +351,7 @@ class LLMDataDist:
         if self._engine is None:
             return
         engine, self._engine = self._engine, None
+        self._rank_links.close(1000)
         self._cache_manager.close()
         engine.close()
         self._discovery.close()

@@ -141,6 +141,13 @@ class TransferEngine:
         "host:port"; port 0 picks one, see ``address``)."""
         self.links.start_listening(address)
 
+    @public
+    def open_listener(self, address):
+        """Accept links at a further ``address`` too (a rank table's member
+        address); returns the Listener, whose ``close()`` is the caller's
+        job. Links made through it are like any other."""
+        return self.links.open_listener(address)
+
     def stop_listening(self):
         """Stop accepting links; returns once the port is closed (existing
         links stay)."""

@@ -146,6 +146,13 @@ class LinkManager:
         self.listener = Listener(address, self._handshake)
         auth.warn_if_exposed(parse_address(address)[0], self.key)
 
+    def open_listener(self, address):
+        """Another listening socket whose connections are handled as the
+        main listener's are; the caller closes it."""
+        listener = Listener(address, self._handshake)
+        auth.warn_if_exposed(parse_address(address)[0], self.key)
+        return listener
+
     def stop_listening(self):
         listener, self.listener = self.listener, None
         if listener is not None:
