@@ -8,6 +8,11 @@ from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache_manager import CacheManager
 from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, parse_address
 from kvcache.engine.address import format_address
+# llm_datadist exports the layer-wise names beside LLMDataDist.
+from kvcache.layerwise import CacheTask as CacheTask
+from kvcache.layerwise import LayerSynchronizer as LayerSynchronizer
+from kvcache.layerwise import TransferConfig as TransferConfig
+from kvcache.layerwise import TransferWithCacheKeyConfig as TransferWithCacheKeyConfig
 from kvcache.rdma_support import rdma_status
 from kvcache import checks
 from kvcache.checks import public
