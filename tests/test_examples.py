@@ -8,7 +8,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = ["pull_blocks", "pull_cache", "pull_blocks_from_cache", "push_cache",
-            "push_blocks", "switch_role", "xpyd"]
+            "push_blocks", "switch_role", "xpyd", "transfer_cache_async"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
