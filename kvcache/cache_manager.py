@@ -535,8 +535,9 @@ class CacheManager:
     def wait_layers(self, transfer_id, layer_index=None, timeout_in_millis=None):
         """The receiving side of transfer_cache_async (our extension):
         block until destination layer ``layer_index`` of ``transfer_id``
-        has landed here (None: until its last layer has; this also forgets
-        the transfer). The sender announces each layer after its write
+        has landed here (the source layer for a TransferConfig, whose raw
+        addresses have no layers; None: until its last layer has, which
+        also forgets the transfer). The sender announces each layer after its write
         completed, so the bytes are in place when this returns. Returns a
         LayerArrivals (layers, arrived_at, final, status). Raises
         LLM_TIMEOUT after ``timeout_in_millis`` ms (default

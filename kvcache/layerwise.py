@@ -15,6 +15,7 @@ a task waiting for its synchronizer holds only its own worker."""
 import itertools
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 
@@ -361,6 +362,7 @@ class LayerwiseSender:
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._pool = None
+        self._running = set()              # CacheTasks not finished
         self._closing = threading.Event()
 
     def start(self, geometry, legs, synchronizer, transfer_id):
@@ -377,6 +379,7 @@ class LayerwiseSender:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS,
                                                 thread_name_prefix="kv-layerwise")
+            self._running.add(task)
             self._pool.submit(self._run, task, legs, synchronizer)
         return task
 
@@ -389,6 +392,8 @@ class LayerwiseSender:
                 if leg.active:
                     self._fail(task, leg, LLMStatusCode.LLM_FAILED, repr(exc))
         finally:
+            with self._lock:
+                self._running.discard(task)
             task._done.set()
 
     def _send_layers(self, task, legs, synchronizer):
@@ -406,7 +411,7 @@ class LayerwiseSender:
                     leg.active = False
                 return
             for leg in waiting:
-                self._send(task, leg, layer)
+                self._send(task, legs, leg, layer)
 
     def _synchronize(self, synchronizer, layer):
         if self._closing.is_set():
@@ -421,9 +426,13 @@ class LayerwiseSender:
                     f"layer {layer} not ready within {self.timeout_ms} ms")
         return LLMStatusCode.LLM_SUCCESS, ""
 
-    def _send(self, task, leg, layer):
+    def _send(self, task, legs, leg, layer):
         dst_layer, local, remote, lengths, regions = leg.layers[layer]
-        final = layer == leg.last
+        last = layer == leg.last
+        # Configs to one destination share the transfer id there: the final
+        # notice goes with the last layer of the last of them.
+        final = last and not any(other.active and other.peer is leg.peer
+                                 for other in legs if other is not leg)
         try:
             self._engine.transfer_sync(leg.peer, "write", local, remote, lengths,
                                        self.timeout_ms, remote_regions=regions)
@@ -435,7 +444,7 @@ class LayerwiseSender:
             self._fail(task, leg, exc.status_code, str(exc))
             return
         leg.started = True
-        if final:
+        if last:
             task._results[leg.index] = LLMStatusCode.LLM_SUCCESS
             leg.active = False
 
@@ -459,9 +468,19 @@ class LayerwiseSender:
 
     def close(self):
         """Stop taking tasks; running ones stop before their next layer
-        (LLM_ENGINE_FINALIZED); returns once every worker is done."""
+        (LLM_ENGINE_FINALIZED), queued ones at once. Waits for them as long
+        as a synchronizer may take for one layer and a layer's write, then
+        returns anyway (a synchronizer that ignores its timeout keeps its
+        worker)."""
         with self._lock:
             self._closing.set()
             pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)      # queued tasks run, and end at once
+            running = list(self._running)
+        if pool is None:
+            return
+        pool.shutdown(wait=False)
+        deadline = time.monotonic() + 2 * self.timeout_ms / 1000 + 1
+        for task in running:
+            if not task._done.wait(max(0.0, deadline - time.monotonic())):
+                log.warning("layer-wise transfer %s still running at close", task.transfer_id)
+                break

@@ -274,3 +274,42 @@ def test_a_one_tensor_cache_moves_whole_without_a_layer_range(pair):
                                                       range(0, 1), range(0, 1), 1)])
     assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
     assert "do not split into layers of 2" in str(err.value)
+
+
+def test_two_configs_to_one_decoder_share_the_id_and_end_with_one_final(pair):
+    prefill, decoder = pair
+    desc = CacheDesc(4, DataType.DT_FLOAT16, [2, 256])
+    src = prefill.cache_manager.allocate_cache(desc)
+    for i, tensor in enumerate(src.tensors()):
+        tensor[...] = i + 1
+    dst = decoder.cache_manager.allocate_cache(desc)
+    row = desc.row_bytes
+    configs = [TransferConfig(2, [a + row for a in dst.tensor_addrs]),       # both layers
+               TransferConfig(2, dst.tensor_addrs[:2], range(1, 2))]        # layer 1 again
+    task = prefill.cache_manager.transfer_cache_async(src, Ready(), configs, transfer_id=9)
+    assert task.get_results(5000) == [LLMStatusCode.LLM_SUCCESS] * 2
+    arrivals = decoder.cache_manager.wait_layers(9, None, 5000)
+    # Raw addresses have no destination layers: the source's are announced.
+    assert sorted(arrivals.layers) == [0, 1, 1] and arrivals.final
+    got = [t[:, 0].tolist() for t in dst.tensors()]
+    assert got == [[3.0, 1.0], [4.0, 2.0], [0.0, 3.0], [0.0, 4.0]]
+
+
+def test_finalize_stops_a_task_waiting_for_its_layer(pair):
+    prefill, decoder = pair
+    src = prefill.cache_manager.allocate_cache(CacheDesc(2, DataType.DT_FLOAT16, [1, 64]))
+    dst = decoder.cache_manager.allocate_cache(CacheDesc(2, DataType.DT_FLOAT16, [1, 64]))
+
+    class Never(LayerSynchronizer):
+        def synchronize_layer(self, layer_index, timeout_in_millis):
+            time.sleep(0.3)
+            return False
+    task = prefill.cache_manager.transfer_cache_async(
+        src, Never(), [TransferConfig(2, dst.tensor_addrs)], transfer_id="f")
+    started = time.monotonic()
+    prefill.finalize()
+    assert time.monotonic() - started < 5
+    assert task.synchronize(1000) == LLMStatusCode.LLM_TIMEOUT
+    with pytest.raises(LLMException) as err:
+        prefill.cache_manager
+    assert err.value.status_code == LLMStatusCode.LLM_ENGINE_FINALIZED
