@@ -71,13 +71,13 @@ def test_each_layer_is_pushed_and_announced_as_soon_as_it_is_computed(pd):
     # Compute, then transfer: the same 8 layers, every one ready already.
     transfer_s = prefill.call("push_ready", src, 2, LAYERS, SRC_BLOCKS, DST_BLOCKS, "req-2")
     assert decoder.call("wait_final", "req-2", 10_000)[0] == "ok"
-    # Once the compute ends only the last layer's transfer is left: the
-    # exposed transfer time is well under the whole transfer's (ideally
-    # 1/8), or, where the whole transfer is itself too quick to tell apart
-    # from scheduling on a loaded machine (shared memory), under one
-    # layer's compute time.
-    exposed_s = arrived[-1] - ready_at[-1]
-    assert exposed_s < max(0.6 * transfer_s, DELAY_S), (exposed_s, transfer_s)
+    # The transfer hides behind the compute: at least 3/4 of the layers
+    # (and their bytes) landed before the last layer was even computed
+    # (compute, then transfer: none), and the whole is no slower than
+    # compute, then transfer (which a loaded machine makes noisy to beat
+    # by a margin: on loopback a layer moves in a fraction of its compute).
+    hidden = sum(at < ready_at[-1] for at in arrived)
+    assert hidden >= LAYERS * 3 // 4, (arrived, ready_at)
     assert final_at - started < (ready_at[-1] - started) + transfer_s + SLACK_S
 
 
