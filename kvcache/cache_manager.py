@@ -505,8 +505,10 @@ class CacheManager:
         destination does not know); failures while sending are the task's
         results (LLM_TIMEOUT for a layer not ready in time,
         LLM_LINK_FAILED, ...)."""
+        if not isinstance(src_cache, Cache):
+            raise _invalid(f"src_cache must be a Cache, got {type(src_cache).__name__}")
         with self._lock:
-            if self._caches.get(getattr(src_cache, "cache_id", None)) is not src_cache:
+            if self._caches.get(src_cache.cache_id) is not src_cache:
                 raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                    f"src_cache {src_cache!r} is not a cache of this manager")
         if not isinstance(transfer_configs, (list, tuple)) or not transfer_configs:

@@ -137,6 +137,16 @@ def test_a_decoder_killed_mid_task_fails_it_with_a_link_error(pd):
     assert done_at - killed_at < 5
 
 
+def test_a_prefill_killed_mid_task_fails_the_decoders_wait_with_a_link_error(pd_host):
+    prefill, decoder, src, dst, _ = pd_host
+    decoder.send("wait_final", "k", 30_000)
+    prefill.call("start_push", "a", src, 2, LAYERS, DELAY_S, 1, SRC_BLOCKS, DST_BLOCKS, "k")
+    time.sleep(3.5 * DELAY_S)                 # a few layers arrived
+    prefill.kill()
+    code, waited_s = decoder.result()
+    assert code == int(LLMStatusCode.LLM_LINK_FAILED) and waited_s < 10
+
+
 def test_bad_inputs_are_refused_before_anything_starts(pd_host):
     prefill, decoder, src, dst, _ = pd_host
     blocks = dict(src_blocks=[0, 1], dst_blocks=[5, 6])
@@ -215,6 +225,8 @@ def test_configs_and_calls_refuse_bad_arguments_with_param_invalid(pair):
         lambda: TransferWithCacheKeyConfig(BlocksCacheKey(2), range(0, 2)),
         lambda: TransferWithCacheKeyConfig(BlocksCacheKey(2), range(0, 1), range(0, 1), 1),
         lambda: TransferWithCacheKeyConfig(2, range(0, 1), range(0, 1)),
+        lambda: prefill.cache_manager.transfer_cache_async(None, Ready(),
+                                                           [TransferConfig(2, [4096] * 4)]),
         lambda: prefill.cache_manager.transfer_cache_async(src, object(),
                                                            [TransferConfig(2, [4096] * 4)]),
         lambda: prefill.cache_manager.transfer_cache_async(src, Ready(), []),
