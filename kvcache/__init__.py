@@ -7,6 +7,9 @@ Everything but the RDMA transport works where libibverbs is missing:
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache import Cache
 from kvcache.engine import LinkState, Peer, TransferEngine, TransferRequest
+from kvcache.layer_notifications import LayerArrivals
+from kvcache.layerwise import (CacheTask, LayerSynchronizer, TransferConfig,
+                               TransferWithCacheKeyConfig)
 from kvcache.llm_datadist import LLMConfig, LLMDataDist
 from kvcache.rank_table import RegisterMemStatus
 from kvcache.rdma_support import RdmaStatus, rdma_status
@@ -20,3 +23,6 @@ __all__ = ["BlocksCacheKey", "BufPoolConfig", "BufferPool", "Cache", "CacheDesc"
            "LLMException", "LLMRole", "LLMStatusCode", "LinkState", "MAX_NOTIFY_BYTES", "Peer",
            "Placement", "RdmaStatus", "RegisterMemStatus", "TransferEngine", "TransferRequest",
            "rdma_status"]
+# Layer-wise transfer (llm_datadist's transfer_cache_async) and its receiving side.
+__all__ += ["CacheTask", "LayerArrivals", "LayerSynchronizer", "TransferConfig",
+            "TransferWithCacheKeyConfig"]

@@ -22,6 +22,11 @@ from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
 from kvcache.engine.rpc import is_int
 from kvcache.local_copy import LocalCopies
+from kvcache.layer_notifications import (NOTIFY_METHOD, SCHEMA, LayerNotifications,
+                                         checked_transfer_id)
+from kvcache.layerwise import (Geometry, LayerwiseSender, TransferConfig,
+                               TransferWithCacheKeyConfig, plan_keyed, plan_raw)
+from kvcache import checks
 from kvcache.checks import public
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, Placement
@@ -35,13 +40,15 @@ def _invalid(message):
 
 
 def _layer_tensors(layer_range, num_tensors, per_layer, side):
-    """Tensor indices of a layer range (layer i = tensors [i*N, (i+1)*N))."""
-    if per_layer <= 0 or num_tensors % per_layer:
+    """Tensor indices of a layer range (layer i = tensors [i*N, (i+1)*N));
+    no range: every tensor, whether or not they split into layers."""
+    per_layer = checks.integer(per_layer, "tensor_num_per_layer", 1)
+    if layer_range is None:
+        return np.arange(num_tensors)
+    if num_tensors % per_layer:
         raise _invalid(f"{side}: {num_tensors} tensors do not split into layers of "
                        f"{per_layer}")
     layers = num_tensors // per_layer
-    if layer_range is None:
-        layer_range = range(layers)
     if not isinstance(layer_range, range) or layer_range.step != 1:
         raise _invalid(f"{side} layer range must be a range with step 1, got {layer_range!r}")
     if len(layer_range) == 0 or layer_range.start < 0 or layer_range.stop > layers:
@@ -59,8 +66,8 @@ def _matching_tensors(op, local_desc, remote_desc, local_layers, remote_layers, 
     local_t = _layer_tensors(local_layers, local_desc.num_tensors, per_layer, here)
     remote_t = _layer_tensors(remote_layers, remote_desc.num_tensors, per_layer, there)
     if local_t.size != remote_t.size:
-        raise _invalid(f"layer ranges differ in length: {here} {local_layers}, "
-                       f"{there} {remote_layers}")
+        raise _invalid(f"{here} moves {local_t.size} tensors (layers {local_layers}), "
+                       f"{there} {remote_t.size} (layers {remote_layers})")
     return here, there, local_t, remote_t
 
 
@@ -112,6 +119,9 @@ class CacheManager:
                                                    share=(pool.memory.fd, 0))
         engine.rpc.serve("cache.lookup", self._rpc_lookup, {"by": lambda v: v in _LOOKUPS})
         self._local = LocalCopies(self.get_cache, engine.registry)
+        self._layerwise = LayerwiseSender(engine, cluster_id, sync_timeout_ms)
+        self.layer_notifications = LayerNotifications()
+        engine.rpc.serve(NOTIFY_METHOD, self.layer_notifications.serve, SCHEMA)
 
     # --- local caches ----------------------------------------------------------
 
@@ -502,8 +512,80 @@ class CacheManager:
             raise _invalid(f"deallocate_blocks_cache takes a blocks cache, got {cache!r}")
         self.deallocate_cache(cache)
 
+    # --- layer-wise transfer ------------------------------------------------------
+
+    @public
+    def transfer_cache_async(self, src_cache, layer_synchronizer, transfer_configs,
+                             src_block_indices=None, dst_block_indices=None,
+                             dst_block_memory_size=None, *, transfer_id=None):
+        """Push ``src_cache`` layer by layer (as llm_datadist's
+        transfer_cache_async): each source layer (tensors 2i, 2i+1; a cache
+        of an odd tensor count, with no layer range, is one layer of all
+        its tensors) is written to every config's destination once
+        ``layer_synchronizer.synchronize_layer(i, sync_kv_timeout)`` returned
+        True. ``transfer_configs``: a list or tuple of TransferConfig /
+        TransferWithCacheKeyConfig. ``src_block_indices`` /
+        ``dst_block_indices``: block ids (equal counts) when the source /
+        destination is a blocks cache; a contiguous source sends row
+        ``src_batch_index`` (cut into ``dst_block_memory_size``-byte blocks
+        for a blocks destination). ``transfer_id`` (our extension; int or
+        str, default "<cluster>:<n>"): the id the destinations' wait_layers
+        take. Returns a CacheTask at once. Raises LLM_PARAM_INVALID (bad
+        ranges, ids, sizes, counts), LLM_NOT_YET_LINK (a destination not
+        linked), LLM_KV_CACHE_NOT_EXIST (src_cache not ours, or a key the
+        destination does not know); failures while sending are the task's
+        results (LLM_TIMEOUT for a layer not ready in time,
+        LLM_LINK_FAILED, ...)."""
+        if not isinstance(src_cache, Cache):
+            raise _invalid(f"src_cache must be a Cache, got {type(src_cache).__name__}")
+        with self._lock:
+            if self._caches.get(src_cache.cache_id) is not src_cache:
+                raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                   f"src_cache {src_cache!r} is not a cache of this manager")
+        if not isinstance(transfer_configs, (list, tuple)) or not transfer_configs:
+            raise _invalid("transfer_configs must be a non-empty list or tuple")
+        for config in transfer_configs:
+            if not isinstance(config, (TransferConfig, TransferWithCacheKeyConfig)):
+                raise _invalid(f"transfer config {config!r} is not a TransferConfig or "
+                               "TransferWithCacheKeyConfig")
+        geometry = Geometry(src_cache, transfer_configs, src_block_indices, dst_block_indices,
+                            dst_block_memory_size)
+        legs = []
+        for index, config in enumerate(transfer_configs):
+            if isinstance(config, TransferConfig):
+                peer = self._engine.find_peer(config.dst_cluster_id)
+                if peer is None:
+                    raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                                       f"cluster {config.dst_cluster_id} is not linked")
+                legs.append(plan_raw(geometry, index, config, peer))
+            else:
+                peer, remote = self._peer_and_remote(config.dst_cluster_id, config.cache_key,
+                                                     fresh=True)
+                legs.append(plan_keyed(geometry, index, config, peer, remote))
+        return self._layerwise.start(geometry, legs, layer_synchronizer, transfer_id)
+
+    @public
+    def wait_layers(self, transfer_id, layer_index=None, timeout_in_millis=None):
+        """The receiving side of transfer_cache_async (our extension):
+        block until destination layer ``layer_index`` of ``transfer_id``
+        has landed here (the source layer for a TransferConfig, whose raw
+        addresses have no layers; None: until its last layer has, which
+        also forgets the transfer). The sender announces each layer after its write
+        completed, so the bytes are in place when this returns. Returns a
+        LayerArrivals (layers, arrived_at, final, status). Raises
+        LLM_TIMEOUT after ``timeout_in_millis`` ms (default
+        sync_kv_timeout), the sender's code when it reported the transfer
+        failed, LLM_LINK_FAILED when the sender's link ended first."""
+        if layer_index is not None:
+            layer_index = checks.integer(layer_index, "layer_index", 0)
+        timeout = (self.sync_timeout_ms if timeout_in_millis is None
+                   else checks.timeout_ms(timeout_in_millis, "timeout_in_millis"))
+        return self.layer_notifications.wait(checked_transfer_id(transfer_id), layer_index,
+                                             timeout)
+
     @public
     def close(self):
+        self._layerwise.close()
         with self._lock:
             caches = list(self._caches.values())
         for cache in caches:

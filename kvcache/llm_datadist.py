@@ -9,6 +9,11 @@ from kvcache.cache_manager import CacheManager
 from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, discovery, parse_address
 from kvcache.engine.address import format_address
 from kvcache.rank_table import DEFAULT_BASE_PORT, RankTableLinks
+# llm_datadist exports the layer-wise names beside LLMDataDist.
+from kvcache.layerwise import CacheTask as CacheTask
+from kvcache.layerwise import LayerSynchronizer as LayerSynchronizer
+from kvcache.layerwise import TransferConfig as TransferConfig
+from kvcache.layerwise import TransferWithCacheKeyConfig as TransferWithCacheKeyConfig
 from kvcache.rdma_support import rdma_status
 from kvcache import checks
 from kvcache.checks import public
