@@ -12,8 +12,9 @@ import pytest
 
 from helpers import wait_until, watchdog
 from kv_peer import PeerError, PeerProcess, pattern
-from kvcache import (CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
-                     LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
+from kvcache import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
+                     LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole,
+                     LLMStatusCode, Placement)
 from kvcache.llm_datadist import NO_EFFECT
 
 POOL = '{"buf_pool_size": 67108864}'
@@ -406,3 +407,26 @@ def test_link_retry_count_retries_within_link_total_time(peers):
         finally:
             once.finalize()
             patient.finalize()
+
+
+@pytest.mark.rdma
+def test_rdma_qps_carry_the_configured_traffic_class_and_service_level(peers):
+    with watchdog(180):
+        qos = dict(rdma_traffic_class=96, rdma_service_level=3)
+        prompt = _peer("prompt", 1, "rdma", **qos)
+        peers.append(prompt)
+        src = prompt.call("alloc_blocks", 2, [16, 512], key_cluster=1)
+        prompt.call("fill", src, seed=5)
+        dd = _local(LLMRole.DECODER, 2, transport="rdma", buf_pool_cfg=POOL, **qos)
+        try:
+            assert dd.link_clusters([_cluster(1, prompt.address)])[0] == LLMStatusCode.LLM_SUCCESS
+            paths = [qp.query_path() for qp in dd.engine.find_peer(1).data.qps]
+            assert paths and all((p["traffic_class"], p["sl"]) == (96, 3) for p in paths), paths
+            dst = dd.cache_manager.allocate_blocks_cache(CacheDesc(2, [16, 512],
+                                                                   DataType.DT_FLOAT16))
+            dd.cache_manager.pull_blocks(BlocksCacheKey(1), dst, [1, 2], [0, 1])
+            want = prompt.call("tensors", src)
+            for t, tensor in enumerate(dst.tensors()):
+                assert np.array_equal(tensor.view(np.uint8).reshape(16, -1)[:2], want[t][[1, 2]])
+        finally:
+            dd.finalize()
