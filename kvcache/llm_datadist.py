@@ -155,8 +155,9 @@ def _int_option(options, key, default, low=1, high=None):
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                            f"option {key}={text!r} is not an integer") from None
     if value < low or (high is not None and value > high):
+        bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                           f"option {key}={value} outside {low}..{high if high else 'any'}")
+                           f"option {key}={value} must be {bounds}")
     return value
 
 
@@ -226,12 +227,13 @@ def choose_transport(requested):
 class LLMDataDist:
     """llm_datadist's LLMDataDist(role, cluster_id) in its cache-manager mode.
     ``role``: an LLMRole (or its value 1..3, or its name); ``cluster_id``:
-    0..2**64-1. Any role links to any role in either direction."""
+    0..2**63-1 (the engine's wire format carries signed 64-bit ids). Any
+    role links to any role in either direction."""
 
     @public
     def __init__(self, role, cluster_id):
         self.role = LLMRole(role)
-        self.cluster_id = checks.integer(cluster_id, "cluster_id", 0, (1 << 64) - 1)
+        self.cluster_id = checks.integer(cluster_id, "cluster_id", 0, (1 << 63) - 1)
         self._engine = None
         self._pool = None
         self._cache_manager = None
