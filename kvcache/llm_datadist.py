@@ -397,6 +397,8 @@ class LLMDataDist:
                 continue
             try:
                 engine.disconnect(peer, force=force, timeout_ms=timeout, notify=not force)
+                # A link that failed while we unlinked it is unlinked all the same.
+                engine.links.forget_failure(info.remote_cluster_id)
                 results.append(LLMStatusCode.LLM_SUCCESS)
             except LLMException as exc:
                 results.append(exc.status_code)
