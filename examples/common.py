@@ -14,6 +14,7 @@ def start(role, cluster_id, listen="", **config):
     dd = LLMDataDist(role, cluster_id)
     cfg = LLMConfig()
     cfg.listen_ip_info = listen
+    cfg.mem_pool_cfg = '{"memory_size": 268435456}'   # allocate_cache takes from this pool
     for key, value in config.items():
         setattr(cfg, key, value)
     dd.init(cfg.generate_options())

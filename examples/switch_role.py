@@ -14,7 +14,7 @@ DESC = CacheDesc(4, DataType.DT_FLOAT16, [32, 1024])
 
 
 def node_b(to_a, from_a):
-    dd = start(LLMRole.PROMPT, 2, "127.0.0.1:0", enable_switch_role=True)
+    dd = start(LLMRole.PROMPT, 2, "127.0.0.1:0")
     cache = dd.cache_manager.allocate_blocks_cache(DESC, BlocksCacheKey(prompt_cluster_id=2))
     fill(cache, seed=2)
     to_a.put(dd.listen_address)
@@ -32,12 +32,12 @@ def main():
     to_a, from_a = ctx.Queue(), ctx.Queue()
     b = ctx.Process(target=node_b, args=(to_a, from_a))
     b.start()
-    dd = start(LLMRole.DECODER, 1, enable_switch_role=True)
+    dd = start(LLMRole.DECODER, 1)
     cache = dd.cache_manager.allocate_blocks_cache(DESC, BlocksCacheKey(prompt_cluster_id=1))
     link(dd, 2, to_a.get(timeout=60))
     dd.cache_manager.pull_blocks(BlocksCacheKey(prompt_cluster_id=2), cache, [5, 6], [0, 1])
     unlink(dd, 2)
-    dd.switch_role(LLMRole.PROMPT, {"llm.ListenIpInfo": "127.0.0.1:0"})
+    dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": "127.0.0.1:0"})
     from_a.put(dd.listen_address)
     assert to_a.get(timeout=60) == "pushed"
     for i, tensor in enumerate(cache.tensors()):

@@ -98,6 +98,7 @@ class RemoteCache:
         self.cache_desc = CacheDesc.from_dict(info["desc"])
         self.tensor_addrs = [int(a) for a in info["tensor_addrs"]]
         self.region_ids = [int(r) for r in info["region_ids"]]
+        self.row = int(info.get("batch_index", 0))      # the row a CacheKey lookup named
         if not (len(self.tensor_addrs) == len(self.region_ids)
                 == self.cache_desc.num_tensors):
             raise ValueError("inconsistent cache description")

@@ -9,7 +9,12 @@ the region ids the lookup returned, and the owner refuses ids it released
 or renewed, so a remembered lookup is re-validated by every transfer: when
 the owner says the cache is gone, the call looks it up once more.
 Freeing a cache waits for the transfers on it (the engine's region pins);
-moving or removing a key renews the cache's region ids."""
+moving or removing a key renews the cache's region ids.
+
+Keys follow llm_datadist's allocate_cache: the i-th CacheKey of a cache
+names its batch row i. A key is consumed (removed, as remove_cache_key) by
+the first successful pull of all its layers, and a cache freed while keys
+still name it is released once the last key is consumed or removed."""
 import itertools
 import logging
 import threading
@@ -29,7 +34,8 @@ from kvcache.layerwise import (Geometry, LayerwiseSender, TransferConfig,
 from kvcache import checks
 from kvcache.checks import public
 from kvcache.status import LLMException, LLMStatusCode
-from kvcache.values import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex, Placement
+from kvcache.values import (INVALID_ID, BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex,
+                            Placement)
 
 TENSOR_ALIGN = 512
 log = logging.getLogger(__name__)
@@ -94,15 +100,21 @@ def _key_params(key):
         return {"by": "blocks", "cluster_id": key.prompt_cluster_id, "model_id": key.model_id}
     if isinstance(key, CacheKey):
         return {"by": "key", "cluster_id": key.prompt_cluster_id, "req_id": key.req_id,
-                "model_id": key.model_id}
+                "model_id": key.model_id, "prefix_id": key.prefix_id}
     if isinstance(key, CacheKeyByIdAndIndex):
         return {"by": "id", "cache_id": key.cache_id}
     raise _invalid(f"unsupported cache key {key!r}")
 
 
 class CacheManager:
+    """llm_datadist's cache_manager. ``pool_configured``: a memory pool was
+    configured (allocations need one, as in llm_datadist);
+    ``remote_cache_accessible``: pull_cache takes CacheKeyByIdAndIndex only
+    (llm_datadist's enable_remote_cache_accessible)."""
+
     @public
-    def __init__(self, engine, pool, cluster_id, sync_timeout_ms):
+    def __init__(self, engine, pool, cluster_id, sync_timeout_ms, pool_configured=True,
+                 remote_cache_accessible=False):
         self._engine = engine
         self._pool = pool
         self._cluster_id = cluster_id
@@ -110,8 +122,11 @@ class CacheManager:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._caches = {}
-        self._by_key = {}
+        self._by_key = {}                       # key -> (cache id, batch row)
         self._releasing = set()                 # cache ids being freed
+        self._free_when_unkeyed = set()         # freed by the user while keys name them
+        self.pool_configured = pool_configured
+        self.remote_cache_accessible = remote_cache_accessible
         self._lookups = weakref.WeakKeyDictionary()     # Peer -> {lookup key: RemoteCache}
         # The pool is registered once; each cache in it is a sub-region with
         # an id of its own.
@@ -122,22 +137,35 @@ class CacheManager:
         self._layerwise = LayerwiseSender(engine, cluster_id, sync_timeout_ms)
         self.layer_notifications = LayerNotifications()
         engine.rpc.serve(NOTIFY_METHOD, self.layer_notifications.serve, SCHEMA)
+        engine.rpc.serve("cache.consume", self._rpc_consume, {"by": lambda v: v == "key"})
 
     # --- local caches ----------------------------------------------------------
 
     def _add(self, cache, keys):
+        """File ``cache`` under its keys: key i names batch row i (placeholder
+        keys hold a row's place and name nothing)."""
+        named = [(key, row) for row, key in enumerate(keys)
+                 if not (isinstance(key, CacheKey) and key.placeholder)]
+        if len({key for key, _ in named}) != len(named):
+            raise _invalid("the same cache key is given twice")
         with self._lock:
-            for key in keys:
+            for key, _ in named:
                 if key in self._by_key:
                     raise LLMException(LLMStatusCode.LLM_REPEAT_REQUEST,
                                        f"cache key {key} is already in use")
+            cache.keys = [key for key, _ in named]
             self._caches[cache.cache_id] = cache
-            for key in keys:
-                self._by_key[key] = cache.cache_id
+            for key, row in named:
+                self._by_key[key] = (cache.cache_id, row)
         return cache
 
     def _allocate(self, desc, kind, keys):
         _host_only(desc)
+        if not self.pool_configured:
+            # llm_datadist allocates from a pool the options configured only.
+            raise _invalid("no memory pool is configured: set LLMConfig.mem_pool_cfg (or "
+                           "host_mem_pool_cfg / buf_pool_cfg) to allocate caches, or register "
+                           "memory you own with register_cache / register_blocks_cache")
         stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
         base = self._pool.alloc(stride * desc.num_tensors)
         populate(base, stride * desc.num_tensors)
@@ -155,12 +183,19 @@ class CacheManager:
 
     @public
     def allocate_cache(self, cache_desc, cache_keys=()):
-        """A per-request cache (shape[0] = batch) from the pool, findable by
-        each CacheKey in ``cache_keys``."""
+        """A per-request cache (shape[0] = batch) from the pool, as
+        llm_datadist's: the i-th CacheKey in ``cache_keys`` names batch row
+        i (at most one key per row; unused rows at the end need none, one in
+        between takes a placeholder key with req_id 2**64-1). Each key is
+        consumed by the first successful pull of its row.
+        LLM_PARAM_INVALID without a configured pool; LLM_REPEAT_REQUEST for
+        a key already in use."""
         keys = list(cache_keys)
         for key in keys:
             if not isinstance(key, CacheKey):
                 raise _invalid(f"allocate_cache takes CacheKey keys, got {key!r}")
+        if len(keys) > cache_desc.shape[0]:
+            raise _invalid(f"{len(keys)} cache keys for a batch of {cache_desc.shape[0]} rows")
         return self._allocate(cache_desc, "cache", keys)
 
     @public
@@ -207,8 +242,12 @@ class CacheManager:
 
     @public
     def register_cache(self, cache_desc, addrs, cache_keys=()):
-        """Use caller-owned memory as a per-request cache."""
-        return self._register(cache_desc, addrs, "cache", list(cache_keys))
+        """Use caller-owned memory as a per-request cache (keys as
+        allocate_cache's: key i names batch row i)."""
+        keys = list(cache_keys)
+        if len(keys) > cache_desc.shape[0]:
+            raise _invalid(f"{len(keys)} cache keys for a batch of {cache_desc.shape[0]} rows")
+        return self._register(cache_desc, addrs, "cache", keys)
 
     @public
     def get_cache(self, cache_id):
@@ -236,6 +275,7 @@ class CacheManager:
                 del self._caches[cache.cache_id]
                 for key in cache.keys:
                     self._by_key.pop(key, None)
+                self._free_when_unkeyed.discard(cache.cache_id)
         finally:
             with self._lock:
                 self._releasing.discard(cache.cache_id)
@@ -247,15 +287,29 @@ class CacheManager:
 
     @public
     def deallocate_cache(self, cache):
-        """Free a pool cache (or unregister a registered one) once no transfer,
-        ours or a peer's, uses it. LLM_LINK_BUSY when one still does after
-        the release deadline (max of sync_kv_timeout and link_timeout): the
-        cache is left intact and can be freed later. LLM_KV_CACHE_NOT_EXIST
-        for a cache that is not ours (or already freed)."""
+        """Free a pool cache (or unregister a registered one), as
+        llm_datadist's: while CacheKeys still name the cache, the release
+        waits until the last of them is consumed by a pull or removed
+        (remove_cache_key), and this call returns at once; a cache that is
+        not allocated (any more) is left alone. The release itself waits
+        until no transfer, ours or a peer's, uses the cache: LLM_LINK_BUSY
+        when one still does after the release deadline (max of
+        sync_kv_timeout and link_timeout), the cache left intact and
+        freeable later."""
         if not isinstance(cache, Cache):
             raise _invalid(f"deallocate_cache takes a Cache, got {type(cache).__name__}")
+        with self._lock:
+            if self._caches.get(cache.cache_id) is not cache:
+                return
+            if cache.owned and _request_keys(cache):
+                self._free_when_unkeyed.add(cache.cache_id)
+                return
+        self._free(cache)
+
+    def _free(self, cache):
         if not cache.owned:
-            return self.unregister_cache(cache.cache_id)
+            self._release(cache, cache.containers)
+            return
         self._release(cache, [cache.region_ids[0]])
         self._pool.free(cache.tensor_addrs[0])     # a pool cache starts at its first tensor
 
@@ -267,24 +321,30 @@ class CacheManager:
         cache = self.get_cache(cache_id)
         if cache.owned:
             return self.deallocate_cache(cache)
-        self._release(cache, cache.containers)
+        self._free(cache)
 
     @public
     def remove_cache_key(self, cache_key):
         """The key no longer names its cache (as llm_datadist's
-        remove_cache_key): the cache's region ids are renewed, so a peer's
-        remembered lookup by that key is refused and looked up again."""
+        remove_cache_key; an unknown key is left alone): the cache's region
+        ids are renewed, so a peer's remembered lookup by that key is
+        refused and looked up again. A cache freed while keyed is released
+        with its last key."""
         with self._lock:
-            cache_id = self._by_key.pop(cache_key, None)
-            if cache_id is None:
+            found = self._by_key.pop(cache_key, None)
+            if found is None:
                 return
-            cache = self._caches[cache_id]
+            cache = self._caches[found[0]]
             cache.keys.remove(cache_key)
             renewed = {}
             for region in cache.region_ids:
                 if region not in renewed:
                     renewed[region] = self._engine.renew_region(region)
             cache.region_ids = [renewed[r] for r in cache.region_ids]
+            free_now = (not _request_keys(cache)
+                        and cache.cache_id in self._free_when_unkeyed)
+        if free_now:
+            self._free(cache)
 
     def _rpc_lookup(self, peer, params):
         by = params.get("by")
@@ -292,23 +352,27 @@ class CacheManager:
             if by == "id":
                 cache_id = params.get("cache_id")
                 cache = self._caches.get(cache_id) if is_int(cache_id) else None
-            elif by == "blocks":
-                cache_id = self._by_key.get(BlocksCacheKey(params.get("cluster_id"),
-                                                           params.get("model_id", 0)))
-                cache = self._caches.get(cache_id)
-            elif by == "key":
-                cache_id = self._by_key.get(CacheKey(params.get("cluster_id"),
-                                                     params.get("req_id"),
-                                                     params.get("model_id", 0)))
-                cache = self._caches.get(cache_id)
+            row = 0
+            if by == "id":
+                cache_id = params.get("cache_id")
+                cache = self._caches.get(cache_id) if is_int(cache_id) else None
             else:
-                raise _invalid(f"unknown lookup {by!r}")
+                key = (BlocksCacheKey(params.get("cluster_id"), params.get("model_id", 0))
+                       if by == "blocks" else _cache_key(params))
+                cache_id, row = self._by_key.get(key, (None, 0))
+                cache = self._caches.get(cache_id)
             if cache is not None and cache.cache_id in self._releasing:
                 cache = None
             if cache is None:
                 raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                    f"cluster {self._cluster_id} has no cache for {params}")
-            return cache.describe()
+            return dict(cache.describe(), batch_index=row)
+
+    def _rpc_consume(self, peer, params):
+        """A peer pulled every layer of the row a CacheKey names: the key is
+        used up (llm_datadist releases a key on a successful pull)."""
+        self.remove_cache_key(_cache_key(params))
+        return {}
 
     # --- transfers ---------------------------------------------------------------
 
@@ -341,17 +405,17 @@ class CacheManager:
         """Run ``plan(remote, *args)`` -> (op, local, remote addrs, lengths,
         remote region per tensor, pieces per tensor) and move the bytes; when
         the peer says the cache we remembered is gone, look it up once more
-        and retry (nothing was moved)."""
+        and retry (nothing was moved). Returns (peer, remote cache)."""
         for fresh in (False, True):
             peer, remote = self._peer_and_remote(cluster_id, remote_key, fresh)
             op, local, remote_addrs, lengths, regions, pieces = plan(remote, *args)
             if local.size == 0:
-                return
+                return peer, remote
             try:
                 self._engine.transfer_sync(
                     peer, op, local, remote_addrs, lengths, self.sync_timeout_ms,
                     remote_regions=np.repeat(np.asarray(regions, dtype=np.uint64), pieces))
-                return
+                return peer, remote
             except LLMException as exc:
                 if exc.status_code != LLMStatusCode.LLM_KV_CACHE_NOT_EXIST or fresh:
                     raise
@@ -359,11 +423,12 @@ class CacheManager:
 
     def _blocks(self, op, remote_key, cluster_id, local_cache, local_blocks, remote_blocks,
                 local_layers, remote_layers, per_layer):
-        self._with_retry(self._plan_blocks, cluster_id, remote_key, op, local_cache,
-                         local_blocks, remote_blocks, local_layers, remote_layers, per_layer)
+        return self._with_retry(self._plan_blocks, cluster_id, remote_key, op, local_cache,
+                                local_blocks, remote_blocks, local_layers, remote_layers,
+                                per_layer, getattr(remote_key, "batch_index", None))
 
     def _plan_blocks(self, remote, op, local_cache, local_blocks, remote_blocks, local_layers,
-                     remote_layers, per_layer):
+                     remote_layers, per_layer, source_row=None):
         local_desc, remote_desc = local_cache.cache_desc, remote.cache_desc
         here, there, local_t, remote_t = _matching_tensors(op, local_desc, remote_desc,
                                                            local_layers, remote_layers,
@@ -384,19 +449,25 @@ class CacheManager:
                 np.asarray(remote.tensor_addrs)[remote_t], block, remote_ids)
             pieces = local_ids.size
         else:
-            # A contiguous (per-request) cache, cut into blocks of our size.
+            # The batch row a key names in a contiguous (per-request) cache,
+            # cut into blocks of our size.
             if op != "read" or len(remote_blocks):
                 raise _invalid("a contiguous cache is a source for pull_blocks only, "
                                "without src_blocks")
-            tensor = remote_desc.tensor_bytes
+            row = remote.row if source_row is None else source_row
+            if not 0 <= row < remote_desc.shape[0]:
+                raise _invalid(f"{there} batch index {row} out of range "
+                               f"0..{remote_desc.shape[0] - 1}")
+            tensor = remote_desc.row_bytes
             chunks = -(-tensor // block)
             if local_ids.size != chunks:
-                raise _invalid(f"the source cache holds {chunks} blocks of {block} bytes per "
+                raise _invalid(f"the source row holds {chunks} blocks of {block} bytes per "
                                f"tensor; {local_ids.size} destination blocks given")
             offsets = np.arange(chunks, dtype=np.uint64) * np.uint64(block)
             lengths_one = np.minimum(np.uint64(block), np.uint64(tensor) - offsets)
             local_bases = np.asarray(local_cache.tensor_addrs, dtype=np.uint64)[local_t]
-            remote_bases = np.asarray(remote.tensor_addrs, dtype=np.uint64)[remote_t]
+            remote_bases = (np.asarray(remote.tensor_addrs, dtype=np.uint64)[remote_t]
+                            + np.uint64(row * tensor))
             local = (local_bases[:, None] + local_ids.astype(np.uint64)[None, :]
                      * np.uint64(block)).ravel()
             remote_addrs = (remote_bases[:, None] + offsets[None, :]).ravel()
@@ -409,14 +480,38 @@ class CacheManager:
     def pull_blocks(self, src_cache_key, dst_cache, src_blocks=(), dst_blocks=(),
                     src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
         """Read blocks ``src_blocks`` of the remote cache named by
-        ``src_cache_key`` (BlocksCacheKey, or CacheKey for a contiguous cache
-        cut into blocks) into ``dst_blocks`` of ``dst_cache``, for the layers
-        in the ranges (layer i = tensors [i*N, (i+1)*N))."""
+        ``src_cache_key`` into ``dst_blocks`` of ``dst_cache``, for the layers
+        in the ranges (layer i = tensors [i*N, (i+1)*N)). ``src_cache_key``:
+        a BlocksCacheKey, or (without src_blocks) the CacheKey or
+        CacheKeyByIdAndIndex of one batch row of a contiguous cache, cut into
+        blocks of ours; a CacheKey is consumed once all its layers moved."""
+        if isinstance(src_cache_key, CacheKey):
+            src_cache_key.check_pullable()
         cluster = (src_cache_key.prompt_cluster_id
                    if isinstance(src_cache_key, (BlocksCacheKey, CacheKey))
+                   else src_cache_key.cluster_id
+                   if isinstance(src_cache_key, CacheKeyByIdAndIndex)
                    else _invalid_key(src_cache_key))
-        self._blocks("read", src_cache_key, cluster, dst_cache, dst_blocks, src_blocks,
-                     dst_layer_range, src_layer_range, tensor_num_per_layer)
+        peer, remote = self._blocks("read", src_cache_key, cluster, dst_cache, dst_blocks,
+                                    src_blocks, dst_layer_range, src_layer_range,
+                                    tensor_num_per_layer)
+        self._consume(peer, src_cache_key, remote, src_layer_range, tensor_num_per_layer)
+
+    def _consume(self, peer, key, remote, layers, per_layer):
+        """After a successful pull by CacheKey of every layer: the owner
+        drops the key (as llm_datadist does), and so does our memory of it."""
+        if not isinstance(key, CacheKey):
+            return
+        if layers is not None and (layers.start != 0
+                                   or len(layers) * per_layer != remote.cache_desc.num_tensors):
+            return
+        self._forget(peer, key)
+        try:
+            self._engine.call(peer, "cache.consume", _key_params(key), self.sync_timeout_ms)
+        except LLMException as exc:
+            # The bytes are here; the owner keeps the key until it removes it.
+            log.warning("pulled %s but could not tell cluster %s it is used up: %s", key,
+                        peer.cluster_id, exc)
 
     @public
     def push_blocks(self, dst_cache_key, src_cache, src_blocks=(), dst_blocks=(),
@@ -437,8 +532,9 @@ class CacheManager:
             cluster = remote_key.prompt_cluster_id
         else:
             _invalid_key(remote_key)
-        self._with_retry(self._plan_rows, cluster, remote_key, op, local_cache, local_row,
-                         remote_row, size, local_layers, remote_layers, per_layer)
+        return self._with_retry(self._plan_rows, cluster, remote_key, op, local_cache,
+                                local_row, remote_row, size, local_layers, remote_layers,
+                                per_layer)
 
     def _plan_rows(self, remote, op, local_cache, local_row, remote_row, size, local_layers,
                    remote_layers, per_layer):
@@ -446,6 +542,8 @@ class CacheManager:
         here, there, local_t, remote_t = _matching_tensors(op, local_desc, remote_desc,
                                                            local_layers, remote_layers,
                                                            per_layer)
+        if remote_row is None:
+            remote_row = remote.row
         for row, desc, side in ((local_row, local_desc, here), (remote_row, remote_desc, there)):
             if not 0 <= row < desc.shape[0]:
                 raise _invalid(f"{side} batch index {row} out of range 0..{desc.shape[0] - 1}")
@@ -467,19 +565,30 @@ class CacheManager:
     @public
     def pull_cache(self, src_cache_key, dst_cache, batch_index=0, size=-1,
                    src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
-        """Read one batch row of a remote cache (CacheKey: row 0;
-        CacheKeyByIdAndIndex: its batch_index) into row ``batch_index`` of
-        ``dst_cache``; ``size`` bytes per tensor (-1: the whole row)."""
-        remote_row = getattr(src_cache_key, "batch_index", 0)
-        self._rows("read", src_cache_key, dst_cache, batch_index, remote_row, size,
-                   dst_layer_range, src_layer_range, tensor_num_per_layer)
+        """Read one batch row of a remote cache into row ``batch_index`` of
+        ``dst_cache``, as llm_datadist's: a CacheKey names the row it was the
+        i-th key of (and is consumed once all its layers moved); a
+        CacheKeyByIdAndIndex names its batch_index (the only kind taken with
+        enable_remote_cache_accessible). ``size``: bytes per tensor (-1: the
+        whole row)."""
+        if isinstance(src_cache_key, CacheKey):
+            if self.remote_cache_accessible:
+                raise _invalid("with enable_remote_cache_accessible, pull_cache takes "
+                               "CacheKeyByIdAndIndex keys only (as llm_datadist)")
+            src_cache_key.check_pullable()
+        remote_row = getattr(src_cache_key, "batch_index", None)
+        peer, remote = self._rows("read", src_cache_key, dst_cache, batch_index, remote_row,
+                                  size, dst_layer_range, src_layer_range,
+                                  tensor_num_per_layer)
+        self._consume(peer, src_cache_key, remote, src_layer_range, tensor_num_per_layer)
 
     @public
     def push_cache(self, dst_cache_key, src_cache, src_batch_index=0, size=-1,
                    src_layer_range=None, dst_layer_range=None, tensor_num_per_layer=2):
         """Write row ``src_batch_index`` of ``src_cache`` into the remote row
-        named by ``dst_cache_key``."""
-        remote_row = getattr(dst_cache_key, "batch_index", 0)
+        named by ``dst_cache_key`` (a CacheKey names the row it was the i-th
+        key of)."""
+        remote_row = getattr(dst_cache_key, "batch_index", None)
         self._rows("write", dst_cache_key, src_cache, src_batch_index, remote_row, size,
                    src_layer_range, dst_layer_range, tensor_num_per_layer)
 
@@ -590,9 +699,20 @@ class CacheManager:
             caches = list(self._caches.values())
         for cache in caches:
             try:
-                self.deallocate_cache(cache)
+                self._free(cache)          # keys or not: the manager is going away
             except LLMException:
                 pass
+
+
+def _request_keys(cache):
+    """The CacheKeys naming rows of ``cache`` (a blocks cache's key does not
+    hold its release back)."""
+    return [key for key in cache.keys if isinstance(key, CacheKey)]
+
+
+def _cache_key(params):
+    return CacheKey(params.get("cluster_id"), params.get("req_id"), params.get("model_id", 0),
+                    params.get("prefix_id", INVALID_ID))
 
 
 def _invalid_key(key):

@@ -1,5 +1,6 @@
 """LLMDataDist: the LLM-DataDist-style entry point (roles, clusters, links)
 over the TransferEngine, with the CacheManager as ``cache_manager``."""
+import json
 import logging
 import threading
 import time
@@ -25,58 +26,144 @@ log = logging.getLogger(__name__)
 MAX_CLUSTERS_PER_CALL = 16
 TRANSPORT_CHOICES = ("auto", "tcp", "shm", "rdma")
 
-# Option keys of LLMConfig.generate_options().
-OPT_DEVICE_ID = "llm.DeviceId"
-OPT_LISTEN = "llm.ListenIpInfo"
+# Option keys of LLMConfig.generate_options(): llm_datadist's spelling where
+# it has the option; the "ours" spellings of earlier releases are still read.
+OPT_LISTEN = "llm.listenIpInfo"
+OPT_LISTEN_OURS = "llm.ListenIpInfo"
+OPT_DEVICE_ID = "ge.exec.deviceId"
+OPT_DEVICE_ID_OURS = "llm.DeviceId"
 OPT_BUF_POOL = "llm.BufPoolCfg"
+OPT_MEM_POOL = "llm.MemPoolConfig"
+OPT_HOST_MEM_POOL = "llm.HostMemPoolConfig"
 OPT_SYNC_TIMEOUT = "llm.SyncKvCacheWaitTime"
 OPT_TRANSPORT = "llm.Transport"
 OPT_LINK_TIMEOUT = "llm.LinkTimeout"
+OPT_LINK_TOTAL_TIME = "llm.LinkTotalTime"
+OPT_LINK_RETRY_COUNT = "llm.LinkRetryCount"
 OPT_ENABLE_SWITCH_ROLE = "llm.EnableSwitchRole"
+OPT_ENABLE_CACHE_MANAGER = "llm.EnableCacheManager"
+OPT_REMOTE_CACHE_ACCESSIBLE = "llm.EnableRemoteCacheAccessible"
+OPT_RDMA_TRAFFIC_CLASS = "llm.RdmaTrafficClass"
+OPT_RDMA_SERVICE_LEVEL = "llm.RdmaServiceLevel"
 OPT_AUTH_KEY = "llm.AuthKey"
 OPT_METADATA_SERVER = "llm.MetadataServer"
 OPT_RANK_TABLE_PORT = "llm.RankTablePort"
 
+# llm_datadist options that mean nothing here, and why (logged once each).
+NO_EFFECT = {
+    "llm.LocalCommRes": "HCCL communication resources; links here are made by link_clusters",
+    "llm.TransferBackend": "selects an Ascend engine; use LLMConfig.transport here",
+    "llm.MemoryUtilization": "sizes an NPU graph memory pool; none exists here",
+    "llm.HcomClusterConfig": "an HCCL setting",
+    "llm.deployResPath": "an offline deployment setting",
+    "llm.OutputMaxSize": "an offline inference setting",
+    "llm.ClusterInfo": "an offline deployment setting",
+    "llm.NnExecuteWaitTime": "an offline inference setting",
+    "llm.ProcessRequestWaitTime": "an offline inference setting",
+    "ge.session_device_id": "a device runtime setting (device_id is read from "
+                            "ge.exec.deviceId)",
+}
+_KNOWN = {OPT_LISTEN, OPT_LISTEN_OURS, OPT_DEVICE_ID, OPT_DEVICE_ID_OURS, OPT_BUF_POOL,
+          OPT_MEM_POOL, OPT_HOST_MEM_POOL, OPT_SYNC_TIMEOUT, OPT_TRANSPORT, OPT_LINK_TIMEOUT,
+          OPT_LINK_TOTAL_TIME, OPT_LINK_RETRY_COUNT, OPT_ENABLE_SWITCH_ROLE,
+          OPT_ENABLE_CACHE_MANAGER, OPT_REMOTE_CACHE_ACCESSIBLE, OPT_RDMA_TRAFFIC_CLASS,
+          OPT_RDMA_SERVICE_LEVEL, OPT_AUTH_KEY, OPT_METADATA_SERVER, OPT_RANK_TABLE_PORT}
+_told = set()
+_told_lock = threading.Lock()
+
+
+def _log_once(key, message):
+    with _told_lock:
+        if key in _told:
+            return
+        _told.add(key)
+    log.warning(message)
+
 
 class LLMConfig:
-    """Options for LLMDataDist.init. Attributes:
-    device_id (int, 0), listen_ip_info ("ip:port" this process accepts links
-    on; whoever listens is the server of its links), buf_pool_cfg (JSON, see kvcache.bufpool),
-    sync_kv_timeout (ms per transfer, default 1000), transport
-    (auto|tcp|shm|rdma), link_timeout (ms, default 3000), enable_switch_role,
-    auth_key (the shared secret every link must prove, a string of at least
-    16 bytes; "" : KVCACHE_AUTH_KEY / KVCACHE_AUTH_KEY_FILE, or none),
-    metadata_server ("" or "P2PHANDSHAKE": none; "etcd://host:port" or
-    "host:port": a listening cluster publishes itself there under its
-    cluster id, and link_clusters finds a cluster given without an address
-    there, see kvcache.engine.discovery),
-    rank_table_port (the base port of the rank-table flow: a member without
-    ``device_port`` listens at its device_ip, port base + rank_id; default
-    26000)."""
+    """Options for LLMDataDist.init, as llm_datadist's LLMConfig; attribute
+    -> option key of ``generate_options()``:
+
+    device_id (int, 0; ge.exec.deviceId), listen_ip_info ("ip:port" this
+    process accepts links on; llm.listenIpInfo), sync_kv_timeout (ms per
+    transfer, default 1000), enable_switch_role (accepted; switch_role works
+    without it, as llm_datadist's cache-manager mode), link_total_time (s,
+    0: link_timeout per attempt) and link_retry_count (1..100 attempts per
+    link), mem_pool_cfg / host_mem_pool_cfg (JSON {"memory_size": bytes}:
+    the size of the buffer pool every allocate_cache takes from),
+    enable_remote_cache_accessible (pull_cache by CacheKeyByIdAndIndex
+    only, as llm_datadist), rdma_traffic_class (0..255) and
+    rdma_service_level (0..15) of the RDMA transport's QPs,
+    enable_cache_manager (always on here), local_comm_res, transfer_backend,
+    mem_utilization, ge_options (accepted; no effect here, logged once).
+
+    Ours: buf_pool_cfg (JSON, see kvcache.bufpool; wins over the pool sizes
+    above), transport (auto|tcp|shm|rdma), link_timeout (ms per link
+    attempt and control call, default 3000), auth_key (the shared secret
+    every link must prove, a string of at least 16 bytes; "":
+    KVCACHE_AUTH_KEY / KVCACHE_AUTH_KEY_FILE, or none), metadata_server
+    ("" or "P2PHANDSHAKE": none; "etcd://host:port" or "host:port": a
+    listening cluster publishes itself there under its cluster id, and
+    link_clusters finds a cluster given without an address there, see
+    kvcache.engine.discovery), rank_table_port (the base port of the
+    rank-table flow: a member without ``device_port`` listens at its
+    device_ip, port base + rank_id; default 26000)."""
 
     def __init__(self):
         self.device_id = 0
         self.listen_ip_info = ""
         self.buf_pool_cfg = ""
+        self.mem_pool_cfg = ""
+        self.host_mem_pool_cfg = ""
         self.sync_kv_timeout = 1000
         self.transport = "auto"
         self.link_timeout = 3000
+        self.link_total_time = None
+        self.link_retry_count = None
         self.enable_switch_role = False
+        self.enable_cache_manager = None
+        self.enable_remote_cache_accessible = None
+        self.rdma_traffic_class = None
+        self.rdma_service_level = None
+        self.local_comm_res = None
+        self.transfer_backend = None
+        self.mem_utilization = None
+        self.ge_options = {}
         self.auth_key = ""
         self.metadata_server = ""
         self.rank_table_port = DEFAULT_BASE_PORT
 
     def generate_options(self):
-        return {OPT_DEVICE_ID: str(self.device_id), OPT_LISTEN: str(self.listen_ip_info),
-                OPT_BUF_POOL: str(self.buf_pool_cfg), OPT_SYNC_TIMEOUT: str(self.sync_kv_timeout),
-                OPT_TRANSPORT: str(self.transport), OPT_LINK_TIMEOUT: str(self.link_timeout),
-                OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0",
-                OPT_AUTH_KEY: str(self.auth_key),
-                OPT_METADATA_SERVER: str(self.metadata_server),
-                OPT_RANK_TABLE_PORT: str(self.rank_table_port)}
+        options = {str(k): str(v) for k, v in dict(self.ge_options).items()}
+        options.update({OPT_DEVICE_ID: str(self.device_id), OPT_LISTEN: str(self.listen_ip_info),
+                        OPT_BUF_POOL: str(self.buf_pool_cfg),
+                        OPT_SYNC_TIMEOUT: str(self.sync_kv_timeout),
+                        OPT_TRANSPORT: str(self.transport),
+                        OPT_LINK_TIMEOUT: str(self.link_timeout),
+                        OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0",
+                        OPT_AUTH_KEY: str(self.auth_key),
+                        OPT_METADATA_SERVER: str(self.metadata_server),
+                        OPT_RANK_TABLE_PORT: str(self.rank_table_port)})
+        optional = {OPT_MEM_POOL: self.mem_pool_cfg or None,
+                    OPT_HOST_MEM_POOL: self.host_mem_pool_cfg or None,
+                    OPT_LINK_TOTAL_TIME: self.link_total_time,
+                    OPT_LINK_RETRY_COUNT: self.link_retry_count,
+                    OPT_ENABLE_CACHE_MANAGER: _flag(self.enable_cache_manager),
+                    OPT_REMOTE_CACHE_ACCESSIBLE: _flag(self.enable_remote_cache_accessible),
+                    OPT_RDMA_TRAFFIC_CLASS: self.rdma_traffic_class,
+                    OPT_RDMA_SERVICE_LEVEL: self.rdma_service_level,
+                    "llm.LocalCommRes": self.local_comm_res,
+                    "llm.TransferBackend": self.transfer_backend,
+                    "llm.MemoryUtilization": self.mem_utilization}
+        options.update({k: str(v) for k, v in optional.items() if v is not None})
+        return options
 
 
-def _int_option(options, key, default):
+def _flag(value):
+    return None if value is None else ("1" if value else "0")
+
+
+def _int_option(options, key, default, low=1, high=None):
     text = options.get(key, "")
     if text in ("", None):
         return default
@@ -85,9 +172,50 @@ def _int_option(options, key, default):
     except (TypeError, ValueError):
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                            f"option {key}={text!r} is not an integer") from None
-    if value <= 0 and key != OPT_DEVICE_ID:
-        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"option {key} must be positive")
+    if value < low or (high is not None and value > high):
+        bounds = f"in {low}..{high}" if high is not None else f"at least {low}"
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                           f"option {key}={value} must be {bounds}")
     return value
+
+
+def _pool_config(options):
+    """The buffer pool's configuration and whether one was given:
+    llm.BufPoolCfg, else the memory_size of llm.HostMemPoolConfig, else of
+    llm.MemPoolConfig (every cache here is host memory, so the one pool
+    serves what llm_datadist splits into a device and a host pool)."""
+    if options.get(OPT_BUF_POOL):
+        return BufPoolConfig.parse(options[OPT_BUF_POOL]), True
+    for key in (OPT_HOST_MEM_POOL, OPT_MEM_POOL):
+        text = options.get(key)
+        if not text:
+            continue
+        try:
+            cfg = json.loads(text)
+            size = cfg["memory_size"]
+        except (ValueError, TypeError, KeyError):
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"option {key}={text!r}: expected JSON with \"memory_size\" "
+                               "(bytes)") from None
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"option {key}: memory_size must be a positive integer")
+        for extra in sorted(set(cfg) - {"memory_size"}):
+            _log_once(f"{key}.{extra}", f"{key}: {extra!r} has no effect here (only "
+                      "memory_size sizes the buffer pool)")
+        return BufPoolConfig(pool_size=size), True
+    return BufPoolConfig(), False
+
+
+def _report_ignored(options):
+    for key, value in options.items():
+        if key in _KNOWN:
+            continue
+        why = NO_EFFECT.get(key, "not an option kvcache knows")
+        _log_once(key, f"option {key}={value!r} has no effect here: {why}")
+    if options.get(OPT_ENABLE_CACHE_MANAGER) == "0":
+        _log_once(OPT_ENABLE_CACHE_MANAGER, f"{OPT_ENABLE_CACHE_MANAGER}=0 has no effect: "
+                  "kvcache always runs llm_datadist's cache-manager mode")
 
 
 def choose_transport(requested):
@@ -115,10 +243,15 @@ def choose_transport(requested):
 
 
 class LLMDataDist:
+    """llm_datadist's LLMDataDist(role, cluster_id) in its cache-manager mode.
+    ``role``: an LLMRole (or its value 1..3, or its name); ``cluster_id``:
+    0..2**63-1 (the engine's wire format carries signed 64-bit ids). Any
+    role links to any role in either direction."""
+
     @public
     def __init__(self, role, cluster_id):
         self.role = LLMRole(role)
-        self.cluster_id = int(cluster_id)
+        self.cluster_id = checks.integer(cluster_id, "cluster_id", 0, (1 << 63) - 1)
         self._engine = None
         self._pool = None
         self._cache_manager = None
@@ -130,37 +263,48 @@ class LLMDataDist:
     @public
     def init(self, options):
         """Start: buffer pool, engine, listener (from the options of
-        LLMConfig.generate_options())."""
+        LLMConfig.generate_options()). A second init while initialised does
+        nothing, as llm_datadist's; after finalize() it starts afresh.
+        Options it cannot honour are logged once each (NO_EFFECT)."""
         if self._engine is not None:
-            raise LLMException(LLMStatusCode.LLM_REPEAT_REQUEST, "already initialised")
-        options = dict(options)
-        listen = options.get(OPT_LISTEN, "")
+            return
+        options = {str(k): v for k, v in dict(options).items()}
+        _report_ignored(options)
+        listen = options.get(OPT_LISTEN) or options.get(OPT_LISTEN_OURS) or ""
         if listen:
             parse_address(listen)
-        self._switchable = options.get(OPT_ENABLE_SWITCH_ROLE, "0") == "1"
         self.sync_timeout_ms = _int_option(options, OPT_SYNC_TIMEOUT, 1000)
         self.link_timeout_ms = _int_option(options, OPT_LINK_TIMEOUT, 3000)
-        self.device_id = _int_option(options, OPT_DEVICE_ID, 0)
-        self.rank_table_port = _int_option(options, OPT_RANK_TABLE_PORT, DEFAULT_BASE_PORT)
-        if self.rank_table_port > 65535:
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               f"option {OPT_RANK_TABLE_PORT} must be 1..65535")
+        self.link_total_time_s = _int_option(options, OPT_LINK_TOTAL_TIME, 0, 0, (1 << 32) - 1)
+        self.link_retry_count = _int_option(options, OPT_LINK_RETRY_COUNT, 1, 1, 100)
+        device = OPT_DEVICE_ID if options.get(OPT_DEVICE_ID) else OPT_DEVICE_ID_OURS
+        self.device_id = _int_option(options, device, 0, 0)
+        traffic_class = _int_option(options, OPT_RDMA_TRAFFIC_CLASS, 0, 0, 255)
+        service_level = _int_option(options, OPT_RDMA_SERVICE_LEVEL, 0, 0, 15)
+        self.rank_table_port = _int_option(options, OPT_RANK_TABLE_PORT, DEFAULT_BASE_PORT,
+                                           1, 65535)
         self.transport, self.transport_reason = choose_transport(
             options.get(OPT_TRANSPORT, "auto") or "auto")
         log.info("cluster %d: transport %s (%s)", self.cluster_id, self.transport,
                  self.transport_reason)
-        pool = BufferPool(BufPoolConfig.parse(options.get(OPT_BUF_POOL, "")))
+        pool_config, pool_configured = _pool_config(options)
+        pool = BufferPool(pool_config)
         self._engine = None
         try:
             self._discovery = discovery.open_discovery(options.get(OPT_METADATA_SERVER, ""))
             self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=listen or None,
-                                          cluster_id=self.cluster_id, role=self.role.value,
+                                          cluster_id=self.cluster_id,
+                                          role=self.role.engine_role,
                                           transport=self.transport,
                                           timeout_ms=self.link_timeout_ms,
                                           device_id=self.device_id,
-                                          auth_key=options.get(OPT_AUTH_KEY) or None)
-            self._cache_manager = CacheManager(self._engine, pool, self.cluster_id,
-                                               self.sync_timeout_ms)
+                                          auth_key=options.get(OPT_AUTH_KEY) or None,
+                                          rdma_traffic_class=traffic_class,
+                                          rdma_service_level=service_level)
+            self._cache_manager = CacheManager(
+                self._engine, pool, self.cluster_id, self.sync_timeout_ms,
+                pool_configured=pool_configured,
+                remote_cache_accessible=options.get(OPT_REMOTE_CACHE_ACCESSIBLE) == "1")
             self._publish()
             self._rank_links = RankTableLinks(self._engine, self.cluster_id)
         except BaseException:
@@ -207,9 +351,13 @@ class LLMDataDist:
     @public
     def link_clusters(self, clusters, timeout=3000):
         """Link to each cluster's first remote address (a cluster given
-        without one is looked up by its id on the metadata server). Returns
-        (status, [status per cluster]); LLM_SUCCESS only if all linked.
-        ``timeout``: ms per link, 1..2**31-1."""
+        without one is looked up by its id on the metadata server; this side
+        is the client of these links, whatever the roles). Returns (status,
+        [status per cluster]); LLM_SUCCESS only if all linked. ``timeout``:
+        ms per attempt, 1..2**31-1. An unreachable cluster is tried
+        link_retry_count times within link_total_time (s; 0: one timeout
+        per attempt). LLM_ALREADY_LINK when this side already made a live
+        link to the cluster (a link the cluster made to us does not count)."""
         engine = self._started()
         timeout = checks.timeout_ms(timeout, "timeout")
         clusters = list(clusters)
@@ -227,7 +375,7 @@ class LLMDataDist:
         if not isinstance(info, LLMClusterInfo) or not (info.remote_ip_info
                                                         or self._discovery.uses_server):
             return LLMStatusCode.LLM_PARAM_INVALID
-        existing = engine.find_peer(info.remote_cluster_id)
+        existing = engine.find_peer(info.remote_cluster_id, inbound=False)
         if existing is not None and existing.state == LinkState.LINKED:
             return LLMStatusCode.LLM_ALREADY_LINK
         if info.remote_ip_info:
@@ -244,23 +392,49 @@ class LLMDataDist:
                             info.remote_cluster_id, self._discovery.endpoint)
                 return LLMStatusCode.LLM_LINK_FAILED
             host, port = parse_address(record["listen"])
-        try:
-            peer = engine.connect(format_address(host, port), timeout_ms=timeout)
-        except LLMException as exc:
-            log.warning("cluster %d: link to cluster %d at %s:%d failed: %s", self.cluster_id,
-                        info.remote_cluster_id, host, port, exc)
-            return exc.status_code
+        address = format_address(host, port)
+        attempts = self.link_retry_count
+        total_s = self.link_total_time_s or attempts * timeout / 1000
+        deadline = time.monotonic() + total_s
+        for attempt in range(1, attempts + 1):
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            try:
+                peer = engine.connect(address, timeout_ms=max(1, min(timeout, left_ms)))
+                break
+            except LLMException as exc:
+                log.warning("cluster %d: link to cluster %d at %s (attempt %d of %d) failed: "
+                            "%s", self.cluster_id, info.remote_cluster_id, address, attempt,
+                            attempts, exc)
+                retry = exc.status_code in (LLMStatusCode.LLM_LINK_FAILED,
+                                            LLMStatusCode.LLM_TIMEOUT)
+                left_s = deadline - time.monotonic()
+                if not retry or attempt == attempts or left_s <= 0:
+                    return exc.status_code
+                # Spread what is left of the total time over the attempts left.
+                time.sleep(min(left_s / (attempts - attempt + 1), 1.0))
         if peer.cluster_id != info.remote_cluster_id:
             engine.disconnect(peer, force=True)
-            log.warning("cluster %d: %s:%d is cluster %d, not %d", self.cluster_id, host, port,
+            log.warning("cluster %d: %s is cluster %d, not %d", self.cluster_id, address,
                         peer.cluster_id, info.remote_cluster_id)
             return LLMStatusCode.LLM_LINK_FAILED
         return LLMStatusCode.LLM_SUCCESS
 
+    def _link_to(self, engine, cluster_id):
+        """The link unlink/status calls mean: the one this side made to the
+        cluster, else the one the cluster made to us."""
+        return (engine.find_peer(cluster_id, inbound=False)
+                or engine.find_peer(cluster_id, inbound=True))
+
     @public
     def unlink_clusters(self, clusters, timeout=3000, force=False):
-        """Unlink each cluster. Returns (status, [status per cluster]);
-        LLM_LINK_BUSY for a link with transfers in flight unless ``force``."""
+        """Unlink each cluster (the link this side made to it, else the one
+        it made to us). Returns (status, [status per cluster]). Without
+        ``force`` the peer is told and both ends close (LLM_LINK_BUSY while
+        transfers run). ``force`` is local, as llm_datadist's: our end
+        closes (aborting its transfers) without telling the peer, which sees
+        its end FAILED until it unlinks too. Unlinking a link that is
+        already gone (never made, unlinked by the peer, failed) succeeds and
+        clears its FAILED status."""
         engine = self._started()
         timeout = checks.timeout_ms(timeout, "timeout")
         results = []
@@ -268,12 +442,15 @@ class LLMDataDist:
             if not isinstance(info, LLMClusterInfo):
                 results.append(LLMStatusCode.LLM_PARAM_INVALID)
                 continue
-            peer = engine.find_peer(info.remote_cluster_id)
+            peer = self._link_to(engine, info.remote_cluster_id)
             if peer is None:
-                results.append(LLMStatusCode.LLM_NOT_YET_LINK)
+                engine.links.forget_failure(info.remote_cluster_id)
+                results.append(LLMStatusCode.LLM_SUCCESS)
                 continue
             try:
-                engine.disconnect(peer, force=force, timeout_ms=timeout)
+                engine.disconnect(peer, force=force, timeout_ms=timeout, notify=not force)
+                # A link that failed while we unlinked it is unlinked all the same.
+                engine.links.forget_failure(info.remote_cluster_id)
                 results.append(LLMStatusCode.LLM_SUCCESS)
             except LLMException as exc:
                 results.append(exc.status_code)
@@ -282,10 +459,11 @@ class LLMDataDist:
 
     @public
     def check_link_status(self, remote_cluster_id):
-        """The LinkState of the link to a cluster: FAILED when the last one
-        failed (until the next link), IDLE when there is none."""
+        """The LinkState of the link to a cluster (the one this side made,
+        else the one it made to us): FAILED when the last one failed (until
+        the next link or an unlink), IDLE when there is none."""
         engine = self._started()
-        peer = engine.find_peer(remote_cluster_id)
+        peer = self._link_to(engine, remote_cluster_id)
         if peer is not None:
             return peer.state
         return LinkState.FAILED if engine.links.failure(remote_cluster_id) else LinkState.IDLE
@@ -323,14 +501,19 @@ class LLMDataDist:
 
     @public
     def switch_role(self, role, switch_options=None):
-        """Become ``role``. LLM_EXIST_LINK while links remain. With
-        switch_options["llm.ListenIpInfo"] the cluster listens there from now
-        on; becoming a DECODER without it stops listening."""
+        """Become ``role``, as llm_datadist's cache-manager mode: no
+        enable_switch_role needed, any role to any role. LLM_EXIST_LINK
+        while links remain (unlink first). With switch_options
+        {"llm.listenIpInfo": "ip:port"} the cluster listens there from now
+        on; without it, it stops listening."""
         engine = self._started()
-        if not self._switchable:
-            raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                               "switch_role needs LLMConfig.enable_switch_role = True")
         role = LLMRole(role)
+        if switch_options is not None and not isinstance(switch_options, dict):
+            raise checks.invalid(f"switch_options must be a dict, got {switch_options!r}")
+        options = switch_options or {}
+        listen = options.get(OPT_LISTEN) or options.get(OPT_LISTEN_OURS) or ""
+        if listen:
+            parse_address(listen)
         # A peer's unlink returns once we answered its BYE; our side of that
         # link closes a moment later, when the connection drops.
         deadline = time.monotonic() + engine.timeout_ms / 1000
@@ -340,13 +523,10 @@ class LLMDataDist:
         if live:
             raise LLMException(LLMStatusCode.LLM_EXIST_LINK,
                                f"unlink first: {[p.name for p in live]}")
-        listen = (switch_options or {}).get(OPT_LISTEN, "")
+        engine.stop_listening()
         if listen:
-            engine.stop_listening()
             engine.start_listening(listen)
-        elif role == LLMRole.DECODER:
-            engine.stop_listening()
-        engine.role = role.value
+        engine.role = role.engine_role
         self.role = role
         self._publish()
 

@@ -221,6 +221,24 @@ cdef class QP(PyverbsObject):
                              f"{remote_psn:#x} gid {remote_gid!s} sgid_index {sgid_index} "
                              f"path_mtu {path_mtu} port {self.port_num}")
 
+    def query_path(self):
+        """The QP's state and the path RTR gave it, as ibv_query_qp reports
+        them: a dict of state, path_mtu, sl, traffic_class, hop_limit,
+        sgid_index."""
+        self.check_open()
+        cdef ibv_qp_attr attr
+        cdef ibv_qp_init_attr init_attr
+        memset(&attr, 0, sizeof(attr))
+        memset(&init_attr, 0, sizeof(init_attr))
+        rc = ibv_query_qp(self.qp, &attr, IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU,
+                          &init_attr)
+        if rc != 0:
+            raise VerbsError("ibv_query_qp", rc, f"QP {self.qp.qp_num:#x}")
+        return {"state": attr.qp_state, "path_mtu": attr.path_mtu, "sl": attr.ah_attr.sl,
+                "traffic_class": attr.ah_attr.grh.traffic_class,
+                "hop_limit": attr.ah_attr.grh.hop_limit,
+                "sgid_index": attr.ah_attr.grh.sgid_index}
+
     def to_rts(self, uint32_t sq_psn, int timeout=14, int retry_cnt=7, int rnr_retry=7,
                int max_rd_atomic=16):
         """RTR -> RTS. ``timeout`` is the ACK timeout exponent (4.096 us * 2**timeout)."""

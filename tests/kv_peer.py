@@ -14,6 +14,7 @@ from kvcache import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, 
                      LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole)
 
 REPLY_TIMEOUT_S = 60
+DEFAULT_POOL = '{"memory_size": 1073741824}'
 
 
 def pattern(seed, tensor_index, nbytes):
@@ -28,7 +29,7 @@ class Actions:
         self.dd = LLMDataDist(LLMRole(role), cluster_id)
         cfg = LLMConfig()
         cfg.listen_ip_info = listen
-        cfg.enable_switch_role = True
+        cfg.mem_pool_cfg = DEFAULT_POOL        # allocations need a pool, as in llm_datadist
         for key, value in options.items():
             setattr(cfg, key, value)
         self.dd.init(cfg.generate_options())
@@ -114,7 +115,7 @@ class Actions:
                                          dst_layers)
 
     def switch_role(self, role, listen=""):
-        self.dd.switch_role(LLMRole(role), {"llm.ListenIpInfo": listen} if listen else None)
+        self.dd.switch_role(LLMRole(role), {"llm.listenIpInfo": listen} if listen else None)
         return self.dd.listen_address
 
     def free_on_call(self, cache_id, method):

@@ -39,17 +39,29 @@ def test_torch_views_share_memory_and_bf16_is_bfloat16(dd):
     assert t.data_ptr() == cache.tensor_addrs[1]
 
 
-def test_keys_are_unique_and_released_with_the_cache(dd):
+def test_keys_are_unique_and_a_keyed_cache_is_released_with_its_last_key(dd):
+    # As llm_datadist's deallocate_cache: while a CacheKey names the cache the
+    # release waits for the key to be pulled or removed; freeing a cache that
+    # is gone does nothing.
+    cm = dd.cache_manager
+    desc = CacheDesc(2, [1, 64], DataType.DT_INT8)
     key = CacheKey(prompt_cluster_id=5, req_id=1)
-    cache = dd.cache_manager.allocate_cache(CacheDesc(2, DataType.DT_INT8, [1, 64]), [key])
+    cache = cm.allocate_cache(desc, [key])
     with pytest.raises(LLMException) as err:
-        dd.cache_manager.allocate_cache(CacheDesc(2, DataType.DT_INT8, [1, 64]), [key])
+        cm.allocate_cache(desc, [key])
     assert err.value.status_code == LLMStatusCode.LLM_REPEAT_REQUEST
-    dd.cache_manager.deallocate_cache(cache)
+    cm.deallocate_cache(cache)
+    assert cm.get_cache(cache.cache_id) is cache
+    cm.deallocate_cache(cache)
     with pytest.raises(LLMException) as err:
-        dd.cache_manager.deallocate_cache(cache)
+        cm.allocate_cache(desc, [key])
+    assert err.value.status_code == LLMStatusCode.LLM_REPEAT_REQUEST
+    cm.remove_cache_key(key)
+    with pytest.raises(LLMException) as err:
+        cm.get_cache(cache.cache_id)
     assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-    dd.cache_manager.allocate_cache(CacheDesc(2, DataType.DT_INT8, [1, 64]), [key])
+    cm.deallocate_cache(cache)
+    cm.allocate_cache(desc, [key])
 
 
 def test_pool_exhaustion_is_out_of_memory(dd):

@@ -47,9 +47,9 @@ def _shm_transport(device_id):
     return ShmTransport()
 
 
-def _rdma_transport(device_id):
+def _rdma_transport(device_id, traffic_class=0, service_level=0):
     from kvcache.transports.rdma import RdmaTransport
-    return RdmaTransport(device_id)
+    return RdmaTransport(device_id, traffic_class, service_level)
 
 
 # Transport name -> factory(local device id). RDMA loads pyverbs_kv's verbs
@@ -78,13 +78,16 @@ class TransferEngine:
     ``auth_key`` (str or bytes, at least 16 bytes; default KVCACHE_AUTH_KEY,
     else the file KVCACHE_AUTH_KEY_FILE): the shared secret both ends of
     every link must prove (kvcache.engine.auth); None: links are not
-    authenticated. Raises LLMException (LLM_PARAM_INVALID,
-    LLM_FEATURE_NOT_ENABLED)."""
+    authenticated. ``rdma_traffic_class`` (0..255) and
+    ``rdma_service_level`` (0..15): the GRH traffic class and the service
+    level of the RDMA transport's QPs (ignored by the other transports).
+    Raises LLMException (LLM_PARAM_INVALID, LLM_FEATURE_NOT_ENABLED)."""
 
     @public
     def __init__(self, name=None, *, listen="127.0.0.1:0", cluster_id=0, role="mix",
                  transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
-                 io_timeout_ms=30_000, device_id=0, auth_key=None):
+                 io_timeout_ms=30_000, device_id=0, auth_key=None, rdma_traffic_class=0,
+                 rdma_service_level=0):
         apply_debug()
         if transport not in TRANSPORTS:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
@@ -101,7 +104,10 @@ class TransferEngine:
         self.timeout_ms = checks.timeout_ms(timeout_ms, "timeout_ms")
         handshake_timeout_ms = checks.timeout_ms(handshake_timeout_ms, "handshake_timeout_ms")
         self.io_timeout_ms = io_timeout_ms = checks.timeout_ms(io_timeout_ms, "io_timeout_ms")
-        self.transport = TRANSPORTS[transport](checks.integer(device_id, "device_id", 0))
+        qos = {"traffic_class": checks.integer(rdma_traffic_class, "rdma_traffic_class", 0, 255),
+               "service_level": checks.integer(rdma_service_level, "rdma_service_level", 0, 15)}
+        self.transport = TRANSPORTS[transport](checks.integer(device_id, "device_id", 0),
+                                               **(qos if transport == "rdma" else {}))
         self.registry = RegionRegistry(self.transport)
         self.rpc = Rpc()
         self.notifications = Notifications()
@@ -171,11 +177,13 @@ class TransferEngine:
         return peer
 
     @public
-    def disconnect(self, peer, force=False, timeout_ms=None):
-        """Unlink: tell the peer (when the link is healthy), close, forget.
-        LLM_LINK_BUSY while transfers run, unless ``force``, which aborts
-        them (they fail with LLM_LINK_FAILED)."""
-        self.links.disconnect(self.peer(peer), bool(force), self._timeout(timeout_ms))
+    def disconnect(self, peer, force=False, timeout_ms=None, notify=True):
+        """Unlink: tell the peer (when the link is healthy and ``notify``),
+        close, forget. LLM_LINK_BUSY while transfers run, unless ``force``,
+        which aborts them (they fail with LLM_LINK_FAILED). Without
+        ``notify`` the peer sees its end fail instead of end in order."""
+        self.links.disconnect(self.peer(peer), bool(force), self._timeout(timeout_ms),
+                              bool(notify))
 
     def peers(self):
         """Live links (a link that ended leaves the table)."""
@@ -187,9 +195,11 @@ class TransferEngine:
         return self.links.peer(name_or_peer)
 
     @public
-    def find_peer(self, cluster_id):
-        """The most recent Peer of a cluster id, or None."""
-        return self.links.find_peer(cluster_id)
+    def find_peer(self, cluster_id, inbound=None):
+        """The Peer of a cluster id, or None: a LINKED one first, then the
+        link we made before the one the peer made (``inbound`` True/False:
+        only links of that direction)."""
+        return self.links.find_peer(cluster_id, inbound)
 
     # --- memory ------------------------------------------------------------------------
 

@@ -9,7 +9,14 @@ travels in the handshake: tables are asked for over the link once both sides
 proved the secret. A connection whose first frame is not a HELLO is handed
 to the transport (data lanes). A link whose connection ends leaves the peer
 table: an orderly unlink goes to IDLE, anything else to FAILED, remembered
-(bounded) for status queries."""
+(bounded) for status queries.
+
+Two engines may each link to the other: the peer table is keyed by (peer
+name, direction), so the link we made to a peer and the link it made to us
+live side by side; only a second link in the same direction is
+LLM_ALREADY_LINK. Roles do not restrict links (PROMPT to PROMPT is as good
+as PROMPT to DECODER, as in llm_datadist's cache-manager mode). Looking a
+peer up by name or cluster prefers the link we made (see ``_preferred``)."""
 import collections
 import logging
 import socket
@@ -31,10 +38,6 @@ JOIN_S = 5
 KEPT_FAILURES = 256
 MAX_HANDSHAKES = 64           # connections in their handshake at once, per listener
 MAX_LINKS = 1024              # live links per engine
-
-
-def _roles_compatible(a, b):
-    return a == "mix" or b == "mix" or a != b
 
 
 class Listener:
@@ -201,7 +204,7 @@ class LinkManager:
                                        "(no auth_key there, or another one)")
                 ready["proof"] = auth.proof(self.key, "initiator", *sides)
             with self._lock:
-                old = self._peers.get(ack["name"])
+                old = self._peers.get((ack["name"], False))
                 if old is not None and old.linked:
                     raise LLMException(LLMStatusCode.LLM_ALREADY_LINK,
                                        f"already linked to {ack['name']}")
@@ -277,15 +280,12 @@ class LinkManager:
             return (LLMStatusCode.LLM_PARAM_INVALID,
                     f"no common transport (we have {self.transport.name}, peer "
                     f"{hello['transports']})")
-        if not _roles_compatible(me["role"], hello["role"]):
-            return (LLMStatusCode.LLM_PARAM_INVALID,
-                    f"role {hello['role']} cannot link to role {me['role']}")
         with self._lock:
             if len(self._peers) >= MAX_LINKS:
                 return (LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT,
                         f"{len(self._peers)} links already (at most {MAX_LINKS})")
             for peer in self._peers.values():
-                if not peer.linked:
+                if not peer.linked or not peer.inbound:       # links we made do not count
                     continue
                 if peer.name == hello["name"]:
                     return LLMStatusCode.LLM_ALREADY_LINK, f"{peer.name} is already linked"
@@ -305,8 +305,8 @@ class LinkManager:
         peer.channel.peer = peer
         peer.link.transition(LinkState.CONNECTING)
         with self._lock:
-            old = self._peers.get(peer.name)
-            self._peers[peer.name] = peer
+            old = self._peers.get(_key(peer))
+            self._peers[_key(peer)] = peer
         if old is not None:
             old.channel.close("replaced by a new link from the same peer")
         peer.link.transition(LinkState.LINKED)
@@ -398,20 +398,27 @@ class LinkManager:
             return list(self._peers.values())
 
     def peer(self, name_or_peer):
+        """The Peer by name (``_preferred`` of its links), or the Peer itself."""
         if isinstance(name_or_peer, Peer):
             return name_or_peer
         with self._lock:
-            peer = self._peers.get(name_or_peer)
+            peer = _preferred(p for p in self._peers.values() if p.name == name_or_peer)
         if peer is None:
             raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK, f"no link to {name_or_peer!r}")
         return peer
 
-    def find_peer(self, cluster_id):
-        """The most recent live Peer of a cluster id, or None."""
+    def find_peer(self, cluster_id, inbound=None):
+        """The ``_preferred`` Peer of a cluster id (of one direction when
+        ``inbound`` is True/False), or None."""
         with self._lock:
-            found = [p for p in self._peers.values() if p.cluster_id == cluster_id]
-        linked = [p for p in found if p.state == LinkState.LINKED]
-        return (linked or found or [None])[-1]
+            return _preferred(p for p in self._peers.values() if p.cluster_id == cluster_id
+                              and (inbound is None or p.inbound == inbound))
+
+    def forget_failure(self, cluster_id):
+        """The user unlinked a cluster whose link already failed: its status
+        is IDLE from now on."""
+        with self._lock:
+            self._failures.pop(cluster_id, None)
 
     def failure(self, cluster_id):
         """Why the last link to ``cluster_id`` failed, if it did and no link
@@ -421,10 +428,11 @@ class LinkManager:
 
     # --- teardown -----------------------------------------------------------------------
 
-    def disconnect(self, peer, force=False, timeout_ms=None):
-        """Unlink: tell the peer (when the link is healthy), close, forget.
-        LLM_LINK_BUSY while transfers run, unless ``force``, which aborts them."""
-        tell = peer.link.begin_unlink(force)
+    def disconnect(self, peer, force=False, timeout_ms=None, notify=True):
+        """Unlink: tell the peer (when the link is healthy and ``notify``),
+        close, forget. LLM_LINK_BUSY while transfers run, unless ``force``,
+        which aborts them."""
+        tell = peer.link.begin_unlink(force) and notify
         if peer.link.in_flight:
             tell = False              # forced while busy: the peer sees the connection drop
         try:
@@ -456,8 +464,8 @@ class LinkManager:
         except Exception:
             log.exception("releasing the data path to %s", peer.name)
         with self._lock:
-            if self._peers.get(peer.name) is peer:
-                del self._peers[peer.name]
+            if self._peers.get(_key(peer)) is peer:
+                del self._peers[_key(peer)]
             if orderly:
                 self._failures.pop(peer.cluster_id, None)
             else:
@@ -474,6 +482,19 @@ class LinkManager:
             except LLMException:
                 peer.channel.close("engine closed")
         self.stop_listening()
+
+
+def _key(peer):
+    return peer.name, peer.inbound
+
+
+def _preferred(peers):
+    """Of several links to one peer (or cluster): a LINKED one before any
+    other, and the link we made (outbound) before the one the peer made; the
+    newest of equals. None when there is none."""
+    ranked = sorted(enumerate(peers), key=lambda item: (item[1].state == LinkState.LINKED,
+                                                        not item[1].inbound, item[0]))
+    return ranked[-1][1] if ranked else None
 
 
 def _status(code):

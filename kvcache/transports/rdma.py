@@ -107,7 +107,7 @@ class RdmaTransport(Transport):
     owner_checks = False
     one_sided = True
 
-    def __init__(self, device_id=0):
+    def __init__(self, device_id=0, traffic_class=0, service_level=0):
         try:
             import pyverbs_kv as pv
             from pyverbs_kv.enums import IBV_ACCESS_RELAXED_ORDERING
@@ -154,6 +154,8 @@ class RdmaTransport(Transport):
         except pv.VerbsError as exc:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                f"RDMA transport: GID on {device}: {exc}") from None
+        self.traffic_class = traffic_class      # GRH traffic class (DSCP << 2 on RoCE v2)
+        self.service_level = service_level
         self.num_qps = max(1, env_int("KVCACHE_RDMA_QPS", 2))
         self.access = pv.DEFAULT_ACCESS
         if env_flag("KVCACHE_RELAX_ORDERING"):
@@ -234,7 +236,8 @@ class RdmaTransport(Transport):
         mtu = min(int(self.mtu), peer_mtu)
         for qp, my_psn, (qpn, psn) in zip(group.qps, group.psns, qps):
             try:
-                qp.to_rtr(qpn, psn, gid, self.gid_index, path_mtu=mtu)
+                qp.to_rtr(qpn, psn, gid, self.gid_index, path_mtu=mtu,
+                          traffic_class=self.traffic_class, sl=self.service_level)
                 qp.to_rts(my_psn, timeout=self.ack_timeout)
             except self.pv.VerbsError as exc:
                 raise _failed(f"bring-up of QP {qp.qp_num:#x} (step {exc.call})", exc) from None
