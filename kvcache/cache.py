@@ -21,6 +21,7 @@ class Cache:
         self.owned = owned                     # allocated from the pool (vs registered)
         self.keys = list(keys)
         self.containers = []                   # top-level regions of registered memory
+        self.remote = True                     # offered to linked peers
 
     @property
     def per_device_tensor_addrs(self):

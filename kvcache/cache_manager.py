@@ -9,7 +9,14 @@ the region ids the lookup returned, and the owner refuses ids it released
 or renewed, so a remembered lookup is re-validated by every transfer: when
 the owner says the cache is gone, the call looks it up once more.
 Freeing a cache waits for the transfers on it (the engine's region pins);
-moving or removing a key renews the cache's region ids."""
+moving or removing a key renews the cache's region ids.
+
+What a linked peer can reach follows llm_datadist's rules: a cache the
+pool allocated is addressable by its keys and by CacheKeyByIdAndIndex; a
+registered cache only when registered ``remote_accessible``. Nothing else
+(free pool space, freed caches, the pool as a whole) is offered: the pool
+itself is a container no peer sees, and a lookup of a cache not offered is
+LLM_KV_CACHE_NOT_EXIST, as for one that does not exist."""
 import itertools
 import logging
 import threading
@@ -157,8 +164,16 @@ class CacheManager:
         keys = [blocks_cache_key] if blocks_cache_key is not None else []
         return self._allocate(cache_desc, "blocks", keys)
 
-    def _register(self, desc, addrs, kind, keys):
+    def _register(self, desc, addrs, kind, keys, remote_accessible):
         _host_only(desc)
+        if remote_accessible not in (None, True, False):
+            raise _invalid(f"remote_accessible must be None, True or False, got "
+                           f"{remote_accessible!r}")
+        # llm_datadist's default is True for device memory and False for host
+        # memory, which its HCCS transports cannot serve as a remote cache;
+        # ours move host memory only, so host memory is offered unless the
+        # caller says otherwise.
+        remote = remote_accessible is not False
         try:
             addrs = [int(a) for a in addrs]
         except (TypeError, ValueError):
@@ -173,13 +188,15 @@ class CacheManager:
                 tops.append(self._engine.register_memory(addr, desc.tensor_bytes,
                                                          addressable=False))
                 regions.append(self._engine.register_memory(addr, desc.tensor_bytes,
-                                                            parent=tops[-1]))
+                                                            parent=tops[-1],
+                                                            remote_accessible=remote))
         except LLMException:
             for top in tops:
                 self._engine.unregister_memory(top)
             raise
         cache = Cache(next(self._ids), desc, addrs, kind, regions, owned=False, keys=keys)
         cache.containers = tops
+        cache.remote = remote
         try:
             return self._add(cache, keys)
         except LLMException:
@@ -188,15 +205,20 @@ class CacheManager:
             raise
 
     @public
-    def register_blocks_cache(self, cache_desc, addrs, blocks_cache_key=None):
-        """Use caller-owned memory (one address per tensor) as a blocks cache."""
+    def register_blocks_cache(self, cache_desc, addrs, blocks_cache_key=None,
+                              remote_accessible=None):
+        """Use caller-owned memory (one address per tensor) as a blocks cache.
+        ``remote_accessible`` (as llm_datadist's): False keeps it for this
+        process's own pulls and pushes (linked peers can neither look it up
+        nor reach it); None or True offers it to linked peers."""
         keys = [blocks_cache_key] if blocks_cache_key is not None else []
-        return self._register(cache_desc, addrs, "blocks", keys)
+        return self._register(cache_desc, addrs, "blocks", keys, remote_accessible)
 
     @public
-    def register_cache(self, cache_desc, addrs, cache_keys=()):
-        """Use caller-owned memory as a per-request cache."""
-        return self._register(cache_desc, addrs, "cache", list(cache_keys))
+    def register_cache(self, cache_desc, addrs, cache_keys=(), remote_accessible=None):
+        """Use caller-owned memory as a per-request cache (``remote_accessible``
+        as in register_blocks_cache)."""
+        return self._register(cache_desc, addrs, "cache", list(cache_keys), remote_accessible)
 
     @public
     def get_cache(self, cache_id):
@@ -291,7 +313,7 @@ class CacheManager:
                 cache = self._caches.get(cache_id)
             else:
                 raise _invalid(f"unknown lookup {by!r}")
-            if cache is not None and cache.cache_id in self._releasing:
+            if cache is not None and (cache.cache_id in self._releasing or not cache.remote):
                 cache = None
             if cache is None:
                 raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,

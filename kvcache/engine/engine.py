@@ -187,8 +187,16 @@ class TransferEngine:
     # --- memory ------------------------------------------------------------------------
 
     @public
-    def register_memory(self, addr, length, *, parent=None, addressable=True, share=None):
-        """Make [addr, addr + length) reachable by peers; returns its region id.
+    def register_memory(self, addr, length, *, parent=None, addressable=True, share=None,
+                        remote_accessible=True):
+        """Register [addr, addr + length) for transfers; returns its region id.
+
+        ``remote_accessible`` (default True, as Mooncake's and NIXL's
+        registration, whose purpose is to let peers reach the memory): offer
+        the region to linked peers, who then see it in our region table and
+        may read and write it. False: only this engine's own transfers use
+        it (a destination a decoder pulls into, a staging buffer); a peer
+        naming it is refused (LLM_PARAM_INVALID) and never learns of it.
 
         ``parent``: a logical sub-region of a registered region (a cache
         inside the buffer pool): it gets its own id, so a peer holding a
@@ -197,7 +205,8 @@ class TransferEngine:
         container that only its sub-regions expose. ``share``: (fd, offset)
         of a memfd holding this memory that a peer on this host may map (the
         shared-memory transport). Addressable regions never overlap."""
-        return self.registry.register(addr, length, parent, addressable, share)
+        return self.registry.register(addr, length, parent, addressable, share,
+                                      bool(remote_accessible))
 
     @public
     def unregister_memory(self, region_ids, timeout_ms=None):
@@ -222,7 +231,8 @@ class TransferEngine:
         return new_id
 
     def regions(self):
-        """[(region_id, addr, length)] of our addressable memory."""
+        """[(region_id, addr, length)] of the memory we offer to peers (what
+        their region table lists)."""
         return self.registry.rows()
 
     def _revoke(self, ids, deadline):
