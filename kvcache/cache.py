@@ -22,6 +22,7 @@ class Cache:
         self.keys = list(keys)
         self.containers = []                   # top-level regions of registered memory
         self.remote = True                     # offered to linked peers
+        self.segment = None                    # the memfd of a pool cache of its own
 
     @property
     def per_device_tensor_addrs(self):

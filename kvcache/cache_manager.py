@@ -114,8 +114,11 @@ class CacheManager:
         self._lookups = weakref.WeakKeyDictionary()     # Peer -> {lookup key: RemoteCache}
         # The pool is registered once; each cache in it is a sub-region with
         # an id of its own.
-        self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False,
-                                                   share=(pool.memory.fd, 0))
+        self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False)
+        # A transport that maps peer memory gets one memfd per cache, so a
+        # peer maps what it may reach and never the pool.
+        self._segments = (engine.transport.maps_peer_memory
+                          and hasattr(pool.memory, "segment"))
         engine.rpc.serve("cache.lookup", self._rpc_lookup, {"by": lambda v: v in _LOOKUPS})
 
     # --- local caches ----------------------------------------------------------
@@ -135,18 +138,32 @@ class CacheManager:
         _host_only(desc)
         stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
         base = self._pool.alloc(stride * desc.num_tensors)
-        populate(base, stride * desc.num_tensors)
-        addrs = [base + i * stride for i in range(desc.num_tensors)]
-        region = self._engine.register_memory(base, stride * desc.num_tensors,
-                                              parent=self._pool_region)
+        segment = None
+        try:
+            if self._segments:
+                segment = self._pool.memory.segment(base, self._pool.allocation_size(base))
+            populate(base, stride * desc.num_tensors)
+            addrs = [base + i * stride for i in range(desc.num_tensors)]
+            region = self._engine.register_memory(
+                base, stride * desc.num_tensors, parent=self._pool_region,
+                share=None if segment is None else (segment, 0))
+        except BaseException:
+            self._free(base, segment)
+            raise
         cache = Cache(next(self._ids), desc, addrs, kind, [region] * len(addrs), owned=True,
                       keys=keys)
+        cache.segment = segment
         try:
             return self._add(cache, keys)
         except LLMException:
             self._engine.unregister_memory(region)
-            self._pool.free(base)
+            self._free(base, segment)
             raise
+
+    def _free(self, base, segment):
+        if segment is not None:
+            self._pool.memory.unsegment(base, self._pool.allocation_size(base), segment)
+        self._pool.free(base)
 
     @public
     def allocate_cache(self, cache_desc, cache_keys=()):
@@ -267,7 +284,7 @@ class CacheManager:
         if not cache.owned:
             return self.unregister_cache(cache.cache_id)
         self._release(cache, [cache.region_ids[0]])
-        self._pool.free(cache.tensor_addrs[0])     # a pool cache starts at its first tensor
+        self._free(cache.tensor_addrs[0], cache.segment)   # a pool cache starts at its first tensor
 
     @public
     def unregister_cache(self, cache_id):

@@ -18,6 +18,7 @@ a region first withdraws it (new pins fail), then waits for the pins up to a
 deadline; at the deadline the region is restored, intact and still
 registered, and the release is refused with LLM_LINK_BUSY."""
 import itertools
+import os
 import threading
 import time
 
@@ -35,15 +36,18 @@ from kvcache.transports.base import SLOTS
 class Region:
     """``retired``: the earlier ids (generations) of a renewed region, whose
     transfers may still run."""
-    __slots__ = ("region_id", "addr", "length", "parent", "addressable", "remote", "retired")
+    __slots__ = ("region_id", "addr", "length", "parent", "addressable", "remote", "share",
+                 "retired")
 
-    def __init__(self, region_id, addr, length, parent, addressable, remote, retired=()):
+    def __init__(self, region_id, addr, length, parent, addressable, remote, share=None,
+                 retired=()):
         self.region_id = region_id
         self.addr = addr
         self.length = length
         self.parent = parent
         self.addressable = addressable
         self.remote = addressable and remote
+        self.share = share                  # (memfd, offset) holding exactly this memory
         self.retired = list(retired)
 
     def ids(self):
@@ -108,7 +112,7 @@ class RegionRegistry:
                 if addr < top.addr or addr + length > top.addr + top.length:
                     raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                        f"[{addr:#x}, +{length}) is not inside region {parent}")
-            region = Region(self._next_id(), addr, length, parent, addressable, remote)
+            region = Region(self._next_id(), addr, length, parent, addressable, remote, share)
             regions = dict(self._regions)
             regions[region.region_id] = region
             table = _table_of(regions)              # refuses overlaps
@@ -187,7 +191,7 @@ class RegionRegistry:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"region {region_id} is not an addressable region")
             new = Region(self._next_id(), old.addr, old.length, old.parent, True, old.remote,
-                         old.retired + [region_id])
+                         old.share, old.retired + [region_id])
             regions = {i: r for i, r in self._regions.items() if i != region_id}
             regions[new.region_id] = new
             self._set(regions)
@@ -243,6 +247,15 @@ class RegionRegistry:
         self._pins.remove(ids)
 
     # --- views -----------------------------------------------------------------------
+
+    def shares(self, ids):
+        """[(region id, addr, length, fd, offset)] of the regions among ``ids``
+        offered to peers with a memfd of their own, the fd a duplicate the
+        caller closes (the region's own may close once it is released)."""
+        with self._lock:
+            found = [self._regions.get(i) for i in ids]
+            return [(r.region_id, r.addr, r.length, os.dup(r.share[0]), r.share[1])
+                    for r in found if r is not None and r.remote and r.share is not None]
 
     def rows(self):
         """[(region_id, addr, length)] of the regions offered to peers."""
