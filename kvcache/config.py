@@ -10,6 +10,16 @@ KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
 KVCACHE_AUTH_KEY       the shared secret every link must prove
 KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
+KVCACHE_SHM_ALLOWED_UIDS  comma-separated uids, besides our own, whose
+                       processes may map our caches over shm (default none)
+KVCACHE_PEER_MAX_QUEUED       replies queued per link for a peer that has
+                       not read them (default 64); then its requests wait,
+                       and it is dropped after io_timeout_ms
+KVCACHE_PEER_MAX_QUEUED_BYTES READ data and descriptor tables those replies
+                       hold (default 64 MiB; one reply always fits)
+KVCACHE_PEER_MAX_NOTIFICATIONS  unread notifications kept per peer (default
+                       1024); past it the sender gets LLM_OUT_OF_MEMORY
+KVCACHE_PEER_MAX_NOTIFY_BYTES   their bytes per peer (default 64 MiB)
 KVCACHE_DEBUG          1: debug logging for the kvcache loggers"""
 import logging
 import os

@@ -335,8 +335,11 @@ class LinkManager:
             if payload_len > MAX_NOTIFY_BYTES:
                 raise ProtocolError(f"a {payload_len}-byte notification (at most "
                                     f"{MAX_NOTIFY_BYTES})")
-            self.notifications.add(peer.name, header["name"], channel.recv_bytes(payload_len))
-            channel.reply_later(req_id, lambda: ({"status": 0, "message": ""}, None))
+            refused = self.notifications.add(peer.name, header["name"],
+                                             channel.recv_bytes(payload_len))
+            reply = ({"status": 0, "message": ""} if refused is None else
+                     {"status": int(LLMStatusCode.LLM_OUT_OF_MEMORY), "message": refused})
+            channel.reply_later(req_id, lambda: (reply, None))
         elif msg_type == MsgType.BYE:
             peer.closing_by_peer = True
             if peer.link.state == LinkState.LINKED:

@@ -86,8 +86,12 @@ class TcpTransport(Transport):
     def serve(self, channel, msg_type, req_id, header, payload_len):
         if msg_type not in (MsgType.WRITE, MsgType.READ):
             raise ProtocolError(f"unexpected {msg_type.name} on a linked channel")
+        # What the queued reply holds until the peer reads it: the table,
+        # and a READ's data (pinned, in flight).
+        cost = payload_len + header["bytes"] if msg_type == MsgType.READ else 0
+        channel.reserve(cost)
         reply, pieces, after = self.target.take(channel, msg_type, header, payload_len)
-        channel.reply_later(req_id, lambda: (reply, pieces), after=after)
+        channel.reply_later(req_id, lambda: (reply, pieces), after=after, reserved=cost)
 
     def _rpc_lane(self, peer, params):
         """Grant ``peer`` one data lane: a one-time token for our listener."""
