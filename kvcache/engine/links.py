@@ -31,6 +31,7 @@ JOIN_S = 5
 KEPT_FAILURES = 256
 MAX_HANDSHAKES = 64           # connections in their handshake at once, per listener
 MAX_LINKS = 1024              # live links per engine
+ACCEPT_BACKOFF_S = 0.05       # first wait after a failed accept (EMFILE, ENFILE)
 
 
 def _roles_compatible(a, b):
@@ -59,16 +60,25 @@ class Listener:
         self._thread.start()
 
     def _accept_loop(self):
+        failures = 0
         while not self._closed:
             try:
                 sock, addr = self.sock.accept()
             except OSError as exc:
                 if self._closed:
                     return
-                # EMFILE and friends: the listener must outlive a burst.
-                log.warning("accept on %s failed: %s", self.address, exc)
-                time.sleep(0.05)
+                # EMFILE and friends: the listener must outlive a shortage;
+                # it backs off (50 ms doubling to 1 s) and logs once per one.
+                if not failures:
+                    log.warning("accept on %s failed: %s; retrying until it works",
+                                self.address, exc)
+                time.sleep(min(ACCEPT_BACKOFF_S * 2 ** min(failures, 5), 1.0))
+                failures += 1
                 continue
+            if failures:
+                log.warning("accept on %s works again after %d failures", self.address,
+                            failures)
+                failures = 0
             thread = threading.Thread(target=self._run, args=(sock, addr), daemon=True,
                                       name="kv-connection")
             with self._lock:
