@@ -326,3 +326,42 @@ def test_fuzzed_frames_from_an_authenticated_peer_cost_it_its_link_only(msg_type
         probe.transfer_sync(peer, "read", [mine.ctypes.data], [memory.ctypes.data], [4096])
         assert (mine == 0x3C).all()
         probe.disconnect(peer)
+
+
+@pytest.mark.rdma
+def test_rdma_keys_cover_only_offered_regions():
+    peer = PeerProcess("prompt", 1, transport="rdma", auth_key=KEY, buf_pool_cfg=POOL)
+    attacker = decoder = None
+    try:
+        a = peer.call("alloc_blocks", 2, SHAPE, key_cluster=1)
+        b = peer.call("alloc_cache", 2, [1, 4096])
+        c = peer.call("register_blocks", 2, SHAPE, None, remote_accessible=False)
+        for seed, cache_id in enumerate((a, b, c)):
+            peer.call("fill", cache_id, seed + 30)
+        offered = peer.call("describe", a)
+        peer.call("deallocate", b)
+        attacker = Attacker(peer.address, "rdma")
+        reply = attacker.call("rdma.keys", {})
+        assert reply["status"] == 0, reply
+        # No rkey for the pool, the freed cache or the local one: only A's.
+        keys = reply["result"]["keys"]
+        assert {k[0] for k in keys} == set(offered["region_ids"])
+        _base, pool_size = peer.call("pool")
+        assert all(k[2] < pool_size for k in keys)
+        decoder = PeerProcess("decoder", 2, listen="", transport="rdma", auth_key=KEY,
+                              buf_pool_cfg=POOL)
+        assert decoder.call("link", 1, peer.address) == 0
+        dst = decoder.call("alloc_blocks", 2, SHAPE)
+        decoder.call("pull_blocks", 1, dst, list(range(8)), list(range(8)))
+        got = decoder.call("tensors", dst)
+        assert all((t.reshape(-1) == pattern(30, i, TENSOR_BYTES)).all()
+                   for i, t in enumerate(got))
+        with pytest.raises(PeerError) as err:
+            decoder.call("pull_cache", 1, c, decoder.call("alloc_cache", 2, [1, 4096]))
+        assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+    finally:
+        for process in (decoder, peer):
+            if process is not None:
+                process.close()
+        if attacker is not None:
+            attacker.close()

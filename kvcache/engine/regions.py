@@ -176,6 +176,8 @@ class RegionRegistry:
                                f"region {sorted(region_ids)[0]} is still in use by transfers "
                                f"({busy} pinned here{'' if busy else ', or by a peer'}); it stays "
                                "registered, release it again later")
+        for i in withdrawn:
+            self.transport.retire_region(i)
         for i in region_ids:
             if saved[i].parent is None:
                 self.transport.unregister_region(i)
@@ -256,6 +258,12 @@ class RegionRegistry:
             found = [self._regions.get(i) for i in ids]
             return [(r.region_id, r.addr, r.length, os.dup(r.share[0]), r.share[1])
                     for r in found if r is not None and r.remote and r.share is not None]
+
+    def span(self, region_id):
+        """(addr, length) of a live region, or None."""
+        with self._lock:
+            region = self._regions.get(region_id)
+        return None if region is None else (region.addr, region.length)
 
     def rows(self):
         """[(region_id, addr, length)] of the regions offered to peers."""

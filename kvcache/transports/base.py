@@ -56,6 +56,10 @@ class Transport(ABC):
     def publish_region(self, region_id):
         """An addressable region became reachable by peers."""
 
+    def retire_region(self, region_id):
+        """An offered region (any generation) is released for good: every
+        peer dropped it and no transfer uses it."""
+
     def withdraw_region(self, region_id, deadline):
         """Stop peers reaching a region; True once nothing of ours reaches it
         any more, False if that did not happen by ``deadline``

@@ -3,7 +3,10 @@
 
 Memory is registered once per protection domain when the engine registers a
 top-level region (the buffer pool, user caches), never per connection or per
-transfer. Per link, a group of RC QPs (KVCACHE_RDMA_QPS, default 2) is set
+transfer, for local access only; each region offered to peers (a cache, or
+memory registered remote_accessible) gets a memory region of its own with
+remote access, and only those keys reach a peer, so no rkey names free pool
+space or memory kept local. Per link, a group of RC QPs (KVCACHE_RDMA_QPS, default 2) is set
 up over the engine's control channel: the initiator sends its QPNs, PSNs,
 GID and MTU; the peer creates its QPs, moves them to RTS and answers with
 its own and the rkeys of its regions; that answer is the ready-ACK before
@@ -110,7 +113,7 @@ class RdmaTransport(Transport):
     def __init__(self, device_id=0):
         try:
             import pyverbs_kv as pv
-            from pyverbs_kv.enums import IBV_ACCESS_RELAXED_ORDERING
+            from pyverbs_kv.enums import IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_RELAXED_ORDERING
         except (ImportError, OSError) as exc:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                f"RDMA transport: pyverbs_kv cannot be loaded: {exc}") from None
@@ -153,9 +156,12 @@ class RdmaTransport(Transport):
         self.ack_timeout = env_int("KVCACHE_IB_TIMEOUT", 14)
         self.num_qps = max(1, env_int("KVCACHE_RDMA_QPS", 2))
         self.access = pv.DEFAULT_ACCESS
+        self.local_access = int(IBV_ACCESS_LOCAL_WRITE)
         if env_flag("KVCACHE_RELAX_ORDERING"):
             self.access |= int(IBV_ACCESS_RELAXED_ORDERING)
-        self.mrs = {}
+            self.local_access |= int(IBV_ACCESS_RELAXED_ORDERING)
+        self.mrs = {}                       # top-level region id -> MR (local access)
+        self.remote_mrs = {}                # offered region id -> MR (remote access)
         self.local_keys = RegionTable()
         self._lock = threading.Lock()
         log.info("RDMA transport on %s, GID[%d] %s, %d QPs per link", device, self.gid_index,
@@ -169,15 +175,33 @@ class RdmaTransport(Transport):
 
     # --- memory ----------------------------------------------------------------
 
-    def register_region(self, region_id, addr, length, share=None):
+    def _register(self, addr, length, access):
         try:
-            mr = self.pv.MR.from_address(self.pd, addr, length, self.access)
+            return self.pv.MR.from_address(self.pd, addr, length, access)
         except self.pv.VerbsError as exc:
             raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
                                f"RDMA registration of {length} bytes: {exc}") from None
+
+    def register_region(self, region_id, addr, length, share=None):
+        mr = self._register(addr, length, self.local_access)
         with self._lock:
             self.mrs[region_id] = mr
             self._rebuild_keys()
+
+    def publish_region(self, region_id):
+        span = self.engine.regions.span(region_id)
+        with self._lock:
+            if span is None or region_id in self.remote_mrs:
+                return                          # released meanwhile, or restored
+        mr = self._register(span[0], span[1], self.access)
+        with self._lock:
+            self.remote_mrs[region_id] = mr
+
+    def retire_region(self, region_id):
+        with self._lock:
+            mr = self.remote_mrs.pop(region_id, None)
+        if mr is not None:
+            mr.close()
 
     def unregister_region(self, region_id):
         with self._lock:
@@ -191,7 +215,7 @@ class RdmaTransport(Transport):
 
     def _key_list(self):
         with self._lock:
-            return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.mrs.items()]
+            return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.remote_mrs.items()]
 
     # --- link set-up -------------------------------------------------------------
 
