@@ -15,6 +15,7 @@ import fcntl
 import json
 import mmap
 import os
+import resource
 import threading
 
 import numpy as np
@@ -130,6 +131,17 @@ def _map_fixed(addr, size, fd, offset):
                            f"mapping {size} bytes at {addr:#x}: {os.strerror(err)}")
 
 
+def _raise_fd_limit():
+    """Every live cache holds a descriptor of its own: the soft limit on open
+    files (often 1024) goes up to the hard one, once per process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):         # an unlimited hard limit: keep the soft one
+            pass
+
+
 # What a peer's memfd must carry before we map it (see SharedMemory).
 SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -163,6 +175,7 @@ class SharedMemory:
         if addr % page or size % page or not self.addr <= addr < addr + size <= \
                 self.addr + self.size:
             return None
+        _raise_fd_limit()
         fd = os.memfd_create("kvcache-cache", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
