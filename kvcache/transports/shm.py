@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 GRANT_TIMEOUT_S = 5
 GRANT_FDS = 200                  # descriptors per grant message (the kernel takes 253)
+MAX_GRANT_IDS = 1024             # regions one grant may name (the rest: the next grant)
 GRANT_MESSAGE_BYTES = 1 << 18
 MAX_GRANTS_AT_ONCE = 16
 MAP_RETRY_S = 1.0                # after a failed mapping, TCP for this long, then try again
@@ -316,7 +317,7 @@ class ShmTransport(TcpTransport):
                        if int(i) not in link.regions and int(i) not in link.unshared]
             if unknown and time.monotonic() >= link.retry_at:
                 link.retry_at = time.monotonic() + MAP_RETRY_S
-                self._map_peer(peer, link, unknown, deadline)
+                self._map_peer(peer, link, unknown[:MAX_GRANT_IDS], deadline)
                 link.retry_at = 0.0
         return link
 
@@ -527,7 +528,7 @@ def _is_uint(value):
 
 
 def _region_ids(value):
-    return (isinstance(value, list) and len(value) <= SLOTS
+    return (isinstance(value, list) and len(value) <= MAX_GRANT_IDS
             and all(type(v) is int and v > 0 for v in value))
 
 
