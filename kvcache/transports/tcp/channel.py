@@ -95,9 +95,13 @@ class Channel(FrameStream):
                 raise ChannelClosed(self.close_reason)
             try:
                 self.send_frame(msg_type, req_id, header, pieces, timeout_ms, prefix)
+                return
             except StreamClosed as exc:
-                self.close(f"send failed: {exc}")
-                raise ChannelClosed(self.close_reason) from None
+                failure = f"send failed: {exc}"
+        # Closed outside the send lock: a reader closing at the same time
+        # takes it to release the socket, and this close waits for that one.
+        self.close(failure)
+        raise ChannelClosed(self.close_reason)
 
     def call(self, msg_type, header, pieces=None, reply_into=None, timeout_ms=None,
              prefix=()):
