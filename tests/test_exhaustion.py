@@ -1,6 +1,6 @@
 """A peer that knows the secret but misbehaves cannot exhaust the listener:
-READ replies it never reads, notifications it floods, file descriptors
-run out. The listener runs in its own process (its RSS, fds and threads
+READ replies it never reads, notifications it floods, a frame it trickles,
+file descriptors run out. The listener runs in its own process (its RSS, fds and threads
 measured from /proc); the attacker is a raw socket in this one; a
 legitimate initiator keeps pulling byte-exact data throughout.
 
@@ -245,3 +245,23 @@ def test_the_listener_links_again_after_running_out_of_descriptors():
         puller.stop()
     finally:
         server.close()
+
+
+def test_a_frame_trickled_on_a_link_is_dropped_at_io_timeout(listener):
+    attacker = Attacker(listener.address, "tcp")
+    wait_until(lambda: "attacker" in listener.ask("stats")["peers"], 10, "the link")
+    frame = encode(MsgType.CALL, 1, {"method": "engine.regions", "params": {}})
+    started = time.monotonic()
+    try:
+        for byte in frame:                       # a byte every 0.3 s: never a whole frame
+            attacker.sock.sendall(bytes([byte]))
+            time.sleep(0.3)
+            if "attacker" not in listener.ask("stats")["peers"]:
+                break
+    except OSError:
+        pass
+    took = time.monotonic() - started
+    wait_until(lambda: "attacker" not in listener.ask("stats")["peers"], 10, "the drop")
+    attacker.close()
+    print(f"\ntrickled frame: dropped after {took:.1f} s (io_timeout_ms {IO_TIMEOUT_MS})")
+    assert took < IO_TIMEOUT_MS / 1000 + 3
