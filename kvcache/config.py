@@ -10,6 +10,11 @@ KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
 KVCACHE_AUTH_KEY       the shared secret every link must prove
 KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
+KVCACHE_TLS_CERT       PEM certificate of this end: TLS on the control
+                       channel and TCP data lanes (with KVCACHE_TLS_KEY)
+KVCACHE_TLS_KEY        its private key (PEM)
+KVCACHE_TLS_CA         PEM CA file: the other end must present a
+                       certificate it signed (mutual when both have one)
 KVCACHE_SHM_ALLOWED_UIDS  comma-separated uids, besides our own, whose
                        processes may map our caches over shm (default none)
 KVCACHE_PEER_MAX_QUEUED       replies queued per link for a peer that has

@@ -28,6 +28,9 @@ OPT_TRANSPORT = "llm.Transport"
 OPT_LINK_TIMEOUT = "llm.LinkTimeout"
 OPT_ENABLE_SWITCH_ROLE = "llm.EnableSwitchRole"
 OPT_AUTH_KEY = "llm.AuthKey"
+OPT_TLS_CERT = "llm.TlsCert"
+OPT_TLS_KEY = "llm.TlsKey"
+OPT_TLS_CA = "llm.TlsCa"
 
 
 class LLMConfig:
@@ -37,7 +40,11 @@ class LLMConfig:
     sync_kv_timeout (ms per transfer, default 1000), transport
     (auto|tcp|shm|rdma), link_timeout (ms, default 3000), enable_switch_role,
     auth_key (the shared secret every link must prove, a string of at least
-    16 bytes; "" : KVCACHE_AUTH_KEY / KVCACHE_AUTH_KEY_FILE, or none)."""
+    16 bytes; "" : KVCACHE_AUTH_KEY / KVCACHE_AUTH_KEY_FILE, or none),
+    tls_cert, tls_key, tls_ca (PEM file paths for TLS on the control channel
+    and the TCP data lanes; "": KVCACHE_TLS_CERT / KVCACHE_TLS_KEY /
+    KVCACHE_TLS_CA, or no TLS; with a CA the other end must present a
+    certificate it signed)."""
 
     def __init__(self):
         self.device_id = 0
@@ -48,13 +55,15 @@ class LLMConfig:
         self.link_timeout = 3000
         self.enable_switch_role = False
         self.auth_key = ""
+        self.tls_cert = self.tls_key = self.tls_ca = ""
 
     def generate_options(self):
         return {OPT_DEVICE_ID: str(self.device_id), OPT_LISTEN: str(self.listen_ip_info),
                 OPT_BUF_POOL: str(self.buf_pool_cfg), OPT_SYNC_TIMEOUT: str(self.sync_kv_timeout),
                 OPT_TRANSPORT: str(self.transport), OPT_LINK_TIMEOUT: str(self.link_timeout),
                 OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0",
-                OPT_AUTH_KEY: str(self.auth_key)}
+                OPT_AUTH_KEY: str(self.auth_key), OPT_TLS_CERT: str(self.tls_cert),
+                OPT_TLS_KEY: str(self.tls_key), OPT_TLS_CA: str(self.tls_ca)}
 
 
 def _int_option(options, key, default):
@@ -133,7 +142,10 @@ class LLMDataDist:
                                           transport=self.transport,
                                           timeout_ms=self.link_timeout_ms,
                                           device_id=self.device_id,
-                                          auth_key=options.get(OPT_AUTH_KEY) or None)
+                                          auth_key=options.get(OPT_AUTH_KEY) or None,
+                                          tls_cert=options.get(OPT_TLS_CERT) or None,
+                                          tls_key=options.get(OPT_TLS_KEY) or None,
+                                          tls_ca=options.get(OPT_TLS_CA) or None)
             self._cache_manager = CacheManager(self._engine, pool, self.cluster_id,
                                                self.sync_timeout_ms)
         except BaseException:

@@ -30,6 +30,7 @@ from kvcache.engine.requests import Notifications, TransferRequest
 from kvcache.engine.rpc import Rpc, is_int, list_of
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp.framing import StreamClosed
+from kvcache.transports.tcp.tls import TlsConfig
 from kvcache.transports.tcp.protocol import MAX_NOTIFY_BYTES, MAX_REGIONS
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ TRANSPORTS = {"tcp": _tcp_transport, "shm": _shm_transport, "rdma": _rdma_transp
 class EngineContext:
     """What an engine lends its transport (``Transport.bind``)."""
 
-    def __init__(self, name, io_timeout_ms, regions, call, serve, listen_port):
+    def __init__(self, name, io_timeout_ms, regions, call, serve, listen_port, tls=None):
         self.name = name
+        self.tls = tls
         self.io_timeout_ms = io_timeout_ms
         self.regions = regions
         self.call = call
@@ -78,13 +80,17 @@ class TransferEngine:
     ``auth_key`` (str or bytes, at least 16 bytes; default KVCACHE_AUTH_KEY,
     else the file KVCACHE_AUTH_KEY_FILE): the shared secret both ends of
     every link must prove (kvcache.engine.auth); None: links are not
-    authenticated. Raises LLMException (LLM_PARAM_INVALID,
-    LLM_FEATURE_NOT_ENABLED)."""
+    authenticated. ``tls_cert``, ``tls_key``, ``tls_ca`` (PEM file paths;
+    default KVCACHE_TLS_CERT / KVCACHE_TLS_KEY / KVCACHE_TLS_CA): TLS for the
+    control channel and the TCP data lanes (kvcache.transports.tcp.tls);
+    with a CA the other end must present a certificate it signed. Raises
+    LLMException (LLM_PARAM_INVALID, LLM_FEATURE_NOT_ENABLED)."""
 
     @public
     def __init__(self, name=None, *, listen="127.0.0.1:0", cluster_id=0, role="mix",
                  transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
-                 io_timeout_ms=30_000, device_id=0, auth_key=None):
+                 io_timeout_ms=30_000, device_id=0, auth_key=None, tls_cert=None,
+                 tls_key=None, tls_ca=None):
         apply_debug()
         if transport not in TRANSPORTS:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
@@ -101,18 +107,20 @@ class TransferEngine:
         self.timeout_ms = checks.timeout_ms(timeout_ms, "timeout_ms")
         handshake_timeout_ms = checks.timeout_ms(handshake_timeout_ms, "handshake_timeout_ms")
         self.io_timeout_ms = io_timeout_ms = checks.timeout_ms(io_timeout_ms, "io_timeout_ms")
+        tls = TlsConfig.load(tls_cert, tls_key, tls_ca)
         self.transport = TRANSPORTS[transport](checks.integer(device_id, "device_id", 0))
         self.registry = RegionRegistry(self.transport)
         self.rpc = Rpc()
         self.notifications = Notifications()
         self.links = LinkManager(self._identity, self.transport, self.rpc, self.notifications,
                                  timeout_ms, handshake_timeout_ms, io_timeout_ms,
-                                 key=auth.load_key(auth_key))
+                                 key=auth.load_key(auth_key), tls=tls)
         self.rpc.serve("engine.regions", self._rpc_regions, {})
         self.rpc.serve("engine.revoke", self._rpc_revoke,
                        {"ids": list_of(is_int, MAX_REGIONS), "timeout_ms": is_int})
         self.transport.bind(EngineContext(self.name, io_timeout_ms, self.registry,
-                                          self._call, self.rpc.serve, self.links.listen_port))
+                                          self._call, self.rpc.serve, self.links.listen_port,
+                                          tls))
         self._pool = None
         self._pool_lock = threading.Lock()
         self._closed = False

@@ -132,9 +132,10 @@ class LinkManager:
     what peers send."""
 
     def __init__(self, identity, transport, rpc, notifications, timeout_ms,
-                 handshake_timeout_ms, io_timeout_ms, key=None):
+                 handshake_timeout_ms, io_timeout_ms, key=None, tls=None):
         self.identity = identity
         self.key = key
+        self.tls = tls                      # kvcache.transports.tcp.tls.TlsConfig or None
         self.transport = transport
         self.rpc = rpc
         self.notifications = notifications
@@ -183,6 +184,13 @@ class LinkManager:
         except OSError as exc:
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"connect to {address}: {exc}") from None
+        peername = sock.getpeername()
+        if self.tls is not None:
+            try:
+                sock = self.tls.connect(sock, deadline - time.monotonic())
+            except OSError as exc:
+                raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                   f"TLS with {address}: {exc}") from None
         stream = FrameStream(sock, self.io_timeout_ms)
         hello = self._hello()
         try:
@@ -220,7 +228,7 @@ class LinkManager:
         except LLMException:
             stream.close()
             raise
-        return self._add_peer(sock, ack, inbound=False, attach_ms=timeout_ms)
+        return self._add_peer(sock, ack, inbound=False, attach_ms=timeout_ms, peername=peername)
 
     def _handshake(self, sock, addr, hand_over):
         """The listener's side, in a connection thread. Anything but a
@@ -229,6 +237,8 @@ class LinkManager:
         deadline = time.monotonic() + self.handshake_timeout_ms / 1000
         stream = None
         try:
+            if self.tls is not None:
+                sock = self.tls.accept(sock, deadline - time.monotonic())
             stream = FrameStream(sock, self.io_timeout_ms)
             msg_type, _, hello, payload_len = stream.recv_frame(left_ms(deadline))
             if payload_len:
@@ -254,7 +264,7 @@ class LinkManager:
             if self.key is not None and not auth.verify(self.key, ready.get("proof"),
                                                         "initiator", *sides):
                 raise ProtocolError(f"{hello['name']} did not prove the shared secret")
-            self._add_peer(sock, hello, inbound=True, attach_ms=self.timeout_ms)
+            self._add_peer(sock, hello, inbound=True, attach_ms=self.timeout_ms, peername=addr)
         except (StreamClosed, ProtocolError, LLMException, OSError) as exc:
             log.info("dropped connection from %s: %s", addr, exc)
             (stream or sock).close()
@@ -297,7 +307,7 @@ class LinkManager:
                             f"cluster {peer.cluster_id} is already linked as {peer.name}")
         return LLMStatusCode.LLM_SUCCESS, ""
 
-    def _add_peer(self, sock, info, inbound, attach_ms):
+    def _add_peer(self, sock, info, inbound, attach_ms, peername):
         """Make the link live: peer table, channel, the transport's data path
         (set up within ``attach_ms``: RDMA brings QPs up over the channel).
         Any failure on the way fails this link (with a status) and nothing
@@ -306,6 +316,7 @@ class LinkManager:
         peer.channel = Channel(sock, peer.name, self._serve, self._channel_closed,
                                self.io_timeout_ms)
         peer.channel.peer = peer
+        peer.channel.peer_address = peername     # (with TLS the socket is a local pair)
         peer.link.transition(LinkState.CONNECTING)
         with self._lock:
             old = self._peers.get(peer.name)

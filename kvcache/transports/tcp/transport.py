@@ -70,11 +70,13 @@ class TcpTransport(Transport):
 
     def attach_peer(self, peer, timeout_ms):
         try:
-            host = peer.channel.sock.getpeername()[0]
+            peer.channel.sock.getpeername()
         except OSError as exc:                  # the link's connection just went
             raise StreamClosed(f"the link's connection is gone: {exc}") from None
+        host = peer.channel.peer_address[0]
         grant = (lambda ms: self.engine.call(peer, "tcp.lane", {}, ms))
-        return TcpLink(LanePool(peer.name, grant, host, self.engine.io_timeout_ms))
+        return TcpLink(LanePool(peer.name, grant, host, self.engine.io_timeout_ms,
+                                self.engine.tls))
 
     def detach_peer(self, peer):
         with self._lock:
