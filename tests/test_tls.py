@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,3 +194,23 @@ def test_llm_datadist_links_and_pulls_over_tls(pki):
     finally:
         decoder.finalize()
         prompt.finalize()
+
+
+def test_a_trickled_tls_handshake_ends_at_the_handshake_deadline(pki):
+    with TransferEngine("a", handshake_timeout_ms=1000, **_tls(pki, "a")) as a:
+        s = socket.create_connection(("127.0.0.1", int(a.address.rsplit(":", 1)[1])))
+        started = time.monotonic()
+        try:
+            for byte in b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64):
+                s.sendall(bytes([byte]))            # a ClientHello, a byte every 0.2 s
+                time.sleep(0.2)
+        except OSError:
+            pass
+        s.settimeout(5)
+        try:
+            closed = s.recv(1) == b""
+        except OSError:
+            closed = True
+        took = time.monotonic() - started
+        s.close()
+        assert closed and took < 3.5, took

@@ -19,6 +19,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 
 from kvcache.config import env_str
 from kvcache.status import LLMException, LLMStatusCode
@@ -92,15 +93,31 @@ class TlsConfig:
 
 def _relay(tls, timeout_s):
     try:
-        tls.settimeout(max(0.001, timeout_s))
-        tls.do_handshake()
-        tls.setblocking(False)
+        _handshake(tls, time.monotonic() + timeout_s)
         inner, outer = socket.socketpair()
     except BaseException:
         tls.close()
         raise
     threading.Thread(target=_pump, args=(tls, outer), name="kv-tls", daemon=True).start()
     return inner
+
+
+def _handshake(tls, deadline):
+    """The TLS handshake by the deadline (time.monotonic()) as a whole, so a
+    peer trickling it byte by byte is cut off (TimeoutError)."""
+    tls.setblocking(False)
+    while True:
+        try:
+            tls.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            waits = [tls], []
+        except ssl.SSLWantWriteError:
+            waits = [], [tls]
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("TLS handshake not finished by its deadline")
+        select.select(*waits, [], left)
 
 
 def _pump(tls, plain):
