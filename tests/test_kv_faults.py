@@ -330,10 +330,10 @@ def test_connect_returns_only_once_the_listener_has_the_link(monkeypatch):
     from kvcache.engine.links import LinkManager
     original = LinkManager._add_peer
 
-    def slow_inbound(self, sock, info, inbound, attach_ms):
+    def slow_inbound(self, sock, info, inbound, attach_ms, **more):
         if inbound:
             time.sleep(0.3)
-        return original(self, sock, info, inbound, attach_ms)
+        return original(self, sock, info, inbound, attach_ms, **more)
 
     monkeypatch.setattr(LinkManager, "_add_peer", slow_inbound)
     with TransferEngine("a") as a, TransferEngine("b") as b:

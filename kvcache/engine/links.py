@@ -307,7 +307,7 @@ class LinkManager:
                             f"cluster {peer.cluster_id} is already linked as {peer.name}")
         return LLMStatusCode.LLM_SUCCESS, ""
 
-    def _add_peer(self, sock, info, inbound, attach_ms, peername):
+    def _add_peer(self, sock, info, inbound, attach_ms, peername=None):
         """Make the link live: peer table, channel, the transport's data path
         (set up within ``attach_ms``: RDMA brings QPs up over the channel).
         Any failure on the way fails this link (with a status) and nothing
@@ -316,7 +316,8 @@ class LinkManager:
         peer.channel = Channel(sock, peer.name, self._serve, self._channel_closed,
                                self.io_timeout_ms)
         peer.channel.peer = peer
-        peer.channel.peer_address = peername     # (with TLS the socket is a local pair)
+        # The peer's (host, port): with TLS the socket is one end of a local pair.
+        peer.channel.peer_address = peername or sock.getpeername()
         peer.link.transition(LinkState.CONNECTING)
         with self._lock:
             old = self._peers.get(peer.name)
