@@ -32,6 +32,7 @@ from kvcache.config import env_flag, env_int, env_list, env_str
 from kvcache.descriptors import RegionTable
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import LinkData, Transport
+from pyverbs_kv.pieces import distinct
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,21 @@ class RdmaTransport(Transport):
                                f"RDMA queue pairs to {peer.name} are not set up")
         return group
 
+    def _check_keys(self, peer, group, regions):
+        """Every region the pieces name has a memory key of the peer's; the
+        keys are fetched again once when one does not (a cache allocated, or
+        released and replaced at the same address, since they were), and
+        LLM_KV_CACHE_NOT_EXIST when it still has none."""
+        named = [int(i) for i in distinct(regions)]
+        if all(i in group.rkeys for i in named):
+            return
+        self._set_keys(group, self.engine.call(peer, "rdma.keys", {})["keys"])
+        missing = [i for i in named if i not in group.rkeys]
+        if missing:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                               f"{peer.name} offers no memory key for region {missing[0]} "
+                               "(released?)")
+
     def _remote_keys(self, peer, group, remote, lengths):
         ids, misses = group.remote_keys.locate(remote, lengths)
         if misses:
@@ -327,12 +343,13 @@ class RdmaTransport(Transport):
             ids = group.remote_keys.check(remote, lengths, f"remote ({peer.name}, RDMA)")
         return ids
 
-    def _move(self, op, peer, local, remote, lengths, deadline):
+    def _move(self, op, peer, local, remote, lengths, regions, deadline):
         timeout_ms = max(1, int((deadline - time.monotonic()) * 1000))
         group = self._group(peer)
         if not group.ready.wait(timeout_ms / 1000):
             raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
                                f"RDMA queue pairs to {peer.name} are not set up")
+        self._check_keys(peer, group, regions)
         local, remote, lengths = _split_long(local, remote, lengths, self.max_msg)
         local_ids = self.local_keys.check(local, lengths, "local (RDMA)")
         remote_ids = self._remote_keys(peer, group, remote, lengths)
@@ -387,10 +404,10 @@ class RdmaTransport(Transport):
                         raise
 
     def write(self, peer, local, remote, lengths, regions, deadline):
-        self._move("write", peer, local, remote, lengths, deadline)
+        self._move("write", peer, local, remote, lengths, regions, deadline)
 
     def read(self, peer, local, remote, lengths, regions, deadline):
-        self._move("read", peer, local, remote, lengths, deadline)
+        self._move("read", peer, local, remote, lengths, regions, deadline)
 
     def cut(self, peer):
         """Close the link: its QPs are destroyed, so no RDMA of the peer's
