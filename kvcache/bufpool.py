@@ -15,6 +15,7 @@ import fcntl
 import json
 import mmap
 import os
+import resource
 import threading
 
 import numpy as np
@@ -112,6 +113,35 @@ def populate(addr, length):
     np.frombuffer(view, dtype=np.uint8)[::page] = 0
 
 
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_FIXED = 0x10                    # Linux; the mmap module does not export it
+
+
+def _map_fixed(addr, size, fd, offset):
+    """Replace the pages of [addr, addr + size) by a shared mapping of ``fd``
+    at ``offset`` (MAP_FIXED: the range stays mapped throughout)."""
+    got = _libc.mmap(addr, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
+    if got == _MAP_FAILED or got != addr:
+        err = ctypes.get_errno()
+        raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                           f"mapping {size} bytes at {addr:#x}: {os.strerror(err)}")
+
+
+def _raise_fd_limit():
+    """Every live cache holds a descriptor of its own: the soft limit on open
+    files (often 1024) goes up to the hard one, once per process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):         # an unlimited hard limit: keep the soft one
+            pass
+
+
 # What a peer's memfd must carry before we map it (see SharedMemory).
 SIZE_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
 
@@ -134,6 +164,34 @@ class SharedMemory:
             raise
         self._anchor = ctypes.c_char.from_buffer(self._map)
         self.addr = ctypes.addressof(self._anchor)
+
+    def segment(self, addr, size):
+        """Back [addr, addr + size) (page-aligned, inside this memory) by a
+        memfd of its own, sealed at its size, and return that fd: a peer
+        given it maps that range and nothing else of this memory. The range's
+        contents are undefined afterwards (a new allocation's are anyway).
+        None when the range is not whole pages."""
+        page = mmap.PAGESIZE
+        if addr % page or size % page or not self.addr <= addr < addr + size <= \
+                self.addr + self.size:
+            return None
+        _raise_fd_limit()
+        fd = os.memfd_create("kvcache-cache", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SIZE_SEALS | fcntl.F_SEAL_SEAL)
+            _map_fixed(addr, size, fd, 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def unsegment(self, addr, size, fd):
+        """Give [addr, addr + size) back to this memory's own memfd and close
+        the segment's ``fd`` (a peer still mapping it keeps only those pages,
+        which no longer back anything of ours)."""
+        _map_fixed(addr, size, self.fd, addr - self.addr)
+        os.close(fd)
 
     def close(self):
         if self._map is None:

@@ -26,6 +26,8 @@ class Cache:
         self.owned = owned                     # allocated from the pool (vs registered)
         self.keys = list(keys)
         self.containers = []                   # top-level regions of registered memory
+        self.remote = True                     # offered to linked peers
+        self.segment = None                    # the memfd of a pool cache of its own
 
     @classmethod
     @public

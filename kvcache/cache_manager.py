@@ -14,7 +14,14 @@ moving or removing a key renews the cache's region ids.
 Keys follow llm_datadist's allocate_cache: the i-th CacheKey of a cache
 names its batch row i. A key is consumed (removed, as remove_cache_key) by
 the first successful pull of all its layers, and a cache freed while keys
-still name it is released once the last key is consumed or removed."""
+still name it is released once the last key is consumed or removed.
+
+What a linked peer can reach follows llm_datadist's rules: a cache the
+pool allocated is addressable by its keys and by CacheKeyByIdAndIndex; a
+registered cache only when registered ``remote_accessible``. Nothing else
+(free pool space, freed caches, the pool as a whole) is offered: the pool
+itself is a container no peer sees, and a lookup of a cache not offered is
+LLM_KV_CACHE_NOT_EXIST, as for one that does not exist."""
 import itertools
 import logging
 import threading
@@ -130,8 +137,11 @@ class CacheManager:
         self._lookups = weakref.WeakKeyDictionary()     # Peer -> {lookup key: RemoteCache}
         # The pool is registered once; each cache in it is a sub-region with
         # an id of its own.
-        self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False,
-                                                   share=(pool.memory.fd, 0))
+        self._pool_region = engine.register_memory(pool.base, pool.size, addressable=False)
+        # A transport that maps peer memory gets one memfd per cache, so a
+        # peer maps what it may reach and never the pool.
+        self._segments = (engine.transport.maps_peer_memory
+                          and hasattr(pool.memory, "segment"))
         engine.rpc.serve("cache.lookup", self._rpc_lookup, {"by": lambda v: v in _LOOKUPS})
         self._local = LocalCopies(self.get_cache, engine.registry)
         self._layerwise = LayerwiseSender(engine, cluster_id, sync_timeout_ms)
@@ -168,18 +178,32 @@ class CacheManager:
                            "memory you own with register_cache / register_blocks_cache")
         stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
         base = self._pool.alloc(stride * desc.num_tensors)
-        populate(base, stride * desc.num_tensors)
-        addrs = [base + i * stride for i in range(desc.num_tensors)]
-        region = self._engine.register_memory(base, stride * desc.num_tensors,
-                                              parent=self._pool_region)
+        segment = None
+        try:
+            if self._segments:
+                segment = self._pool.memory.segment(base, self._pool.allocation_size(base))
+            populate(base, stride * desc.num_tensors)
+            addrs = [base + i * stride for i in range(desc.num_tensors)]
+            region = self._engine.register_memory(
+                base, stride * desc.num_tensors, parent=self._pool_region,
+                share=None if segment is None else (segment, 0))
+        except BaseException:
+            self._free_pool(base, segment)
+            raise
         cache = Cache(next(self._ids), desc, addrs, kind, [region] * len(addrs), owned=True,
                       keys=keys)
+        cache.segment = segment
         try:
             return self._add(cache, keys)
         except LLMException:
             self._engine.unregister_memory(region)
-            self._pool.free(base)
+            self._free_pool(base, segment)
             raise
+
+    def _free_pool(self, base, segment):
+        if segment is not None:
+            self._pool.memory.unsegment(base, self._pool.allocation_size(base), segment)
+        self._pool.free(base)
 
     @public
     def allocate_cache(self, cache_desc, cache_keys=()):
@@ -204,8 +228,16 @@ class CacheManager:
         keys = [blocks_cache_key] if blocks_cache_key is not None else []
         return self._allocate(cache_desc, "blocks", keys)
 
-    def _register(self, desc, addrs, kind, keys):
+    def _register(self, desc, addrs, kind, keys, remote_accessible):
         _host_only(desc)
+        if remote_accessible not in (None, True, False):
+            raise _invalid(f"remote_accessible must be None, True or False, got "
+                           f"{remote_accessible!r}")
+        # llm_datadist's default is True for device memory and False for host
+        # memory, which its HCCS transports cannot serve as a remote cache;
+        # ours move host memory only, so host memory is offered unless the
+        # caller says otherwise.
+        remote = remote_accessible is not False
         try:
             addrs = [int(a) for a in addrs]
         except (TypeError, ValueError):
@@ -220,13 +252,15 @@ class CacheManager:
                 tops.append(self._engine.register_memory(addr, desc.tensor_bytes,
                                                          addressable=False))
                 regions.append(self._engine.register_memory(addr, desc.tensor_bytes,
-                                                            parent=tops[-1]))
+                                                            parent=tops[-1],
+                                                            remote_accessible=remote))
         except LLMException:
             for top in tops:
                 self._engine.unregister_memory(top)
             raise
         cache = Cache(next(self._ids), desc, addrs, kind, regions, owned=False, keys=keys)
         cache.containers = tops
+        cache.remote = remote
         try:
             return self._add(cache, keys)
         except LLMException:
@@ -235,19 +269,24 @@ class CacheManager:
             raise
 
     @public
-    def register_blocks_cache(self, cache_desc, addrs, blocks_cache_key=None):
-        """Use caller-owned memory (one address per tensor) as a blocks cache."""
+    def register_blocks_cache(self, cache_desc, addrs, blocks_cache_key=None,
+                              remote_accessible=None):
+        """Use caller-owned memory (one address per tensor) as a blocks cache.
+        ``remote_accessible`` (as llm_datadist's): False keeps it for this
+        process's own pulls and pushes (linked peers can neither look it up
+        nor reach it); None or True offers it to linked peers."""
         keys = [blocks_cache_key] if blocks_cache_key is not None else []
-        return self._register(cache_desc, addrs, "blocks", keys)
+        return self._register(cache_desc, addrs, "blocks", keys, remote_accessible)
 
     @public
-    def register_cache(self, cache_desc, addrs, cache_keys=()):
+    def register_cache(self, cache_desc, addrs, cache_keys=(), remote_accessible=None):
         """Use caller-owned memory as a per-request cache (keys as
-        allocate_cache's: key i names batch row i)."""
+        allocate_cache's: key i names batch row i; ``remote_accessible`` as
+        in register_blocks_cache)."""
         keys = list(cache_keys)
         if len(keys) > cache_desc.shape[0]:
             raise _invalid(f"{len(keys)} cache keys for a batch of {cache_desc.shape[0]} rows")
-        return self._register(cache_desc, addrs, "cache", keys)
+        return self._register(cache_desc, addrs, "cache", keys, remote_accessible)
 
     @public
     def get_cache(self, cache_id):
@@ -311,7 +350,7 @@ class CacheManager:
             self._release(cache, cache.containers)
             return
         self._release(cache, [cache.region_ids[0]])
-        self._pool.free(cache.tensor_addrs[0])     # a pool cache starts at its first tensor
+        self._free_pool(cache.tensor_addrs[0], cache.segment)  # a pool cache starts at its first tensor
 
     @public
     def unregister_cache(self, cache_id):
@@ -349,9 +388,6 @@ class CacheManager:
     def _rpc_lookup(self, peer, params):
         by = params.get("by")
         with self._lock:
-            if by == "id":
-                cache_id = params.get("cache_id")
-                cache = self._caches.get(cache_id) if is_int(cache_id) else None
             row = 0
             if by == "id":
                 cache_id = params.get("cache_id")
@@ -361,7 +397,7 @@ class CacheManager:
                        if by == "blocks" else _cache_key(params))
                 cache_id, row = self._by_key.get(key, (None, 0))
                 cache = self._caches.get(cache_id)
-            if cache is not None and cache.cache_id in self._releasing:
+            if cache is not None and (cache.cache_id in self._releasing or not cache.remote):
                 cache = None
             if cache is None:
                 raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,

@@ -26,6 +26,21 @@ KVCACHE_CUDA_LIB       path of libcudart (default: libcudart.so.13/.12/.so, then
                        bundled copy); read by pyverbs_kv.cuda at its first load
 KVCACHE_ETCD_TTL_S     lease of the records an engine keeps in etcd, in seconds
                        (default 10; kvcache.engine.discovery)
+KVCACHE_TLS_CERT       PEM certificate of this end: TLS on the control
+                       channel and TCP data lanes (with KVCACHE_TLS_KEY)
+KVCACHE_TLS_KEY        its private key (PEM)
+KVCACHE_TLS_CA         PEM CA file: the other end must present a
+                       certificate it signed (mutual when both have one)
+KVCACHE_SHM_ALLOWED_UIDS  comma-separated uids, besides our own, whose
+                       processes may map our caches over shm (default none)
+KVCACHE_PEER_MAX_QUEUED       replies queued per link for a peer that has
+                       not read them (default 64); then its requests wait,
+                       and it is dropped after io_timeout_ms
+KVCACHE_PEER_MAX_QUEUED_BYTES READ data and descriptor tables those replies
+                       hold (default 64 MiB; one reply always fits)
+KVCACHE_PEER_MAX_NOTIFICATIONS  unread notifications kept per peer (default
+                       1024); past it the sender gets LLM_OUT_OF_MEMORY
+KVCACHE_PEER_MAX_NOTIFY_BYTES   their bytes per peer (default 64 MiB)
 
 Flags (KVCACHE_DEBUG, KVCACHE_RELAX_ORDERING) take 1, true, on or yes, as
 FastDeploy reads them."""

@@ -48,6 +48,9 @@ OPT_RDMA_SERVICE_LEVEL = "llm.RdmaServiceLevel"
 OPT_AUTH_KEY = "llm.AuthKey"
 OPT_METADATA_SERVER = "llm.MetadataServer"
 OPT_RANK_TABLE_PORT = "llm.RankTablePort"
+OPT_TLS_CERT = "llm.TlsCert"
+OPT_TLS_KEY = "llm.TlsKey"
+OPT_TLS_CA = "llm.TlsCa"
 
 # llm_datadist options that mean nothing here, and why (logged once each).
 NO_EFFECT = {
@@ -67,7 +70,8 @@ _KNOWN = {OPT_LISTEN, OPT_LISTEN_OURS, OPT_DEVICE_ID, OPT_DEVICE_ID_OURS, OPT_BU
           OPT_MEM_POOL, OPT_HOST_MEM_POOL, OPT_SYNC_TIMEOUT, OPT_TRANSPORT, OPT_LINK_TIMEOUT,
           OPT_LINK_TOTAL_TIME, OPT_LINK_RETRY_COUNT, OPT_ENABLE_SWITCH_ROLE,
           OPT_ENABLE_CACHE_MANAGER, OPT_REMOTE_CACHE_ACCESSIBLE, OPT_RDMA_TRAFFIC_CLASS,
-          OPT_RDMA_SERVICE_LEVEL, OPT_AUTH_KEY, OPT_METADATA_SERVER, OPT_RANK_TABLE_PORT}
+          OPT_RDMA_SERVICE_LEVEL, OPT_AUTH_KEY, OPT_METADATA_SERVER, OPT_RANK_TABLE_PORT,
+          OPT_TLS_CERT, OPT_TLS_KEY, OPT_TLS_CA}
 _told = set()
 _told_lock = threading.Lock()
 
@@ -107,7 +111,10 @@ class LLMConfig:
     link_clusters finds a cluster given without an address there, see
     kvcache.engine.discovery), rank_table_port (the base port of the
     rank-table flow: a member without ``device_port`` listens at its
-    device_ip, port base + rank_id; default 26000)."""
+    device_ip, port base + rank_id; default 26000), tls_cert, tls_key,
+    tls_ca (PEM file paths for TLS on the control channel and the TCP data
+    lanes; "": KVCACHE_TLS_CERT / KVCACHE_TLS_KEY / KVCACHE_TLS_CA, or no
+    TLS; with a CA the other end must present a certificate it signed)."""
 
     def __init__(self):
         self.device_id = 0
@@ -132,6 +139,7 @@ class LLMConfig:
         self.auth_key = ""
         self.metadata_server = ""
         self.rank_table_port = DEFAULT_BASE_PORT
+        self.tls_cert = self.tls_key = self.tls_ca = ""
 
     def generate_options(self):
         options = {str(k): str(v) for k, v in dict(self.ge_options).items()}
@@ -143,7 +151,9 @@ class LLMConfig:
                         OPT_ENABLE_SWITCH_ROLE: "1" if self.enable_switch_role else "0",
                         OPT_AUTH_KEY: str(self.auth_key),
                         OPT_METADATA_SERVER: str(self.metadata_server),
-                        OPT_RANK_TABLE_PORT: str(self.rank_table_port)})
+                        OPT_RANK_TABLE_PORT: str(self.rank_table_port),
+                        OPT_TLS_CERT: str(self.tls_cert), OPT_TLS_KEY: str(self.tls_key),
+                        OPT_TLS_CA: str(self.tls_ca)})
         optional = {OPT_MEM_POOL: self.mem_pool_cfg or None,
                     OPT_HOST_MEM_POOL: self.host_mem_pool_cfg or None,
                     OPT_LINK_TOTAL_TIME: self.link_total_time,
@@ -300,7 +310,10 @@ class LLMDataDist:
                                           device_id=self.device_id,
                                           auth_key=options.get(OPT_AUTH_KEY) or None,
                                           rdma_traffic_class=traffic_class,
-                                          rdma_service_level=service_level)
+                                          rdma_service_level=service_level,
+                                          tls_cert=options.get(OPT_TLS_CERT) or None,
+                                          tls_key=options.get(OPT_TLS_KEY) or None,
+                                          tls_ca=options.get(OPT_TLS_CA) or None)
             self._cache_manager = CacheManager(
                 self._engine, pool, self.cluster_id, self.sync_timeout_ms,
                 pool_configured=pool_configured,

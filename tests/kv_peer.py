@@ -1,6 +1,7 @@
 """A kvcache process driven over a pipe, for multi-process tests: each
 PeerProcess runs its own LLMDataDist in a spawned interpreter and executes
 the commands the test sends (real sockets between real processes)."""
+import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -52,14 +53,30 @@ class Actions:
         self.caches[cache.cache_id] = cache
         return cache.cache_id
 
-    def register_blocks(self, num_tensors, shape, key_cluster):
+    def register_blocks(self, num_tensors, shape, key_cluster, remote_accessible=None):
         # Memory the "user" owns (numpy), registered instead of allocated.
         desc = CacheDesc(num_tensors, DataType.DT_FLOAT16, shape)
-        self._owned = [np.zeros(shape, dtype=np.float16) for _ in range(num_tensors)]
+        owned = [np.zeros(shape, dtype=np.float16) for _ in range(num_tensors)]
+        self._owned = getattr(self, "_owned", []) + owned
+        key = BlocksCacheKey(key_cluster) if key_cluster is not None else None
         cache = self.dd.cache_manager.register_blocks_cache(
-            desc, [a.ctypes.data for a in self._owned], BlocksCacheKey(key_cluster))
+            desc, [a.ctypes.data for a in owned], key, remote_accessible=remote_accessible)
         self.caches[cache.cache_id] = cache
         return cache.cache_id
+
+    def describe(self, cache_id):
+        """What a lookup of the cache returns (addresses, region ids)."""
+        return self.caches[cache_id].describe()
+
+    def pool(self):
+        """(base address, size) of the buffer pool."""
+        pool = self.dd._pool
+        return pool.base, pool.size
+
+    def pool_bytes(self, offset, size):
+        """Bytes of the buffer pool at ``offset`` (free space included)."""
+        base = self.dd._pool.base
+        return bytes((ctypes.c_uint8 * size).from_address(base + offset))
 
     def fill(self, cache_id, seed):
         for i, tensor in enumerate(self.caches[cache_id].tensors()):

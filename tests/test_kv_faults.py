@@ -229,8 +229,8 @@ def test_unlink_during_a_transfer_is_busy_unless_forced():
         assert a.peers() == []
 
 
-def _healthy(server):
-    with TransferEngine("probe") as probe:
+def _healthy(server, key=None):
+    with TransferEngine("probe", auth_key=key) as probe:
         buf = np.zeros(64, dtype=np.uint8)
         probe.register_memory(buf.ctypes.data, buf.nbytes)
         peer = probe.connect(server.address, timeout_ms=3000)
@@ -245,29 +245,32 @@ def _healthy(server):
               st.binary(min_size=1, max_size=64)),
     st.builds(lambda body: b"KVC1" + body, st.binary(max_size=64))))
 def test_garbage_on_the_listen_port_is_dropped_and_the_server_stays_healthy(garbage):
-    server = _fuzz_server()
-    with socket.create_connection(("127.0.0.1", int(server.address.rsplit(":", 1)[1]))) as s:
-        s.settimeout(2)
-        try:
-            s.sendall(garbage)
-            s.shutdown(socket.SHUT_WR)
-            while s.recv(4096):
+    for key in (None, FUZZ_KEY):               # with authentication on too
+        server = _fuzz_server(key)
+        with socket.create_connection(("127.0.0.1",
+                                       int(server.address.rsplit(":", 1)[1]))) as s:
+            s.settimeout(2)
+            try:
+                s.sendall(garbage)
+                s.shutdown(socket.SHUT_WR)
+                while s.recv(4096):
+                    pass
+            except OSError:
                 pass
-        except OSError:
-            pass
-    _healthy(server)
+        _healthy(server, key)
 
 
-_SERVER = []
+_SERVERS = {}
+FUZZ_KEY = "a-fuzzing-secret-of-32-characters"
 
 
-def _fuzz_server():
-    if not _SERVER:
-        server = TransferEngine("fuzz-target", handshake_timeout_ms=500)
+def _fuzz_server(key=None):
+    if key not in _SERVERS:
+        server = TransferEngine("fuzz-target", handshake_timeout_ms=500, auth_key=key)
         buf = np.zeros(4096, dtype=np.uint8)
         server.register_memory(buf.ctypes.data, buf.nbytes)
-        _SERVER.append((server, buf))
-    return _SERVER[0][0]
+        _SERVERS[key] = (server, buf)
+    return _SERVERS[key][0]
 
 
 def _hand_made_peer(server):
@@ -327,10 +330,10 @@ def test_connect_returns_only_once_the_listener_has_the_link(monkeypatch):
     from kvcache.engine.links import LinkManager
     original = LinkManager._add_peer
 
-    def slow_inbound(self, sock, info, inbound, attach_ms):
+    def slow_inbound(self, sock, info, inbound, attach_ms, **more):
         if inbound:
             time.sleep(0.3)
-        return original(self, sock, info, inbound, attach_ms)
+        return original(self, sock, info, inbound, attach_ms, **more)
 
     monkeypatch.setattr(LinkManager, "_add_peer", slow_inbound)
     with TransferEngine("a") as a, TransferEngine("b") as b:

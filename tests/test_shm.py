@@ -73,7 +73,7 @@ def test_unlink_unmaps_the_peer_memory(engines):
 
 def test_the_grant_socket_gives_nothing_without_a_token(engines):
     a, b, memory, src = engines
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
         s.settimeout(5)
         s.connect("\0" + b.transport.socket_name)
         s.sendall(b"not-a-token")

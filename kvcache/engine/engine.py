@@ -30,6 +30,7 @@ from kvcache.engine.requests import Notifications, TransferRequest
 from kvcache.engine.rpc import Rpc, is_int, list_of
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp.framing import StreamClosed
+from kvcache.transports.tcp.tls import TlsConfig
 from kvcache.transports.tcp.protocol import MAX_NOTIFY_BYTES, MAX_REGIONS
 
 log = logging.getLogger(__name__)
@@ -60,8 +61,9 @@ TRANSPORTS = {"tcp": _tcp_transport, "shm": _shm_transport, "rdma": _rdma_transp
 class EngineContext:
     """What an engine lends its transport (``Transport.bind``)."""
 
-    def __init__(self, name, io_timeout_ms, regions, call, serve, listen_port):
+    def __init__(self, name, io_timeout_ms, regions, call, serve, listen_port, tls=None):
         self.name = name
+        self.tls = tls
         self.io_timeout_ms = io_timeout_ms
         self.regions = regions
         self.call = call
@@ -81,13 +83,17 @@ class TransferEngine:
     authenticated. ``rdma_traffic_class`` (0..255) and
     ``rdma_service_level`` (0..15): the GRH traffic class and the service
     level of the RDMA transport's QPs (ignored by the other transports).
-    Raises LLMException (LLM_PARAM_INVALID, LLM_FEATURE_NOT_ENABLED)."""
+    ``tls_cert``, ``tls_key``, ``tls_ca`` (PEM file paths; default
+    KVCACHE_TLS_CERT / KVCACHE_TLS_KEY / KVCACHE_TLS_CA): TLS for the
+    control channel and the TCP data lanes (kvcache.transports.tcp.tls);
+    with a CA the other end must present a certificate it signed. Raises
+    LLMException (LLM_PARAM_INVALID, LLM_FEATURE_NOT_ENABLED)."""
 
     @public
     def __init__(self, name=None, *, listen="127.0.0.1:0", cluster_id=0, role="mix",
                  transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
                  io_timeout_ms=30_000, device_id=0, auth_key=None, rdma_traffic_class=0,
-                 rdma_service_level=0):
+                 rdma_service_level=0, tls_cert=None, tls_key=None, tls_ca=None):
         apply_debug()
         if transport not in TRANSPORTS:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
@@ -104,6 +110,7 @@ class TransferEngine:
         self.timeout_ms = checks.timeout_ms(timeout_ms, "timeout_ms")
         handshake_timeout_ms = checks.timeout_ms(handshake_timeout_ms, "handshake_timeout_ms")
         self.io_timeout_ms = io_timeout_ms = checks.timeout_ms(io_timeout_ms, "io_timeout_ms")
+        tls = TlsConfig.load(tls_cert, tls_key, tls_ca)
         qos = {"traffic_class": checks.integer(rdma_traffic_class, "rdma_traffic_class", 0, 255),
                "service_level": checks.integer(rdma_service_level, "rdma_service_level", 0, 15)}
         self.transport = TRANSPORTS[transport](checks.integer(device_id, "device_id", 0),
@@ -113,12 +120,13 @@ class TransferEngine:
         self.notifications = Notifications()
         self.links = LinkManager(self._identity, self.transport, self.rpc, self.notifications,
                                  timeout_ms, handshake_timeout_ms, io_timeout_ms,
-                                 key=auth.load_key(auth_key))
+                                 key=auth.load_key(auth_key), tls=tls)
         self.rpc.serve("engine.regions", self._rpc_regions, {})
         self.rpc.serve("engine.revoke", self._rpc_revoke,
                        {"ids": list_of(is_int, MAX_REGIONS), "timeout_ms": is_int})
         self.transport.bind(EngineContext(self.name, io_timeout_ms, self.registry,
-                                          self._call, self.rpc.serve, self.links.listen_port))
+                                          self._call, self.rpc.serve, self.links.listen_port,
+                                          tls))
         self._pool = None
         self._pool_lock = threading.Lock()
         self._closed = False
@@ -204,8 +212,16 @@ class TransferEngine:
     # --- memory ------------------------------------------------------------------------
 
     @public
-    def register_memory(self, addr, length, *, parent=None, addressable=True, share=None):
-        """Make [addr, addr + length) reachable by peers; returns its region id.
+    def register_memory(self, addr, length, *, parent=None, addressable=True, share=None,
+                        remote_accessible=True):
+        """Register [addr, addr + length) for transfers; returns its region id.
+
+        ``remote_accessible`` (default True, as Mooncake's and NIXL's
+        registration, whose purpose is to let peers reach the memory): offer
+        the region to linked peers, who then see it in our region table and
+        may read and write it. False: only this engine's own transfers use
+        it (a destination a decoder pulls into, a staging buffer); a peer
+        naming it is refused (LLM_PARAM_INVALID) and never learns of it.
 
         ``parent``: a logical sub-region of a registered region (a cache
         inside the buffer pool): it gets its own id, so a peer holding a
@@ -214,7 +230,8 @@ class TransferEngine:
         container that only its sub-regions expose. ``share``: (fd, offset)
         of a memfd holding this memory that a peer on this host may map (the
         shared-memory transport). Addressable regions never overlap."""
-        return self.registry.register(addr, length, parent, addressable, share)
+        return self.registry.register(addr, length, parent, addressable, share,
+                                      bool(remote_accessible))
 
     @public
     def unregister_memory(self, region_ids, timeout_ms=None):
@@ -239,7 +256,8 @@ class TransferEngine:
         return new_id
 
     def regions(self):
-        """[(region_id, addr, length)] of our addressable memory."""
+        """[(region_id, addr, length)] of the memory we offer to peers (what
+        their region table lists)."""
         return self.registry.rows()
 
     def _revoke(self, ids, deadline):

@@ -38,6 +38,7 @@ JOIN_S = 5
 KEPT_FAILURES = 256
 MAX_HANDSHAKES = 64           # connections in their handshake at once, per listener
 MAX_LINKS = 1024              # live links per engine
+ACCEPT_BACKOFF_S = 0.05       # first wait after a failed accept (EMFILE, ENFILE)
 
 
 class Listener:
@@ -62,16 +63,25 @@ class Listener:
         self._thread.start()
 
     def _accept_loop(self):
+        failures = 0
         while not self._closed:
             try:
                 sock, addr = self.sock.accept()
             except OSError as exc:
                 if self._closed:
                     return
-                # EMFILE and friends: the listener must outlive a burst.
-                log.warning("accept on %s failed: %s", self.address, exc)
-                time.sleep(0.05)
+                # EMFILE and friends: the listener must outlive a shortage;
+                # it backs off (50 ms doubling to 1 s) and logs once per one.
+                if not failures:
+                    log.warning("accept on %s failed: %s; retrying until it works",
+                                self.address, exc)
+                time.sleep(min(ACCEPT_BACKOFF_S * 2 ** min(failures, 5), 1.0))
+                failures += 1
                 continue
+            if failures:
+                log.warning("accept on %s works again after %d failures", self.address,
+                            failures)
+                failures = 0
             thread = threading.Thread(target=self._run, args=(sock, addr), daemon=True,
                                       name="kv-connection")
             with self._lock:
@@ -125,9 +135,10 @@ class LinkManager:
     what peers send."""
 
     def __init__(self, identity, transport, rpc, notifications, timeout_ms,
-                 handshake_timeout_ms, io_timeout_ms, key=None):
+                 handshake_timeout_ms, io_timeout_ms, key=None, tls=None):
         self.identity = identity
         self.key = key
+        self.tls = tls                      # kvcache.transports.tcp.tls.TlsConfig or None
         self.transport = transport
         self.rpc = rpc
         self.notifications = notifications
@@ -183,6 +194,13 @@ class LinkManager:
         except OSError as exc:
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"connect to {address}: {exc}") from None
+        peername = sock.getpeername()
+        if self.tls is not None:
+            try:
+                sock = self.tls.connect(sock, deadline - time.monotonic())
+            except OSError as exc:
+                raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                   f"TLS with {address}: {exc}") from None
         stream = FrameStream(sock, self.io_timeout_ms)
         hello = self._hello()
         try:
@@ -220,7 +238,7 @@ class LinkManager:
         except LLMException:
             stream.close()
             raise
-        return self._add_peer(sock, ack, inbound=False, attach_ms=timeout_ms)
+        return self._add_peer(sock, ack, inbound=False, attach_ms=timeout_ms, peername=peername)
 
     def _handshake(self, sock, addr, hand_over):
         """The listener's side, in a connection thread. Anything but a
@@ -229,6 +247,8 @@ class LinkManager:
         deadline = time.monotonic() + self.handshake_timeout_ms / 1000
         stream = None
         try:
+            if self.tls is not None:
+                sock = self.tls.accept(sock, deadline - time.monotonic())
             stream = FrameStream(sock, self.io_timeout_ms)
             msg_type, _, hello, payload_len = stream.recv_frame(left_ms(deadline))
             if payload_len:
@@ -254,7 +274,7 @@ class LinkManager:
             if self.key is not None and not auth.verify(self.key, ready.get("proof"),
                                                         "initiator", *sides):
                 raise ProtocolError(f"{hello['name']} did not prove the shared secret")
-            self._add_peer(sock, hello, inbound=True, attach_ms=self.timeout_ms)
+            self._add_peer(sock, hello, inbound=True, attach_ms=self.timeout_ms, peername=addr)
         except (StreamClosed, ProtocolError, LLMException, OSError) as exc:
             log.info("dropped connection from %s: %s", addr, exc)
             (stream or sock).close()
@@ -294,7 +314,7 @@ class LinkManager:
                             f"cluster {peer.cluster_id} is already linked as {peer.name}")
         return LLMStatusCode.LLM_SUCCESS, ""
 
-    def _add_peer(self, sock, info, inbound, attach_ms):
+    def _add_peer(self, sock, info, inbound, attach_ms, peername=None):
         """Make the link live: peer table, channel, the transport's data path
         (set up within ``attach_ms``: RDMA brings QPs up over the channel).
         Any failure on the way fails this link (with a status) and nothing
@@ -303,6 +323,8 @@ class LinkManager:
         peer.channel = Channel(sock, peer.name, self._serve, self._channel_closed,
                                self.io_timeout_ms)
         peer.channel.peer = peer
+        # The peer's (host, port): with TLS the socket is one end of a local pair.
+        peer.channel.peer_address = peername or sock.getpeername()
         peer.link.transition(LinkState.CONNECTING)
         with self._lock:
             old = self._peers.get(_key(peer))
@@ -342,8 +364,11 @@ class LinkManager:
             if payload_len > MAX_NOTIFY_BYTES:
                 raise ProtocolError(f"a {payload_len}-byte notification (at most "
                                     f"{MAX_NOTIFY_BYTES})")
-            self.notifications.add(peer.name, header["name"], channel.recv_bytes(payload_len))
-            channel.reply_later(req_id, lambda: ({"status": 0, "message": ""}, None))
+            refused = self.notifications.add(peer.name, header["name"],
+                                             channel.recv_bytes(payload_len))
+            reply = ({"status": 0, "message": ""} if refused is None else
+                     {"status": int(LLMStatusCode.LLM_OUT_OF_MEMORY), "message": refused})
+            channel.reply_later(req_id, lambda: (reply, None))
         elif msg_type == MsgType.BYE:
             peer.closing_by_peer = True
             if peer.link.state == LinkState.LINKED:

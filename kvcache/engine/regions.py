@@ -6,7 +6,11 @@ the engine lives: the id is also the region's generation, so a peer that
 names an id we released (or renewed, when a cache key moved) is refused.
 Top-level regions are what transports register (an RDMA MR, a shareable
 mapping); sub-regions (caches inside the buffer pool) get ids of their own
-on the same memory. Only addressable regions can be reached by pieces.
+on the same memory. Only addressable regions can be reached by pieces:
+our own pieces may lie in any of them, a peer's only in those offered to
+peers (``remote``). The table a peer receives lists only the offered ones,
+so free pool space, freed caches and local-only memory are neither revealed
+nor reachable.
 
 Every transfer pins the regions its pieces touch, on both sides, from the
 moment its descriptors are checked until it completed or failed. Releasing
@@ -14,6 +18,7 @@ a region first withdraws it (new pins fail), then waits for the pins up to a
 deadline; at the deadline the region is restored, intact and still
 registered, and the release is refused with LLM_LINK_BUSY."""
 import itertools
+import os
 import threading
 import time
 
@@ -31,14 +36,18 @@ from kvcache.transports.base import SLOTS
 class Region:
     """``retired``: the earlier ids (generations) of a renewed region, whose
     transfers may still run."""
-    __slots__ = ("region_id", "addr", "length", "parent", "addressable", "retired")
+    __slots__ = ("region_id", "addr", "length", "parent", "addressable", "remote", "share",
+                 "retired")
 
-    def __init__(self, region_id, addr, length, parent, addressable, retired=()):
+    def __init__(self, region_id, addr, length, parent, addressable, remote, share=None,
+                 retired=()):
         self.region_id = region_id
         self.addr = addr
         self.length = length
         self.parent = parent
         self.addressable = addressable
+        self.remote = addressable and remote
+        self.share = share                  # (memfd, offset) holding exactly this memory
         self.retired = list(retired)
 
     def ids(self):
@@ -69,21 +78,23 @@ def check_host_mapped(addr, length):
 
 class RegionRegistry:
     """Thread-safe. ``transport`` is told of top-level regions (register /
-    unregister) and of addressable ones (publish / withdraw)."""
+    unregister) and of those offered to peers (publish / withdraw)."""
 
     def __init__(self, transport):
         self.transport = transport
         self._lock = threading.Lock()
         self._regions = {}                  # id -> Region (withdrawn ones excluded)
-        self._table = RegionTable()         # the addressable ones
+        self._table = RegionTable()         # the addressable ones (our own pieces)
+        self._offered = RegionTable()       # those offered to peers (their pieces)
         self._pins = Pins(self._lock)
         self._ids = itertools.count(1)
         self._last_id = 0
 
     # --- registration ----------------------------------------------------------
 
-    def register(self, addr, length, parent=None, addressable=True, share=None):
-        """A new region's id. LLM_PARAM_INVALID for memory that is not ours,
+    def register(self, addr, length, parent=None, addressable=True, share=None, remote=True):
+        """A new region's id. ``remote``: offered to peers (else only our own
+        transfers may use it). LLM_PARAM_INVALID for memory that is not ours,
         not inside its parent, or overlapping another addressable region."""
         addr, length = integer(addr, "addr"), integer(length, "length")
         if addr <= 0 or length <= 0 or addr + length >= 1 << 64:
@@ -101,14 +112,14 @@ class RegionRegistry:
                 if addr < top.addr or addr + length > top.addr + top.length:
                     raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                        f"[{addr:#x}, +{length}) is not inside region {parent}")
-            region = Region(self._next_id(), addr, length, parent, addressable)
+            region = Region(self._next_id(), addr, length, parent, addressable, remote, share)
             regions = dict(self._regions)
             regions[region.region_id] = region
             table = _table_of(regions)              # refuses overlaps
             if parent is None:
                 self.transport.register_region(region.region_id, addr, length, share=share)
-            self._regions, self._table = regions, table
-        if addressable:
+            self._set(regions, table)
+        if region.remote:
             self.transport.publish_region(region.region_id)
         return region.region_id
 
@@ -143,9 +154,9 @@ class RegionRegistry:
                                       if r.parent in region_ids}
             saved = self._regions
             kept = {i: r for i, r in saved.items() if i not in gone}
-            self._regions, self._table = kept, _table_of(kept)
+            self._set(kept)
         every = {g for i in gone for g in saved[i].ids()}       # all generations
-        withdrawn = [g for i in gone if saved[i].addressable for g in saved[i].ids()]
+        withdrawn = [g for i in gone if saved[i].remote for g in saved[i].ids()]
         ok = all([self.transport.withdraw_region(i, deadline) for i in withdrawn])
         if ok and revoke is not None and withdrawn:
             ok = revoke(withdrawn, deadline)
@@ -156,15 +167,17 @@ class RegionRegistry:
                 busy = self._pins.count(every)
                 restored = dict(self._regions)
                 restored.update((i, saved[i]) for i in gone)
-                self._regions, self._table = restored, _table_of(restored)
+                self._set(restored)
         if not ok:
             for i in gone:
-                if saved[i].addressable:
+                if saved[i].remote:
                     self.transport.publish_region(i)
             raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
                                f"region {sorted(region_ids)[0]} is still in use by transfers "
                                f"({busy} pinned here{'' if busy else ', or by a peer'}); it stays "
                                "registered, release it again later")
+        for i in withdrawn:
+            self.transport.retire_region(i)
         for i in region_ids:
             if saved[i].parent is None:
                 self.transport.unregister_region(i)
@@ -179,14 +192,22 @@ class RegionRegistry:
             if old is None or not old.addressable:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"region {region_id} is not an addressable region")
-            new = Region(self._next_id(), old.addr, old.length, old.parent, True,
-                         old.retired + [region_id])
+            new = Region(self._next_id(), old.addr, old.length, old.parent, True, old.remote,
+                         old.share, old.retired + [region_id])
             regions = {i: r for i, r in self._regions.items() if i != region_id}
             regions[new.region_id] = new
-            self._regions, self._table = regions, _table_of(regions)
-        self.transport.withdraw_region(region_id, time.monotonic())
-        self.transport.publish_region(new.region_id)
+            self._set(regions)
+        if new.remote:
+            self.transport.withdraw_region(region_id, time.monotonic())
+            self.transport.publish_region(new.region_id)
         return new.region_id
+
+    def _set(self, regions, table=None):
+        """Install a new region map and its tables (under the lock)."""
+        self._regions = regions
+        self._table = _table_of(regions) if table is None else table
+        self._offered = RegionTable((i, r.addr, r.length) for i, r in regions.items()
+                                    if r.remote)
 
     # --- pins ----------------------------------------------------------------------
 
@@ -207,7 +228,7 @@ class RegionRegistry:
         was released or renewed (the peer should look it up again),
         LLM_PARAM_INVALID for any other piece outside our regions."""
         with self._lock:
-            found, misses = self._table.locate(addrs, lengths)
+            found, misses = self._offered.locate(addrs, lengths)
             # A miss is NO_REGION, which a lying peer can name as well.
             bad = np.flatnonzero((found != named) | (found == NO_REGION) if misses
                                  else found != named)
@@ -229,9 +250,24 @@ class RegionRegistry:
 
     # --- views -----------------------------------------------------------------------
 
+    def shares(self, ids):
+        """[(region id, addr, length, fd, offset)] of the regions among ``ids``
+        offered to peers with a memfd of their own, the fd a duplicate the
+        caller closes (the region's own may close once it is released)."""
+        with self._lock:
+            found = [self._regions.get(i) for i in ids]
+            return [(r.region_id, r.addr, r.length, os.dup(r.share[0]), r.share[1])
+                    for r in found if r is not None and r.remote and r.share is not None]
+
+    def span(self, region_id):
+        """(addr, length) of a live region, or None."""
+        with self._lock:
+            region = self._regions.get(region_id)
+        return None if region is None else (region.addr, region.length)
+
     def rows(self):
-        """[(region_id, addr, length)] of the addressable regions."""
-        return self._table.as_list()
+        """[(region_id, addr, length)] of the regions offered to peers."""
+        return self._offered.as_list()
 
     def __contains__(self, region_id):
         return region_id in self._regions

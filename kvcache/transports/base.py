@@ -34,6 +34,9 @@ class Transport(ABC):
     # One-sided transports (RDMA) move bytes into peer memory without the
     # peer's CPU: releasing memory needs every peer to drop it first.
     one_sided = False
+    # Whether peers map our memory (shared memory): the buffer pool then
+    # gives each cache a memfd of its own, so a peer maps only what it may reach.
+    maps_peer_memory = False
 
     def bind(self, ctx):
         """Called once by the engine before anything else. ``ctx`` (kept as
@@ -52,6 +55,10 @@ class Transport(ABC):
 
     def publish_region(self, region_id):
         """An addressable region became reachable by peers."""
+
+    def retire_region(self, region_id):
+        """An offered region (any generation) is released for good: every
+        peer dropped it and no transfer uses it."""
 
     def withdraw_region(self, region_id, deadline):
         """Stop peers reaching a region; True once nothing of ours reaches it

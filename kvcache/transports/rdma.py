@@ -3,7 +3,10 @@
 
 Memory is registered once per protection domain when the engine registers a
 top-level region (the buffer pool, user caches), never per connection or per
-transfer. Per link, a group of RC QPs (KVCACHE_RDMA_QPS, default 2) is set
+transfer, for local access only; each region offered to peers (a cache, or
+memory registered remote_accessible) gets a memory region of its own with
+remote access, and only those keys reach a peer, so no rkey names free pool
+space or memory kept local. Per link, a group of RC QPs (KVCACHE_RDMA_QPS, default 2) is set
 up over the engine's control channel: the initiator sends its QPNs, PSNs,
 GID and MTU; the peer creates its QPs, moves them to RTS and answers with
 its own and the rkeys of its regions; that answer is the ready-ACK before
@@ -29,6 +32,7 @@ from kvcache.config import env_flag, env_int, env_list, env_str
 from kvcache.descriptors import RegionTable
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import LinkData, Transport
+from pyverbs_kv.pieces import distinct
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +114,7 @@ class RdmaTransport(Transport):
     def __init__(self, device_id=0, traffic_class=0, service_level=0):
         try:
             import pyverbs_kv as pv
-            from pyverbs_kv.enums import IBV_ACCESS_RELAXED_ORDERING
+            from pyverbs_kv.enums import IBV_ACCESS_LOCAL_WRITE, IBV_ACCESS_RELAXED_ORDERING
         except (ImportError, OSError) as exc:
             raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
                                f"RDMA transport: pyverbs_kv cannot be loaded: {exc}") from None
@@ -158,9 +162,12 @@ class RdmaTransport(Transport):
         self.service_level = service_level
         self.num_qps = max(1, env_int("KVCACHE_RDMA_QPS", 2))
         self.access = pv.DEFAULT_ACCESS
+        self.local_access = int(IBV_ACCESS_LOCAL_WRITE)
         if env_flag("KVCACHE_RELAX_ORDERING"):
             self.access |= int(IBV_ACCESS_RELAXED_ORDERING)
-        self.mrs = {}
+            self.local_access |= int(IBV_ACCESS_RELAXED_ORDERING)
+        self.mrs = {}                       # top-level region id -> MR (local access)
+        self.remote_mrs = {}                # offered region id -> MR (remote access)
         self.local_keys = RegionTable()
         self._lock = threading.Lock()
         log.info("RDMA transport on %s, GID[%d] %s, %d QPs per link", device, self.gid_index,
@@ -174,15 +181,33 @@ class RdmaTransport(Transport):
 
     # --- memory ----------------------------------------------------------------
 
-    def register_region(self, region_id, addr, length, share=None):
+    def _register(self, addr, length, access):
         try:
-            mr = self.pv.MR.from_address(self.pd, addr, length, self.access)
+            return self.pv.MR.from_address(self.pd, addr, length, access)
         except self.pv.VerbsError as exc:
             raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
                                f"RDMA registration of {length} bytes: {exc}") from None
+
+    def register_region(self, region_id, addr, length, share=None):
+        mr = self._register(addr, length, self.local_access)
         with self._lock:
             self.mrs[region_id] = mr
             self._rebuild_keys()
+
+    def publish_region(self, region_id):
+        span = self.engine.regions.span(region_id)
+        with self._lock:
+            if span is None or region_id in self.remote_mrs:
+                return                          # released meanwhile, or restored
+        mr = self._register(span[0], span[1], self.access)
+        with self._lock:
+            self.remote_mrs[region_id] = mr
+
+    def retire_region(self, region_id):
+        with self._lock:
+            mr = self.remote_mrs.pop(region_id, None)
+        if mr is not None:
+            mr.close()
 
     def unregister_region(self, region_id):
         with self._lock:
@@ -196,7 +221,7 @@ class RdmaTransport(Transport):
 
     def _key_list(self):
         with self._lock:
-            return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.mrs.items()]
+            return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.remote_mrs.items()]
 
     # --- link set-up -------------------------------------------------------------
 
@@ -302,6 +327,21 @@ class RdmaTransport(Transport):
                                f"RDMA queue pairs to {peer.name} are not set up")
         return group
 
+    def _check_keys(self, peer, group, regions):
+        """Every region the pieces name has a memory key of the peer's; the
+        keys are fetched again once when one does not (a cache allocated, or
+        released and replaced at the same address, since they were), and
+        LLM_KV_CACHE_NOT_EXIST when it still has none."""
+        named = [int(i) for i in distinct(regions)]
+        if all(i in group.rkeys for i in named):
+            return
+        self._set_keys(group, self.engine.call(peer, "rdma.keys", {})["keys"])
+        missing = [i for i in named if i not in group.rkeys]
+        if missing:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                               f"{peer.name} offers no memory key for region {missing[0]} "
+                               "(released?)")
+
     def _remote_keys(self, peer, group, remote, lengths):
         ids, misses = group.remote_keys.locate(remote, lengths)
         if misses:
@@ -309,12 +349,13 @@ class RdmaTransport(Transport):
             ids = group.remote_keys.check(remote, lengths, f"remote ({peer.name}, RDMA)")
         return ids
 
-    def _move(self, op, peer, local, remote, lengths, deadline):
+    def _move(self, op, peer, local, remote, lengths, regions, deadline):
         timeout_ms = max(1, int((deadline - time.monotonic()) * 1000))
         group = self._group(peer)
         if not group.ready.wait(timeout_ms / 1000):
             raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
                                f"RDMA queue pairs to {peer.name} are not set up")
+        self._check_keys(peer, group, regions)
         local, remote, lengths = _split_long(local, remote, lengths, self.max_msg)
         local_ids = self.local_keys.check(local, lengths, "local (RDMA)")
         remote_ids = self._remote_keys(peer, group, remote, lengths)
@@ -369,10 +410,10 @@ class RdmaTransport(Transport):
                         raise
 
     def write(self, peer, local, remote, lengths, regions, deadline):
-        self._move("write", peer, local, remote, lengths, deadline)
+        self._move("write", peer, local, remote, lengths, regions, deadline)
 
     def read(self, peer, local, remote, lengths, regions, deadline):
-        self._move("read", peer, local, remote, lengths, deadline)
+        self._move("read", peer, local, remote, lengths, regions, deadline)
 
     def cut(self, peer):
         """Close the link: its QPs are destroyed, so no RDMA of the peer's

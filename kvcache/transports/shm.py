@@ -1,12 +1,18 @@
 """Same-host shared-memory transport: a transfer is one memcpy per piece.
 
-The buffer pool lives in a memfd. When a link first needs a peer's memory,
-the peer grants it: a control call returns a one-time token and the name of
-its abstract Unix socket; over that socket the peer sends the memfds of its
-shareable regions and of a pin board made for this link (SCM_RIGHTS), and
-we map them. A WRITE or READ is then a copy between our memory and the
-mapping, done by the initiator with the GIL released, translating and
-copying each piece in one C pass (``pyverbs_kv.pieces.copy_mapped``).
+Each cache the buffer pool holds is a memfd of its own (the pool gives
+every cache one while this transport is in use). When a link first needs a
+region of the peer's, the peer grants it: a control call naming the regions
+returns a one-time token and the name of its abstract Unix socket; over
+that socket (SOCK_SEQPACKET) the peer sends the memfds of those of them it
+offers to linked peers, and a pin board made for this link (SCM_RIGHTS),
+and we map them. Only a process of the owner's user (or of a user
+KVCACHE_SHM_ALLOWED_UIDS names), on an authenticated link, is granted
+anything, and never the pool, free space or a cache not offered; regions
+the owner released since the last grant are named so we unmap them. A
+WRITE or READ is then a copy between our memory and the mapping, done by
+the initiator with the GIL released, translating and copying each piece
+in one C pass (``pyverbs_kv.pieces.copy_mapped``).
 
 The owner keeps control of its memory through the pin board
 (``pyverbs_kv.pieces.board_*``): one slot per addressable region, naming the
@@ -33,6 +39,7 @@ import time
 import numpy as np
 
 from kvcache.bufpool import SIZE_SEALS
+from kvcache.config import env_list
 from kvcache.descriptors import RegionTable
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.base import SLOTS
@@ -42,6 +49,9 @@ from pyverbs_kv import pieces
 log = logging.getLogger(__name__)
 
 GRANT_TIMEOUT_S = 5
+GRANT_FDS = 200                  # descriptors per grant message (the kernel takes 253)
+MAX_GRANT_IDS = 1024             # regions one grant may name (the rest: the next grant)
+GRANT_MESSAGE_BYTES = 1 << 18
 MAX_GRANTS_AT_ONCE = 16
 MAP_RETRY_S = 1.0                # after a failed mapping, TCP for this long, then try again
 UNMAP_WAIT_S = 60
@@ -60,6 +70,7 @@ class _Board:
         self.map = mmap.mmap(self.fd, BOARD_BYTES)
         self.addr = np.frombuffer(self.map, dtype=np.uint8).ctypes.data
         self.peer_pid = None
+        self.granted = set()               # region ids whose memfds the peer was sent
         for region_id in published:
             pieces.board_publish(self.addr, region_id % SLOTS, region_id)
 
@@ -79,11 +90,13 @@ class ShmLink(TcpLink):
 
     def __init__(self, lanes):
         super().__init__(lanes)
-        self.maps = []
+        self.maps = []                     # every mapping of the peer's (board included)
+        self.regions = {}                  # region id -> (addr, length, mapping, shift)
+        self.unshared = set()              # ids the peer did not grant: TCP
+        self.stale = []                    # mappings of released regions, to unmap
         self.table = RegionTable()
         self.shift = np.empty(0, dtype=np.uint64)
         self.board = None                  # the peer's board for us: address
-        self.mapped = False
         self.retry_at = 0.0
         self.map_lock = threading.Lock()
         self.copies = 0
@@ -101,28 +114,51 @@ class ShmLink(TcpLink):
                 log.error("%d shared-memory copies still running after %d s; the peer's "
                           "memory stays mapped", self.copies, UNMAP_WAIT_S)
                 return
-            for m in self.maps:
-                try:
-                    m.close()
-                except BufferError:
-                    pass
-            self.maps, self.table, self.board = [], RegionTable(), None
+            for m in self.maps + self.stale:
+                _unmap(m)
+            self.maps, self.stale, self.regions = [], [], {}
+            self.table, self.board = RegionTable(), None
+
+    def drop(self, ids):
+        """Forget the regions ``ids`` (the peer released them); their
+        mappings go once no copy runs (``unmap_stale``), outside the copy
+        that asked for the grant (an unmap frees the pages: milliseconds per
+        100 MiB). Under map_lock."""
+        for region_id in ids:
+            entry = self.regions.pop(region_id, None)
+            if entry is not None:
+                self.maps.remove(entry[2])
+                self.stale.append(entry[2])
+
+    def unmap_stale(self):
+        with self.map_lock:
+            if self.copies:
+                return
+            stale, self.stale = self.stale, []
+        for mapping in stale:
+            _unmap(mapping)
+
+    def rebuild(self):
+        """The table and shifts of what is mapped (under map_lock)."""
+        self.table = RegionTable((i, e[0], e[1]) for i, e in self.regions.items())
+        self.shift = np.array([self.regions[int(i)][3] for i in self.table.ids],
+                              dtype=np.int64).view(np.uint64)
 
 
 class ShmTransport(TcpTransport):
     """TCP for everything a peer cannot share; memcpy for what it can."""
     name = "shm"
     owner_checks = False           # the initiator copies; the pin board guards liveness
+    maps_peer_memory = True
 
     def __init__(self):
         super().__init__()
-        self._shared = {}                   # region id -> (addr, length, fd, offset)
         self._published = set()
         self._boards = {}                   # peer -> _Board (live links)
         self._draining = []                 # boards of ended links with copies left
         self._grants = {}                   # token -> (peer, board)
         self._granting = {}                 # grant thread -> its connection
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.socket_name = f"kvcache-shm-{os.getpid()}-{secrets.token_hex(8)}"
         self._listener.bind("\0" + self.socket_name)
         self._listener.listen(16)
@@ -133,18 +169,10 @@ class ShmTransport(TcpTransport):
 
     def bind(self, ctx):
         super().bind(ctx)
-        ctx.serve("shm.grant", self._rpc_grant, {})
+        ctx.serve("shm.grant", self._rpc_grant, {"ids": _region_ids})
+        self._allowed_uids = {os.getuid()} | _allowed_uids()
 
     # --- the owner's side: regions and boards ------------------------------------------
-
-    def register_region(self, region_id, addr, length, share=None):
-        if share is not None:
-            with self._lock:
-                self._shared[region_id] = (addr, length, share[0], share[1])
-
-    def unregister_region(self, region_id):
-        with self._lock:
-            self._shared.pop(region_id, None)
 
     def publish_region(self, region_id):
         with self._lock:
@@ -201,7 +229,7 @@ class ShmTransport(TcpTransport):
             board = self._boards.get(peer)
             if board is None:
                 board = self._boards[peer] = _Board(self._published)
-            self._grants[token] = (peer, board)
+            self._grants[token] = (peer, board, params["ids"])
         return {"socket": self.socket_name, "token": token}
 
     def _serve_grants(self):
@@ -220,8 +248,11 @@ class ShmTransport(TcpTransport):
             thread.start()
 
     def _grant(self, conn):
-        """One grant connection, within GRANT_TIMEOUT_S: the token, then our
-        memfds and this link's board, to a process of our own user only."""
+        """One grant connection, within GRANT_TIMEOUT_S: the token, then the
+        memfds of the regions asked for that we offer, in messages of at
+        most GRANT_FDS, the last with this link's board and the ids granted
+        before that we released since; to an allowed user only."""
+        shares = []
         try:
             with conn:
                 conn.settimeout(GRANT_TIMEOUT_S)
@@ -229,17 +260,30 @@ class ShmTransport(TcpTransport):
                     socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
                 token = conn.recv(64).decode(errors="replace")
                 with self._lock:
-                    peer, board = self._grants.pop(token, (None, None))
-                    shared = list(self._shared.items())
-                if board is None or uid != os.getuid():
+                    peer, board, ids = self._grants.pop(token, (None, None, None))
+                if board is None or uid not in self._allowed_uids:
+                    if board is not None:
+                        log.warning("shm grant to %s refused: its process runs as uid %d "
+                                    "(allowed: %s, see KVCACHE_SHM_ALLOWED_UIDS)", peer.name,
+                                    uid, sorted(self._allowed_uids))
                     return                      # not a grant we made, or another user
                 board.peer_pid = pid
-                header = json.dumps([[i, a, n, off] for i, (a, n, _, off) in shared]).encode()
-                socket.send_fds(conn, [len(header).to_bytes(4, "big") + header],
-                                [fd for _, (_, _, fd, _) in shared] + [board.fd])
+                shares = self.engine.regions.shares(ids)
+                gone = sorted(i for i in board.granted if i not in self.engine.regions)
+                rows = [[i, a, n, off] for i, a, n, _, off in shares]
+                for start in range(0, max(1, len(rows)), GRANT_FDS):
+                    last = start + GRANT_FDS >= len(rows)
+                    body = {"rows": rows[start:start + GRANT_FDS], "last": last,
+                            "gone": gone if last else []}
+                    fds = [s[3] for s in shares[start:start + GRANT_FDS]]
+                    socket.send_fds(conn, [json.dumps(body).encode()],
+                                    fds + ([board.fd] if last else []))
+                board.granted = (board.granted - set(gone)) | {row[0] for row in rows}
         except OSError as exc:
             log.info("shm grant failed: %s", exc)
         finally:
+            for share in shares:
+                os.close(share[3])
             with self._lock:
                 self._granting.pop(threading.current_thread(), None)
 
@@ -264,42 +308,67 @@ class ShmTransport(TcpTransport):
         lanes = super().attach_peer(peer, timeout_ms).lanes
         return ShmLink(lanes)
 
-    def _mapped(self, peer, deadline):
-        """The link's mappings; mapped at first use. A mapping that failed
-        is tried again MAP_RETRY_S later (TCP meanwhile)."""
+    def _mapped(self, peer, regions, deadline):
+        """The link's mappings, with the regions ``regions`` names mapped
+        when the peer grants them. After a failed grant, TCP for MAP_RETRY_S."""
         link = peer.data
         with link.map_lock:
-            if not link.mapped and time.monotonic() >= link.retry_at:
+            unknown = [int(i) for i in pieces.distinct(regions)
+                       if int(i) not in link.regions and int(i) not in link.unshared]
+            if unknown and time.monotonic() >= link.retry_at:
                 link.retry_at = time.monotonic() + MAP_RETRY_S
-                self._map_peer(peer, link, deadline)
+                self._map_peer(peer, link, unknown[:MAX_GRANT_IDS], deadline)
+                link.retry_at = 0.0
         return link
 
-    def _map_peer(self, peer, link, deadline):
+    def _map_peer(self, peer, link, ids, deadline):
         left = deadline - time.monotonic()
         if left <= 0:
             return
-        grant = self.engine.call(peer, "shm.grant", {}, max(1, int(left * 1000)))
+        grant = self.engine.call(peer, "shm.grant", {"ids": ids}, max(1, int(left * 1000)))
+        messages, fds = [], []
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as conn:
                 conn.settimeout(max(0.001, min(GRANT_TIMEOUT_S, deadline - time.monotonic())))
                 conn.connect("\0" + str(grant["socket"]))
                 conn.sendall(str(grant["token"]).encode())
-                data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 64)
-        except (OSError, KeyError) as exc:
+                while not messages or not messages[-1][0].get("last"):
+                    data, got, _, _ = socket.recv_fds(conn, GRANT_MESSAGE_BYTES, GRANT_FDS + 1)
+                    fds += got
+                    if not data:
+                        raise OSError("the grant ended early (refused?)")
+                    messages.append((_parse_grant(data), got))
+        except (OSError, KeyError, ValueError) as exc:
+            for fd in fds:
+                os.close(fd)
             log.warning("%s is not reachable over shared memory (%s); using TCP", peer.name, exc)
             return
         try:
-            size = int.from_bytes(data[:4], "big")
-            regions = _parse_regions(data[4:4 + size])
-            if len(regions) + 1 != len(fds):
-                raise ValueError(f"{len(regions)} regions and a board but {len(fds)} "
-                                 "descriptors")
-            if not _size_sealed(fds[-1], BOARD_BYTES):
+            self._take_grant(peer, link, ids, messages)
+        except (ValueError, OSError) as exc:
+            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                               f"mapping {peer.name}'s shared memory: {exc}") from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _take_grant(self, peer, link, ids, messages):
+        """Map what a grant sent (under map_lock)."""
+        *_, (last, last_fds) = messages
+        if len(last_fds) != len(last["rows"]) + 1:
+            raise ValueError("the grant's last message carries no pin board")
+        if link.board is None:
+            if not _size_sealed(last_fds[-1], BOARD_BYTES):
                 raise ValueError("the pin board is not a memfd sealed at its size")
-            board = mmap.mmap(fds[-1], BOARD_BYTES)
+            board = mmap.mmap(last_fds[-1], BOARD_BYTES)
             link.maps.append(board)
-            rows, shifts = [], {}
-            for (region_id, addr, length, offset), fd in zip(regions, fds):
+            link.board = np.frombuffer(board, dtype=np.uint8).ctypes.data
+        link.drop(last["gone"])
+        granted = set()
+        for body, got in messages:
+            if len(got) < len(body["rows"]):
+                raise ValueError(f"{len(body['rows'])} regions but {len(got)} descriptors")
+            for (region_id, addr, length, offset), fd in zip(body["rows"], got):
                 if not _size_sealed(fd, offset + length):
                     log.warning("region %d of %s is not a memfd sealed at its size; using TCP "
                                 "for it", region_id, peer.name)
@@ -307,39 +376,47 @@ class ShmTransport(TcpTransport):
                 m = mmap.mmap(fd, length, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
                               offset=offset)
                 link.maps.append(m)
-                shifts[region_id] = np.frombuffer(m, dtype=np.uint8).ctypes.data - addr
-                rows.append((region_id, addr, length))
-            link.table = RegionTable(rows)
-            link.shift = np.array([shifts[int(i)] for i in link.table.ids],
-                                  dtype=np.int64).view(np.uint64)
-            link.board = np.frombuffer(board, dtype=np.uint8).ctypes.data
-            link.mapped = True
-            log.info("mapped %d shared region(s) of %s", len(rows), peer.name)
-        except (ValueError, OSError, LLMException) as exc:
-            for m in link.maps:
-                m.close()
-            link.maps, link.table, link.board = [], RegionTable(), None
-            raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
-                               f"mapping {peer.name}'s shared memory: {exc}") from None
-        finally:
-            for fd in fds:
-                os.close(fd)
+                # Live regions never overlap: what does is released.
+                link.drop([i for i, e in link.regions.items()
+                           if e[0] < addr + length and addr < e[0] + e[1]])
+                shift = np.frombuffer(m, dtype=np.uint8).ctypes.data - addr
+                link.regions[region_id] = (addr, length, m, shift)
+                granted.add(region_id)
+        if len(link.unshared) > 4 * SLOTS:           # ids are never reused: forget old ones
+            link.unshared.clear()
+        link.unshared.update(set(ids) - granted)
+        link.rebuild()
+        log.info("mapped %d shared region(s) of %s", len(granted), peer.name)
 
     # --- transfers ----------------------------------------------------------------------------
 
     def _move(self, op, peer, local, remote, lengths, regions, deadline):
-        link = self._mapped(peer, deadline)
+        link = self._mapped(peer, regions, deadline)
         with link.map_lock:
             if link.board is None:
                 table, shift, board = RegionTable(), link.shift, None
             else:
                 table, shift, board = link.table, link.shift, link.board
                 link.copies += 1
+            # Only pieces of a region mapped under its own id are copied: a
+            # mapping of a released region may still cover the same
+            # addresses (it goes at the next grant).
+            unmapped = [i for i in pieces.distinct(regions) if int(i) not in link.regions]
         missed = None
         if board is not None:
             try:
-                missed = self._copy(op, peer, board, local, remote, lengths, regions, table,
-                                    shift, deadline)
+                if unmapped:
+                    tcp_only = np.isin(regions, np.array(unmapped, dtype=np.uint64))
+                    part = np.flatnonzero(~tcp_only)
+                    missed = np.flatnonzero(tcp_only)
+                    if part.size:
+                        more = self._copy(op, peer, board, local[part], remote[part],
+                                          lengths[part], regions[part], table, shift, deadline)
+                        if more is not None:
+                            missed = np.sort(np.concatenate([missed, part[more]]))
+                else:
+                    missed = self._copy(op, peer, board, local, remote, lengths, regions, table,
+                                        shift, deadline)
             finally:
                 link.end_copy()
         else:
@@ -349,6 +426,8 @@ class ShmTransport(TcpTransport):
             tcp = TcpTransport.write if op == "write" else TcpTransport.read
             tcp(self, peer, local[missed], remote[missed], lengths[missed], regions[missed],
                 deadline)
+        if link.stale:
+            link.unmap_stale()
 
     def _copy(self, op, peer, board, local, remote, lengths, regions, table, shift, deadline):
         """Copy in chunks, inside the board slots of the named regions.
@@ -430,11 +509,42 @@ def _size_sealed(fd, end):
     return seals & SIZE_SEALS == SIZE_SEALS and os.fstat(fd).st_size >= end
 
 
-def _parse_regions(raw):
-    """[[id, addr, length, offset], ...] sent by the granting peer."""
+def _parse_grant(raw):
+    """One grant message: {"rows": [[id, addr, length, offset], ...], "last",
+    "gone": [id, ...]}."""
     value = json.loads(raw)
-    if not isinstance(value, list) or not all(
-            isinstance(r, list) and len(r) == 4 and all(isinstance(v, int) and v >= 0 for v in r)
-            for r in value):
-        raise ValueError("malformed region list")
+    if not isinstance(value, dict):
+        raise ValueError("malformed grant")
+    rows, gone = value.get("rows"), value.get("gone")
+    if not isinstance(rows, list) or not isinstance(gone, list) or not all(
+            isinstance(r, list) and len(r) == 4 and all(_is_uint(v) for v in r)
+            for r in rows) or not all(_is_uint(v) for v in gone):
+        raise ValueError("malformed grant")
     return value
+
+
+def _is_uint(value):
+    return type(value) is int and value >= 0
+
+
+def _region_ids(value):
+    return (isinstance(value, list) and len(value) <= MAX_GRANT_IDS
+            and all(type(v) is int and v > 0 for v in value))
+
+
+def _allowed_uids():
+    """Users besides our own whose processes may map our caches
+    (KVCACHE_SHM_ALLOWED_UIDS, comma-separated uids)."""
+    try:
+        return {int(uid) for uid in env_list("KVCACHE_SHM_ALLOWED_UIDS")}
+    except ValueError:
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                           "KVCACHE_SHM_ALLOWED_UIDS must be comma-separated numeric uids") \
+            from None
+
+
+def _unmap(mapping):
+    try:
+        mapping.close()
+    except BufferError:          # a view still exported: the GC releases it
+        pass

@@ -4,14 +4,24 @@ One reader thread reads every frame: replies wake the caller waiting on
 them (their payload received straight into the caller's memory first);
 requests go to the handler. The reader never sends, so two peers streaming
 to each other cannot deadlock: replies that need sending are queued to a
-responder thread. Callers send their requests directly, under a lock."""
+responder thread. Callers send their requests directly, under a lock.
+
+The reply queue is bounded per link (KVCACHE_PEER_MAX_QUEUED replies and
+KVCACHE_PEER_MAX_QUEUED_BYTES of READ data and descriptor tables): a peer
+that sends requests faster than it reads the replies finds the reader no
+longer reading its frames; one that still has not made room after
+io_timeout_ms is dropped. The reader only ever waits on the responder,
+which needs nothing from the reader, so the wait is bounded and cannot
+deadlock."""
 import itertools
 import logging
 import queue
 import threading
+import time
 
 import numpy as np
 
+from kvcache.config import env_int
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp.framing import FrameStream, StreamClosed, StreamTimeout
 from kvcache.transports.tcp.protocol import MsgType, ProtocolError
@@ -20,6 +30,8 @@ log = logging.getLogger(__name__)
 
 IDLE_POLL_MS = 500          # how often an idle reader checks for close
 JOIN_S = 5
+MAX_QUEUED = 64
+MAX_QUEUED_BYTES = 64 << 20
 
 ChannelClosed = StreamClosed
 
@@ -52,6 +64,11 @@ class Channel(FrameStream):
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._replies = queue.SimpleQueue()
+        self._room = threading.Condition()
+        self._queued = self._queued_bytes = 0
+        self.max_queued = max(1, env_int("KVCACHE_PEER_MAX_QUEUED", MAX_QUEUED))
+        self.max_queued_bytes = max(1, env_int("KVCACHE_PEER_MAX_QUEUED_BYTES",
+                                               MAX_QUEUED_BYTES))
         self._closed = threading.Event()
         self._done = threading.Event()          # close() finished, on_close included
         self.close_reason = None
@@ -78,9 +95,13 @@ class Channel(FrameStream):
                 raise ChannelClosed(self.close_reason)
             try:
                 self.send_frame(msg_type, req_id, header, pieces, timeout_ms, prefix)
+                return
             except StreamClosed as exc:
-                self.close(f"send failed: {exc}")
-                raise ChannelClosed(self.close_reason) from None
+                failure = f"send failed: {exc}"
+        # Closed outside the send lock: a reader closing at the same time
+        # takes it to release the socket, and this close waits for that one.
+        self.close(failure)
+        raise ChannelClosed(self.close_reason)
 
     def call(self, msg_type, header, pieces=None, reply_into=None, timeout_ms=None,
              prefix=()):
@@ -109,10 +130,38 @@ class Channel(FrameStream):
             raise ChannelClosed(pending.error)
         return pending.header
 
-    def reply_later(self, req_id, produce, after=None):
+    def reserve(self, cost):
+        """Room in the reply queue for one reply holding ``cost`` bytes (a
+        READ's data and descriptor table), taken before the request's body
+        is read; waits while the queue is full (one reply always fits).
+        ProtocolError when the peer has not read enough replies to make room
+        within io_timeout_ms: it is dropped."""
+        deadline = time.monotonic() + self.io_timeout_ms / 1000
+        with self._room:
+            while self._queued and (self._queued >= self.max_queued
+                                    or self._queued_bytes + cost > self.max_queued_bytes):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.closed:
+                    raise ProtocolError(
+                        f"the peer does not read its replies: {self._queued} queued "
+                        f"({self._queued_bytes} bytes) for {self.io_timeout_ms} ms")
+                self._room.wait(min(left, IDLE_POLL_MS / 1000))
+            self._queued += 1
+            self._queued_bytes += cost
+
+    def reply_later(self, req_id, produce, after=None, reserved=None):
         """Queue a reply: ``produce()`` runs in the responder thread and returns
-        (header, pieces or None); ``after()`` runs once it was sent (or not)."""
-        self._replies.put((req_id, produce, after))
+        (header, pieces or None); ``after()`` runs once it was sent (or not).
+        ``reserved``: the cost ``reserve`` took for it (None: reserve none now)."""
+        if reserved is None:
+            self.reserve(0)
+        self._replies.put((req_id, produce, after, reserved or 0))
+
+    def _release(self, cost):
+        with self._room:
+            self._queued -= 1
+            self._queued_bytes -= cost
+            self._room.notify_all()
 
     # --- receiving (reader thread) ----------------------------------------------
 
@@ -160,11 +209,12 @@ class Channel(FrameStream):
             item = self._replies.get()
             if item is None:
                 break
-            req_id, produce, after = item
+            req_id, produce, after, cost = item
             try:
                 if not self.closed:
                     self._reply(req_id, produce)
             finally:
+                self._release(cost)
                 if after is not None:
                     after()
         # Requests queued behind the close still release what they hold.
@@ -218,6 +268,8 @@ class Channel(FrameStream):
             p.error = reason
             p.event.set()
         self._replies.put(None)
+        with self._room:
+            self._room.notify_all()          # a reader waiting for room sees the close
         me = threading.current_thread()
         for thread in (self._reader, self._responder):
             if thread is not me and thread.is_alive():

@@ -41,10 +41,12 @@ class LanePool:
     """The lanes of one link, initiator side: idle ones are reused, a thread
     that finds none opens one. ``take`` returns None when the peer grants
     no lanes (it does not listen). ``grant(timeout_ms)`` is the control call
-    that returns {"port", "token"} (port 0: no lanes)."""
+    that returns {"port", "token"} (port 0: no lanes). ``tls``: a TlsConfig
+when lanes, like the link, run over TLS."""
 
-    def __init__(self, peer_name, grant, host, io_timeout_ms):
+    def __init__(self, peer_name, grant, host, io_timeout_ms, tls=None):
         self.peer_name = peer_name
+        self.tls = tls
         self.grant = grant
         self.host = host
         self.io_timeout_ms = io_timeout_ms
@@ -112,6 +114,8 @@ class LanePool:
             raise StreamClosed(f"{self.peer_name} granted a lane badly: {grant!r}")
         try:
             sock = socket.create_connection((self.host, port), timeout=timeout_ms / 1000)
+            if self.tls is not None:
+                sock = self.tls.connect(sock, deadline - time.monotonic())
         except OSError as exc:
             log.warning("%s: data lane to %s port %d failed (%s); using the control channel",
                         self.peer_name, self.host, port, exc)

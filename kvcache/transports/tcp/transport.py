@@ -70,11 +70,13 @@ class TcpTransport(Transport):
 
     def attach_peer(self, peer, timeout_ms):
         try:
-            host = peer.channel.sock.getpeername()[0]
+            peer.channel.sock.getpeername()
         except OSError as exc:                  # the link's connection just went
             raise StreamClosed(f"the link's connection is gone: {exc}") from None
+        host = peer.channel.peer_address[0]
         grant = (lambda ms: self.engine.call(peer, "tcp.lane", {}, ms))
-        return TcpLink(LanePool(peer.name, grant, host, self.engine.io_timeout_ms))
+        return TcpLink(LanePool(peer.name, grant, host, self.engine.io_timeout_ms,
+                                self.engine.tls))
 
     def detach_peer(self, peer):
         with self._lock:
@@ -86,8 +88,12 @@ class TcpTransport(Transport):
     def serve(self, channel, msg_type, req_id, header, payload_len):
         if msg_type not in (MsgType.WRITE, MsgType.READ):
             raise ProtocolError(f"unexpected {msg_type.name} on a linked channel")
+        # What the queued reply holds until the peer reads it: the table,
+        # and a READ's data (pinned, in flight).
+        cost = payload_len + header["bytes"] if msg_type == MsgType.READ else 0
+        channel.reserve(cost)
         reply, pieces, after = self.target.take(channel, msg_type, header, payload_len)
-        channel.reply_later(req_id, lambda: (reply, pieces), after=after)
+        channel.reply_later(req_id, lambda: (reply, pieces), after=after, reserved=cost)
 
     def _rpc_lane(self, peer, params):
         """Grant ``peer`` one data lane: a one-time token for our listener."""
