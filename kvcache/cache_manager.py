@@ -350,7 +350,8 @@ class CacheManager:
             self._release(cache, cache.containers)
             return
         self._release(cache, [cache.region_ids[0]])
-        self._free_pool(cache.tensor_addrs[0], cache.segment)  # a pool cache starts at its first tensor
+        # A pool cache starts at its first tensor.
+        self._free_pool(cache.tensor_addrs[0], cache.segment)
 
     @public
     def unregister_cache(self, cache_id):
