@@ -259,9 +259,13 @@ class RDMACommunicator:
         try:
             layer_bytes = self.block_number * self.block_bytes
             # Once, here: never again per connection (FastDeploy registers per link).
-            self._key_regions = [self._engine.register_memory(a, layer_bytes)
+            # A prefill's caches are sources only: its decoders never see them.
+            offered = role == "decode"
+            self._key_regions = [self._engine.register_memory(a, layer_bytes,
+                                                              remote_accessible=offered)
                                  for a in self._keys]
-            self._value_regions = [self._engine.register_memory(a, layer_bytes)
+            self._value_regions = [self._engine.register_memory(a, layer_bytes,
+                                                                remote_accessible=offered)
                                    for a in self._values]
             if role == "decode":
                 self._engine.add_handler(LAYOUT_METHOD, self._serve_layout)
