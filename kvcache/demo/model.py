@@ -16,7 +16,10 @@ single-process one bit for bit whatever the dtype, provided both run the
 same kernels on the same values (this module always gathers the same
 shapes, whichever block ids hold the data). fp32 is what lets the
 Hugging Face comparison hold to ~1e-5 instead of fp16's ~1e-2 and keeps
-greedy argmax ties away; torch's CPU fp16 matmuls are also slow."""
+greedy argmax ties away; torch's CPU fp16 matmuls are also slow. Processes
+compared bit for bit should run the same torch with the same
+``torch.set_num_threads`` (a GEMM's reduction split may follow the thread
+count)."""
 import math
 from dataclasses import dataclass
 
