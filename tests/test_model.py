@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kvcache import (CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException, LLMRole,
-                     LLMStatusCode)
+from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
+                     LLMDataDist, LLMException, LLMRole, LLMStatusCode)
 from kvcache.demo.model import ModelConfig, TinyLlama, init_weights
 from kvcache.demo.paging import BlockAllocator, layer_views
 from kvcache.demo.tokenizer import BOS_ID, EOS_ID, ByteTokenizer
@@ -171,6 +171,62 @@ def test_blocks_cache_from_the_buffer_pool(model, prompt):
         dd.cache_manager.deallocate_cache(cache)
     finally:
         dd.finalize()
+
+
+def _datadist(role, cluster_id, transport, listen):
+    dd = LLMDataDist(role, cluster_id)
+    cfg = LLMConfig()
+    cfg.transport = transport
+    cfg.buf_pool_cfg = '{"buf_pool_size": 67108864}'
+    if listen:
+        cfg.listen_ip_info = "127.0.0.1:0"
+    dd.init(cfg.generate_options())
+    return dd
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_each_layer_pulled_from_the_hook_into_other_blocks(model, prompt, transport):
+    """The layer-wise flow over a real link (two engines in this process): as
+    each layer's K/V land in the prompt side's blocks, one pull_blocks call
+    moves that layer into the decoder's own, different block ids; the
+    decoder then continues exactly as the prompt side would."""
+    c = model.config
+    prompt_dd = _datadist(LLMRole.PROMPT, 1, transport, True)
+    decoder_dd = _datadist(LLMRole.DECODER, 2, transport, False)
+    try:
+        desc = CacheDesc(2 * c.num_layers, DataType.DT_FLOAT, [32, *c.block_shape])
+        prompt_cache = prompt_dd.cache_manager.allocate_blocks_cache(desc, BlocksCacheKey(1))
+        decoder_cache = decoder_dd.cache_manager.allocate_blocks_cache(desc)
+        info = LLMClusterInfo()
+        info.remote_cluster_id = 1
+        host, port = prompt_dd.listen_address.rsplit(":", 1)
+        info.append_remote_ip_info(host, int(port))
+        assert decoder_dd.link_clusters([info], timeout=10_000)[0] == LLMStatusCode.LLM_SUCCESS
+
+        needed = model.blocks_needed(len(prompt) + NEW_TOKENS)
+        prompt_table = BlockAllocator(32).allocate(needed)
+        decoder_table = [31 - 2 * i for i in range(needed)]
+        pulled = []
+
+        def send_layer(layer, ids):
+            decoder_dd.cache_manager.pull_blocks(
+                BlocksCacheKey(1), decoder_cache, src_blocks=ids,
+                dst_blocks=[decoder_table[prompt_table.index(i)] for i in ids],
+                src_layer_range=range(layer, layer + 1), dst_layer_range=range(layer, layer + 1))
+            pulled.append(layer)
+
+        here = layer_views(prompt_cache, c.num_layers)
+        there = layer_views(decoder_cache, c.num_layers)
+        first = model.prefill(prompt, here, prompt_table, send_layer)
+        assert pulled == list(range(c.num_layers))
+        assert torch.equal(model.forward([first], len(prompt), here, prompt_table),
+                           model.forward([first], len(prompt), there, decoder_table))
+        assert model.decode(first, len(prompt), here, prompt_table, NEW_TOKENS) == \
+            model.decode(first, len(prompt), there, decoder_table, NEW_TOKENS)
+        decoder_dd.unlink_clusters([info])
+    finally:
+        decoder_dd.finalize()
+        prompt_dd.finalize()
 
 
 def test_weights_are_deterministic_from_the_seed():
