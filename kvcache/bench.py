@@ -255,8 +255,8 @@ def _choices(allowed):
     def parse(text):
         items = [t.strip() for t in text.split(",")]
         bad = [t for t in items if t not in allowed]
-        if bad or not items:
-            raise argparse.ArgumentTypeError(f"{','.join(bad) or text!r}: choose from "
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from "
                                              f"{','.join(allowed)}")
         return items
     return parse
