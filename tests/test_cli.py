@@ -79,6 +79,22 @@ def test_info_text_and_json_describe_this_host():
     assert f"auto  picks {transports['auto']['picks']}" in text.stdout
 
 
+def test_info_works_where_libibverbs_cannot_load(tmp_path):
+    # A libibverbs.so.1 without any verbs symbol shadows the real one (as in
+    # test_rdma_support.py): info still answers, saying why RDMA is off.
+    stub = tmp_path / "stub.c"
+    stub.write_text("int pyverbs_kv_test_stub;\n")
+    for soname in ("libibverbs.so.1", "librdmacm.so.1"):
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(tmp_path / soname), str(stub),
+                        f"-Wl,-soname,{soname}"], check=True)
+    out = kvcache_cmd("info", "--json", env={"LD_LIBRARY_PATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["rdma"]["devices"] == [] and not info["transports"]["rdma"]["usable"]
+    assert "pyverbs_kv cannot be loaded" in info["transports"]["rdma"]["why"]
+    assert info["transports"]["auto"]["picks"] == "shm"
+
+
 @pytest.mark.rdma
 def test_info_lists_the_soft_roce_device_with_its_gids():
     info = json.loads(kvcache_cmd("info", "--json").stdout)
