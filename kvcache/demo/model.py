@@ -15,7 +15,7 @@ Float32 throughout: transfers copy bytes, so a disaggregated run equals a
 single-process one bit for bit whatever the dtype, provided both run the
 same kernels on the same values (this module always gathers the same
 shapes, whichever block ids hold the data). fp32 is what lets the
-Hugging Face comparison hold to ~1e-5 instead of fp16's ~1e-2 and keeps
+Hugging Face comparison hold to 1e-4 instead of fp16's ~1e-2 and keeps
 greedy argmax ties away; torch's CPU fp16 matmuls are also slow. Processes
 compared bit for bit should run the same torch with the same
 ``torch.set_num_threads`` (a GEMM's reduction split may follow the thread
