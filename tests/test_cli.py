@@ -98,13 +98,14 @@ def test_info_works_where_libibverbs_cannot_load(tmp_path):
 @pytest.mark.rdma
 def test_info_lists_the_soft_roce_device_with_its_gids():
     info = json.loads(kvcache_cmd("info", "--json").stdout)
-    assert info["rdma"]["available"] and info["transports"]["auto"]["picks"] == "rdma"
+    assert info["rdma"]["available"] and info["transports"]["auto"]["picks"] == "rdma", info
     device = info["rdma"]["devices"][0]
     port = device["ports"][0]
-    assert port["link_layer"] == "Ethernet" and port["state"] == "PORT_ACTIVE"
+    # ibv_port_state_str's words: "active", "down", ...
+    assert port["link_layer"] == "Ethernet" and port["state"] == "active", device
     chosen = [g for g in port["gids"] if g["index"] == port["default_gid_index"]]
-    assert chosen and chosen[0]["type"] == "RoCE v2" and chosen[0]["ipv4_mapped"]
-    assert chosen[0]["netdev"] and chosen[0]["gid"] == f"::ffff:{chosen[0]['ipv4']}"
+    assert chosen and chosen[0]["type"] == "RoCE v2" and chosen[0]["ipv4_mapped"], device
+    assert chosen[0]["netdev"] and chosen[0]["gid"] == f"::ffff:{chosen[0]['ipv4']}", device
     text = kvcache_cmd("info").stdout
     assert device["name"] in text and "IPv4-mapped" in text
 
