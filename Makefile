@@ -11,7 +11,8 @@ APT_TEST := etcd-server
 APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest iproute2 \
           busybox-static util-linux
 PIP_BUILD := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.24"
-PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0 etcd3gw==2.7.0
+PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0 etcd3gw==2.7.0 \
+            transformers==4.57.6
 # Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
 RUFF_VERSION := 0.17.5
 PIP_LINT := ruff==$(RUFF_VERSION)

@@ -1,18 +1,80 @@
-"""The ``kvcache`` command: ``kvcache bench [options]`` runs the transfer
-benchmark (``kvcache bench --help``)."""
+"""The ``kvcache`` command (``python -m kvcache``):
+
+    kvcache info [--json]      what this host offers: RDMA devices, ports, GIDs,
+                               memlock, usable transports, accelerator runtimes
+    kvcache bench [options]    the transfer benchmark (``kvcache bench --help``)
+    kvcache --version
+
+KVCACHE_DEBUG on prints the ``kvcache`` loggers' DEBUG lines on stderr."""
+import argparse
+import json
+import logging
 import sys
 
-COMMANDS = {"bench": "kvcache.bench"}
+from kvcache.config import env_flag
+from kvcache.status import LLMException
+
+
+def _version():
+    from kvcache.info import package_version
+    return package_version() or "unknown (source tree, not installed)"
+
+
+def _info(args, rest):
+    from kvcache.info import collect, render
+    info = collect()
+    print(json.dumps(info, indent=2) if args.json else render(info))
+    return 0
+
+
+def _bench(args, rest):
+    from kvcache import bench
+    bench.main(argv=rest, args=args)
+    return 0
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="kvcache", description="Move LLM KV cache between prefill and decode "
+        "processes over RDMA, TCP or shared memory.",
+        epilog="KVCACHE_DEBUG=1 prints the kvcache loggers' debug lines on stderr.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="{info,bench}", required=True)
+    info = commands.add_parser("info", help="RDMA devices, ports, GIDs, memlock, usable "
+                               "transports and accelerator runtimes on this host",
+                               description="What this host offers kvcache.")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(run=_info)
+    from kvcache.bench import __doc__ as bench_doc, add_arguments
+    bench = commands.add_parser("bench", help="transfer benchmark between two processes",
+                                description=bench_doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(bench)
+    bench.set_defaults(run=_bench)
+    return parser
+
+
+def _debug_logging():
+    """KVCACHE_DEBUG: a stderr handler on the ``kvcache`` logger only (the
+    root logger, and so other libraries' output, is left alone)."""
+    if env_flag("KVCACHE_DEBUG"):
+        logger = logging.getLogger("kvcache")
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        print(f"usage: kvcache {{{','.join(COMMANDS)}}} [options]", file=sys.stderr)
-        return 2
-    module = __import__(COMMANDS[argv[0]], fromlist=["main"])
-    module.main(argv[1:])
-    return 0
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        _debug_logging()
+        return args.run(args, argv[1:])
+    except LLMException as exc:
+        print(f"kvcache {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ median batch time, p50/p99 batch latency, and the CPU time this process
 spent per batch (all its threads). With N threads each thread moves its
 own batch at once; GB/s counts all of them."""
 import argparse
+import ctypes
 import importlib.util
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import statistics
 import sys
@@ -33,12 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = [1 << k for k in range(10, 19)]
 POOL = '{"buf_pool_size": %d}'
-
-
-def parse_size(text):
-    text = text.strip().upper()
-    factor = {"K": 1024, "M": 1 << 20}.get(text[-1], 1)
-    return int(text.rstrip("KM")) * factor
+PR_SET_PDEATHSIG = 1                   # <sys/prctl.h>
 
 
 def pool_bytes(size, batch, threads):
@@ -54,6 +51,7 @@ def desc_for(size, batch, threads):
 def target_main(addresses, done, largest, batch, threads, transport):
     """The prompt side: serves one blocks cache at a time ("bench.cache"
     allocates it), so the pool never holds more than the largest."""
+    _die_with_parent()
     dd = LLMDataDist(LLMRole.PROMPT, 1)
     cfg = LLMConfig()
     cfg.listen_ip_info = "127.0.0.1:0"
@@ -183,6 +181,7 @@ def memcpy_baseline(size, batch, seconds):
 
 
 def _sink(port_queue, total):
+    _die_with_parent()
     server = socket.create_server(("127.0.0.1", 0))
     port_queue.put(server.getsockname()[1])
     conn, _ = server.accept()
@@ -235,25 +234,93 @@ def descriptor_cost(batch=1538, layers=32, per_layer=2, repeat=200):
     return (time.process_time() - t0) / repeat * 1e3
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="kvcache bench",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default=",".join(f"{s // 1024}K" for s in SIZES),
-                        help="block sizes, comma-separated (default 1K..256K)")
-    parser.add_argument("--batch", type=int, default=1538, help="blocks per batch")
-    parser.add_argument("--ops", default="write,read", help="engine ops: write,read")
-    parser.add_argument("--transports", default="auto",
-                        help="comma-separated: auto,tcp,shm,rdma")
-    parser.add_argument("--threads", default="1",
+def size_list(text):
+    """``1K,64K,1M``: block sizes in bytes (argparse type: a bad item is a
+    one-line usage error naming it, not a traceback)."""
+    sizes = []
+    for item in text.split(","):
+        item = item.strip()
+        number, factor = item.upper(), 1
+        if number[-1:] in ("K", "M"):
+            number, factor = number[:-1], {"K": 1024, "M": 1 << 20}[number[-1]]
+        if not number.isdigit() or int(number) == 0:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not a block size: a positive integer of bytes, optionally "
+                "followed by K (KiB) or M (MiB), e.g. 16K")
+        sizes.append(int(number) * factor)
+    return sizes
+
+
+def _choices(allowed):
+    def parse(text):
+        items = [t.strip() for t in text.split(",")]
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from "
+                                             f"{','.join(allowed)}")
+        return items
+    return parse
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+        return value
+    return parse
+
+
+def _int_list(text):
+    return [_positive(int)(t) for t in text.split(",")]
+
+
+def add_arguments(parser):
+    """The bench options (``kvcache bench`` and bench/transfer_bench.py)."""
+    parser.add_argument("--sizes", type=size_list, default=SIZES,
+                        help="block sizes, comma-separated, K/M suffixes (default 1K..256K)")
+    parser.add_argument("--batch", type=_positive(int), default=1538, help="blocks per batch")
+    parser.add_argument("--ops", type=_choices(("write", "read")), default=["write", "read"],
+                        help="engine ops: write,read")
+    parser.add_argument("--transports", type=_choices(("auto", "tcp", "shm", "rdma")),
+                        default=["auto"], help="comma-separated: auto,tcp,shm,rdma")
+    parser.add_argument("--threads", type=_int_list, default=[1],
                         help="thread counts, comma-separated (each thread its own batch)")
-    parser.add_argument("--seconds", type=float, default=1.0, help="per cell")
+    parser.add_argument("--seconds", type=_positive(float), default=1.0, help="per cell")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--plot", default=None,
                         help="write a PNG of GB/s vs block size here (needs matplotlib)")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its markers")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="kvcache bench",
+                                     description=__doc__.splitlines()[0])
+    return add_arguments(parser).parse_args(argv)
+
+
+def memory_problem(args):
+    """Why the run cannot fit in this host's available memory (both
+    processes hold a pool for the largest size), or None."""
+    need = 2 * pool_bytes(max(args.sizes), args.batch, max(args.threads))
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None                      # not Linux-like: nothing to check against
+    if need > available:
+        return (f"blocks of {max(args.sizes)} bytes x {args.batch} x {max(args.threads)} "
+                f"threads need {need / (1 << 30):.1f} GiB in two pools, "
+                f"{available / (1 << 30):.1f} GiB available: use smaller --sizes, "
+                "--batch or --threads")
+    return None
 
 
 def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress):
@@ -332,6 +399,9 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
                 progress.step(label)
             dd.cache_manager.deallocate_cache(cache)
         dd.finalize()
+    except BaseException:
+        target.kill()                    # do not wait 60 s for a target we abandon
+        raise
     finally:
         done.set()
         target.join(60)
@@ -399,12 +469,55 @@ def plot(path, rows, memcpy, tcp_ref, sizes):
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    sizes = [parse_size(s) for s in args.sizes.split(",")]
-    ops = args.ops.split(",")
-    transports = args.transports.split(",")
-    thread_counts = [int(t) for t in args.threads.split(",")]
+def _die_with_parent():
+    """In a bench child: Ctrl-C reaches the whole process group, but only the
+    parent handles it (it ends its children); the kernel kills the child if
+    the parent dies any other way (SIGKILL, a crash)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    parent = mp.parent_process()
+    if parent is not None and os.getppid() != parent.pid:
+        os._exit(1)                      # the parent died before prctl took effect
+
+
+class Stopped(Exception):
+    """SIGTERM arrived (raised in the main thread by the handler)."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped()
+
+
+def main(argv=None, args=None):
+    """Run the bench from ``argv`` (or parsed ``args``). SIGTERM or Ctrl-C
+    ends the child processes and exits 143/130 with one line, no traceback."""
+    args = parse_args(argv) if args is None else args
+    problem = memory_problem(args)
+    if problem:
+        raise SystemExit(f"kvcache bench: {problem}")
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        run(args, argv)
+    except (KeyboardInterrupt, Stopped) as exc:
+        signum = signal.SIGTERM if isinstance(exc, Stopped) else signal.SIGINT
+        children = mp.active_children()
+        for child in children:
+            child.kill()
+        for child in children:
+            child.join(5)
+        sys.stdout.flush()
+        sys.stderr.write(f"\nkvcache bench: stopped by {signum.name}; ended "
+                         f"{len(children)} child process(es)\n")
+        sys.stderr.flush()
+        # Engine threads may be mid-transfer: leave without running their
+        # shutdown paths (which would wait on them, then print their errors).
+        os._exit(128 + signum)
+
+
+def run(args, argv=None):
+    sizes, ops, transports = args.sizes, args.ops, args.transports
+    thread_counts = args.threads
     batch = args.batch
     if args.plot:
         if importlib.util.find_spec("matplotlib") is None:

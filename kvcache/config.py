@@ -7,13 +7,13 @@ KVCACHE_RDMA_GID_INDEX GID index (default: the RoCE v2 IPv4-mapped GID)
 KVCACHE_SOCKET_IFNAME  pick the GID on this netdev; the FastDeploy-compatible
                        decoder listens on its IPv4 address
 KVCACHE_IB_TIMEOUT     ACK timeout exponent (default 14)
-KVCACHE_RELAX_ORDERING 1: register memory with relaxed ordering
+KVCACHE_RELAX_ORDERING on: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
 KVCACHE_AUTH_KEY       the shared secret every link must prove
 KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
-KVCACHE_DEBUG          1: debug logging for the kvcache loggers
+KVCACHE_DEBUG          on: debug logging for the kvcache loggers
 KVCACHE_DEBUG_FILE     append the kvcache loggers' records to this file (DEBUG
-                       and up with KVCACHE_DEBUG=1, else what the logging
+                       and up with KVCACHE_DEBUG on, else what the logging
                        configuration lets through: WARNING and up by default)
 KVCACHE_ERROR_FILE     append the kvcache loggers' ERROR records to this file
 KVCACHE_TRANSPORT      the FastDeploy-compatible RDMACommunicator's transport:
@@ -42,8 +42,9 @@ KVCACHE_PEER_MAX_NOTIFICATIONS  unread notifications kept per peer (default
                        1024); past it the sender gets LLM_OUT_OF_MEMORY
 KVCACHE_PEER_MAX_NOTIFY_BYTES   their bytes per peer (default 64 MiB)
 
-Flags (KVCACHE_DEBUG, KVCACHE_RELAX_ORDERING) take 1, true, on or yes, as
-FastDeploy reads them."""
+Switches (KVCACHE_DEBUG, KVCACHE_RELAX_ORDERING) are booleans: 1/true/yes/on
+turn them on, 0/false/no/off or unset leave them off (any case); anything else
+is LLM_PARAM_INVALID rather than a guess."""
 import logging
 import os
 import threading
@@ -68,8 +69,19 @@ def env_list(name):
     return [item for item in os.environ.get(name, "").split(",") if item]
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("", "0", "false", "no", "off")
+
+
 def env_flag(name):
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "on", "yes")
+    text = os.environ.get(name, "").strip().lower()
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                       f"{name}={os.environ[name]!r} is not a boolean (use one of "
+                       f"{', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS[1:])})")
 
 
 # (path, level) -> the handler installed for it; once per process.
@@ -79,10 +91,11 @@ _LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
 
 
 def apply_debug():
-    """KVCACHE_DEBUG=1: the kvcache loggers log at DEBUG. KVCACHE_DEBUG_FILE
+    """KVCACHE_DEBUG on: the kvcache loggers log at DEBUG. KVCACHE_DEBUG_FILE
     / KVCACHE_ERROR_FILE: a file handler on them (all records / ERROR and
-    up), installed once per path. Other handlers are the application's
-    business; none is installed without these variables."""
+    up), installed once per path. Only the ``kvcache`` logger is touched,
+    never the root, so other libraries' output is unchanged; other handlers
+    are the application's business (the ``kvcache`` command installs one)."""
     logger = logging.getLogger("kvcache")
     if env_flag("KVCACHE_DEBUG"):
         logger.setLevel(logging.DEBUG)
