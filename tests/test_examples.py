@@ -10,7 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = ["pull_blocks", "pull_cache", "pull_blocks_from_cache", "push_cache",
             "push_blocks", "switch_role", "xpyd", "fastdeploy_write_cache",
             "pull_blocks_rank_table", "pull_cache_rank_table",
-            "pull_from_cache_to_blocks_rank_table", "transfer_cache_async"]
+            "pull_from_cache_to_blocks_rank_table", "transfer_cache_async",
+            "transfer_backend"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
