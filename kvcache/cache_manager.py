@@ -407,8 +407,16 @@ class CacheManager:
 
     def _rpc_consume(self, peer, params):
         """A peer pulled every layer of the row a CacheKey names: the key is
-        used up (llm_datadist releases a key on a successful pull)."""
-        self.remove_cache_key(_cache_key(params))
+        used up (llm_datadist releases a key on a successful pull). Only a
+        key the peer could look up: one naming a cache offered to peers."""
+        key = _cache_key(params)
+        with self._lock:
+            cache_id, _ = self._by_key.get(key, (None, 0))
+            cache = self._caches.get(cache_id)
+            if cache is None or cache.cache_id in self._releasing or not cache.remote:
+                raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                   f"cluster {self._cluster_id} has no cache for {params}")
+        self.remove_cache_key(key)
         return {}
 
     # --- transfers ---------------------------------------------------------------
@@ -708,7 +716,16 @@ class CacheManager:
                 peer, remote = self._peer_and_remote(config.dst_cluster_id, config.cache_key,
                                                      fresh=True)
                 legs.append(plan_keyed(geometry, index, config, peer, remote))
-        return self._layerwise.start(geometry, legs, layer_synchronizer, transfer_id)
+        desc = src_cache.cache_desc
+        try:
+            _, pinned = self._engine.registry.pin_local(
+                np.asarray(src_cache.tensor_addrs, dtype=np.uint64),
+                np.full(len(src_cache.tensor_addrs), desc.tensor_bytes, dtype=np.uint64))
+        except LLMException:
+            raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                               f"src_cache {src_cache!r} is being freed") from None
+        return self._layerwise.start(geometry, legs, layer_synchronizer, transfer_id,
+                                     lambda: self._engine.registry.unpin(pinned))
 
     @public
     def wait_layers(self, transfer_id, layer_index=None, timeout_in_millis=None):

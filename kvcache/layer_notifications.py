@@ -19,6 +19,8 @@ from kvcache.status import LLMException, LLMStatusCode
 NOTIFY_METHOD = "cache.layers"
 MAX_ID_CHARS = 256
 MAX_KEPT = 4096                # transfers remembered at once; the oldest go first
+MAX_PER_PEER = 1024            # unfinished transfers one sender may have announced
+MAX_LAYERS = 4096              # layer notices one transfer may send
 LINK_CHECK_S = 0.1             # how often a waiter looks at the sender's link
 
 
@@ -79,18 +81,40 @@ class LayerNotifications:
         self._cond = threading.Condition()
 
     def serve(self, peer, params):
-        """The ``cache.layers`` handler (the link's responder thread)."""
+        """The ``cache.layers`` handler (the link's responder thread). A
+        transfer id belongs to the peer that announced it first until its
+        final notice: another sender's notice for it is refused, so no peer
+        can announce layers of a transfer it does not make. More than
+        MAX_LAYERS notices of one transfer, or more than MAX_PER_PEER
+        unfinished transfers of one sender, are refused too."""
         now = time.monotonic()
         with self._cond:
             key = params["transfer_id"]
             item = self._items.get(key)
+            if item is not None and not item.final and item._peer is not peer:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"transfer {key!r} is being announced by cluster "
+                                   f"{item.src_cluster_id}, not by this link")
             if item is None or item.final:      # an id used again starts afresh
+                unfinished = sum(1 for other in self._items.values()
+                                 if other._peer is peer and not other.final)
+                if unfinished >= MAX_PER_PEER:
+                    raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                                       f"{unfinished} transfers of this sender are unfinished "
+                                       f"(at most {MAX_PER_PEER})")
                 item = self._items[key] = LayerArrivals(key, peer)
                 self._items.move_to_end(key)
                 while len(self._items) > MAX_KEPT:
                     self._items.popitem(last=False)
-            if params["layer"] >= 0:
-                item.layers.append(params["layer"])
+            layer = params["layer"]
+            if layer >= 0:
+                # A layer may come twice (two configs of one task naming the
+                # same source layer), but never without bound.
+                if len(item.layers) >= MAX_LAYERS:
+                    raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                                       f"transfer {key!r}: more than {MAX_LAYERS} layer "
+                                       "notices")
+                item.layers.append(layer)
                 item.arrived_at.append(now)
             if params["final"]:
                 item.final = True

@@ -365,25 +365,32 @@ class LayerwiseSender:
         self._running = set()              # CacheTasks not finished
         self._closing = threading.Event()
 
-    def start(self, geometry, legs, synchronizer, transfer_id):
-        """Submit a planned task; returns its CacheTask."""
-        if not isinstance(synchronizer, LayerSynchronizer):
-            raise checks.invalid(f"layer_synchronizer must be a LayerSynchronizer, got "
-                                 f"{type(synchronizer).__name__}")
-        transfer_id = (f"{self._cluster_id}:{next(self._ids)}" if transfer_id is None
-                       else checked_transfer_id(transfer_id))
-        task = CacheTask(transfer_id, len(legs))
-        with self._lock:
-            if self._closing.is_set():
-                raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED, "cache manager closed")
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS,
-                                                thread_name_prefix="kv-layerwise")
-            self._running.add(task)
-            self._pool.submit(self._run, task, legs, synchronizer)
+    def start(self, geometry, legs, synchronizer, transfer_id, unpin):
+        """Submit a planned task; returns its CacheTask. ``unpin``: releases
+        the source cache's pins, held from here until the task ends so the
+        cache cannot be freed (and its memory reused) between layers."""
+        try:
+            if not isinstance(synchronizer, LayerSynchronizer):
+                raise checks.invalid(f"layer_synchronizer must be a LayerSynchronizer, got "
+                                     f"{type(synchronizer).__name__}")
+            transfer_id = (f"{self._cluster_id}:{next(self._ids)}" if transfer_id is None
+                           else checked_transfer_id(transfer_id))
+            task = CacheTask(transfer_id, len(legs))
+            with self._lock:
+                if self._closing.is_set():
+                    raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED,
+                                       "cache manager closed")
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=MAX_WORKERS,
+                                                    thread_name_prefix="kv-layerwise")
+                self._running.add(task)
+                self._pool.submit(self._run, task, legs, synchronizer, unpin)
+        except BaseException:
+            unpin()
+            raise
         return task
 
-    def _run(self, task, legs, synchronizer):
+    def _run(self, task, legs, synchronizer, unpin):
         try:
             self._send_layers(task, legs, synchronizer)
         except Exception as exc:                 # a bug must not leave waiters waiting
@@ -392,6 +399,7 @@ class LayerwiseSender:
                 if leg.active:
                     self._fail(task, leg, LLMStatusCode.LLM_FAILED, repr(exc))
         finally:
+            unpin()
             with self._lock:
                 self._running.discard(task)
             task._done.set()

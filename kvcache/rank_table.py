@@ -350,7 +350,7 @@ class RankTableLinks:
         return peer, None
 
     def _accepted(self, member):
-        peer = self._engine.find_peer(member.cluster_id)
+        peer = self._engine.find_peer(member.cluster_id, inbound=True)
         if peer is not None and peer.inbound and peer.state == LinkState.LINKED:
             return peer
         return None

@@ -64,6 +64,23 @@ class Actions:
         self.caches[cache.cache_id] = cache
         return cache.cache_id
 
+    def register_cache(self, num_tensors, shape, keys, remote_accessible=None):
+        """User-owned memory as a per-request cache named by CacheKeys."""
+        desc = CacheDesc(num_tensors, DataType.DT_FLOAT16, shape)
+        owned = [np.zeros(shape, dtype=np.float16) for _ in range(num_tensors)]
+        self._owned = getattr(self, "_owned", []) + owned
+        cache = self.dd.cache_manager.register_cache(
+            desc, [a.ctypes.data for a in owned],
+            [CacheKey(prompt_cluster_id=c, req_id=r) for c, r in keys],
+            remote_accessible=remote_accessible)
+        self.caches[cache.cache_id] = cache
+        return cache.cache_id
+
+    def has_key(self, cluster, req_id):
+        """Whether CacheKey(cluster, req_id) still names a cache here."""
+        return CacheKey(prompt_cluster_id=cluster, req_id=req_id) in \
+            self.dd.cache_manager._by_key
+
     def describe(self, cache_id):
         """What a lookup of the cache returns (addresses, region ids)."""
         return self.caches[cache_id].describe()

@@ -12,6 +12,8 @@ from kvcache import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType,
                      LayerSynchronizer, LLMClusterInfo, LLMConfig, LLMDataDist, LLMException,
                      LLMRole, LLMStatusCode, TransferConfig, TransferWithCacheKeyConfig)
 from kv_peer import PeerError
+from kvcache.engine.link import LinkState
+from kvcache.layer_notifications import MAX_PER_PEER, LayerNotifications
 from layerwise_peer import LayerwisePeer, layer_bytes
 
 LAYERS, DELAY_S = 8, 0.06
@@ -342,3 +344,41 @@ def test_finalize_stops_a_task_waiting_for_its_layer(pair):
     with pytest.raises(LLMException) as err:
         prefill.cache_manager
     assert err.value.status_code == LLMStatusCode.LLM_ENGINE_FINALIZED
+
+
+class _Sender:
+    """Stands in for a linked peer in LayerNotifications' bookkeeping."""
+
+    def __init__(self, cluster_id):
+        self.cluster_id = cluster_id
+        self.state = LinkState.LINKED
+
+
+def _notice(transfer_id, layer, final=False):
+    return {"transfer_id": transfer_id, "layer": layer, "final": final, "status": 0,
+            "message": ""}
+
+
+def test_a_transfer_is_announced_only_by_its_sender():
+    notices, first, second = LayerNotifications(), _Sender(1), _Sender(2)
+    notices.serve(first, _notice("req-1", 0))
+    with pytest.raises(LLMException) as other:
+        notices.serve(second, _notice("req-1", 1, final=True))
+    assert other.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+    notices.serve(first, _notice("req-1", 1, final=True))
+    arrived = notices.wait("req-1", None, 1000)
+    assert arrived.layers == [0, 1] and arrived.src_cluster_id == 1
+    # Once finished, the id is free for the next transfer, whoever makes it.
+    notices.serve(second, _notice("req-1", 0, final=True))
+    assert notices.wait("req-1", None, 1000).src_cluster_id == 2
+
+
+def test_one_sender_cannot_keep_more_than_its_share_of_unfinished_transfers():
+    notices, flooder, other = LayerNotifications(), _Sender(1), _Sender(2)
+    for i in range(MAX_PER_PEER):
+        notices.serve(flooder, _notice(i, 0))
+    with pytest.raises(LLMException) as full:
+        notices.serve(flooder, _notice(MAX_PER_PEER, 0))
+    assert full.value.status_code == LLMStatusCode.LLM_OUT_OF_MEMORY
+    notices.serve(other, _notice("fair", 0, final=True))
+    assert notices.wait("fair", None, 1000).layers == [0]

@@ -130,6 +130,31 @@ def test_lookups_find_offered_caches_only(owner):
         attacker.close()
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_peer_cannot_consume_the_key_of_a_cache_kept_local(transport):
+    # A key is consumed on its owner when a peer reports a whole-row pull;
+    # a peer must not use that report to drop a key it could never look up.
+    peer = PeerProcess("prompt", 1, transport=transport, auth_key=KEY, buf_pool_cfg=POOL)
+    try:
+        peer.call("register_cache", 2, [1, 4096], [(1, 7)], remote_accessible=False)
+        peer.call("register_cache", 2, [1, 4096], [(1, 8)])
+        attacker = Attacker(peer.address, transport)
+        try:
+            kept = attacker.call("cache.consume", {"by": "key", "cluster_id": 1, "req_id": 7})
+            assert kept["status"] == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+            unknown = attacker.call("cache.consume", {"by": "key", "cluster_id": 1,
+                                                      "req_id": 9})
+            assert unknown["status"] == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+            offered = attacker.call("cache.consume", {"by": "key", "cluster_id": 1,
+                                                      "req_id": 8})
+            assert offered["status"] == 0
+        finally:
+            attacker.close()
+        assert peer.call("has_key", 1, 7) and not peer.call("has_key", 1, 8)
+    finally:
+        peer.close()
+
+
 def test_raw_descriptors_outside_offered_caches_are_refused(owner):
     transport, peer, caches, described = owner
     base, size = peer.call("pool")
