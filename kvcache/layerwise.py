@@ -66,7 +66,8 @@ class TransferConfig:
     TransferConfig): ``dst_addrs`` is the address of each destination
     tensor of the layers in ``src_layer_range`` (2 per layer; for a
     contiguous destination already offset to its batch row), in memory the
-    cluster ``dst_cluster_id`` registered. ``src_layer_range``: range with
+    cluster ``dst_cluster_id`` offered to peers (registered
+    remote_accessible). ``src_layer_range``: range with
     step 1 (None: every layer); ``src_batch_index``: the source row when
     the source is a contiguous cache. LLM_PARAM_INVALID for bad values."""
 
