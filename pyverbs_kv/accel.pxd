@@ -13,6 +13,10 @@ cdef class Memory(AccelObject):
     cdef readonly bint on_device
     cdef check_open(self)
 
+cdef class PinnedMemory(Memory):
+    cdef int exports
+    cdef check_no_views(self)
+
 cdef class Span:
     cdef void *addr
     cdef size_t avail

@@ -7,7 +7,7 @@ accelerator binding must load on a machine without rdma-core."""
 import weakref
 
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE,
-                             PyBUF_ANY_CONTIGUOUS, PyBUF_SIMPLE)
+                             PyBUF_ANY_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_FORMAT)
 from libc.stdint cimport uintptr_t
 from posix.dlfcn cimport dlopen, dlsym, dlerror, dlclose, RTLD_NOW, RTLD_LOCAL
 
@@ -94,6 +94,38 @@ cdef class Memory(AccelObject):
 
     def __repr__(self):
         return f"<{type(self).__name__} ptr={self.ptr:#x} nbytes={self.nbytes}>"
+
+
+cdef class PinnedMemory(Memory):
+    """Pinned host memory: Memory with the buffer protocol
+    (``numpy.frombuffer(buf, numpy.uint8)``, ``memoryview``)."""
+
+    def __getbuffer__(self, Py_buffer *view, int flags):
+        self.check_open()
+        self.exports += 1
+        view.buf = self.addr
+        view.obj = self
+        view.len = self.nbytes
+        view.readonly = 0
+        view.itemsize = 1
+        view.format = NULL
+        if flags & PyBUF_FORMAT:
+            view.format = <char *>"B"
+        view.ndim = 1
+        view.shape = NULL
+        view.strides = NULL
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer *view):
+        self.exports -= 1
+
+    cdef check_no_views(self):
+        if self.exports:
+            # As mmap does: freeing under a live view would let it write
+            # into memory that is no longer ours.
+            raise BufferError(f"{type(self).__name__} has {self.exports} live buffer views; "
+                              "release them (del the arrays/memoryviews) before closing")
 
 
 cdef class Span:

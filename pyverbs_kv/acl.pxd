@@ -1,7 +1,7 @@
 # The AscendCL runtime (acl/acl_base.h, acl/acl_rt.h) as its types are declared
 # there; the functions are reached through pointers dlsym'd at first use.
 from libc.stdint cimport int32_t, uint32_t
-from pyverbs_kv.accel cimport AccelObject, Memory
+from pyverbs_kv.accel cimport AccelObject, Memory, PinnedMemory
 
 ctypedef int aclError
 ctypedef void *aclrtStream
@@ -43,9 +43,8 @@ cdef class DeviceBuffer(Memory):
     cdef readonly Context ctx
 
 
-cdef class HostBuffer(Memory):
+cdef class HostBuffer(PinnedMemory):
     cdef readonly Context ctx
-    cdef int exports
 
 
 cdef class Stream(AccelObject):

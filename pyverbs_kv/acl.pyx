@@ -19,9 +19,9 @@ import os
 import threading
 import weakref
 
-from cpython.buffer cimport PyBUF_FORMAT
 from libc.stdint cimport int32_t, uint32_t, uintptr_t
-from pyverbs_kv.accel cimport AccelObject, Memory, Span, span, open_library
+from pyverbs_kv.accel cimport (AccelObject, Memory, PinnedMemory, Span, span,
+                               open_library)
 from pyverbs_kv.accel import AcceleratorError, RuntimeUnavailable
 
 ACL_SUCCESS = 0
@@ -472,40 +472,16 @@ cdef class DeviceBuffer(Memory):
             c_aclrtFree(self.addr)
 
 
-cdef class HostBuffer(Memory):
+cdef class HostBuffer(PinnedMemory):
     """Pinned host memory from ``Context.alloc_host``: ``ptr``, ``nbytes``, and
     the buffer protocol (``numpy.frombuffer(buf, numpy.uint8)``, ``memoryview``).
     ``close()`` refuses (BufferError) while views are alive, waits for the
     context's streams, then ``aclrtFreeHost``; idempotent."""
 
-    def __getbuffer__(self, Py_buffer *view, int flags):
-        self.check_open()
-        self.exports += 1
-        view.buf = self.addr
-        view.obj = self
-        view.len = self.nbytes
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = NULL
-        if flags & PyBUF_FORMAT:
-            view.format = <char *>"B"
-        view.ndim = 1
-        view.shape = NULL
-        view.strides = NULL
-        view.suboffsets = NULL
-        view.internal = NULL
-
-    def __releasebuffer__(self, Py_buffer *view):
-        self.exports -= 1
-
     def close(self):
         if self.addr == NULL:
             return
-        if self.exports:
-            # As mmap does: freeing under a live view would let it write
-            # into memory that is no longer ours.
-            raise BufferError(f"HostBuffer has {self.exports} live buffer views; "
-                              "release them (del the arrays/memoryviews) before closing")
+        self.check_no_views()
         try:
             self.ctx.synchronize()
         finally:

@@ -1,6 +1,6 @@
 # The CUDA runtime (cuda_runtime_api.h, driver_types.h) as its types are
 # declared there; the functions are reached through pointers dlsym'd at first use.
-from pyverbs_kv.accel cimport AccelObject, Memory
+from pyverbs_kv.accel cimport AccelObject, Memory, PinnedMemory
 
 ctypedef int cudaError_t
 ctypedef void *cudaStream_t
@@ -48,9 +48,8 @@ cdef class DeviceBuffer(Memory):
     cdef readonly Context ctx
 
 
-cdef class HostBuffer(Memory):
+cdef class HostBuffer(PinnedMemory):
     cdef readonly Context ctx
-    cdef int exports
 
 
 cdef class Stream(AccelObject):
