@@ -5,6 +5,7 @@ agents in two processes exchange their metadata through NIXL's own
 ``get_agent_metadata``/``add_remote_agent``; each batch is one transfer
 request made from the bench's descriptor lists (``initialize_xfer``), posted
 and polled until done."""
+import logging
 import time
 
 import numpy as np
@@ -12,12 +13,15 @@ import numpy as np
 NAME = "nixl"
 PIP = "pip install --no-deps nixl-cu12==1.5.1"
 MODULE = "nixl_cu12._api"
-# NIXL logs INFO to stdout, which would mix into the bench's table.
-QUIET = {"NIXL_LOG_LEVEL": "WARN"}
+# UCX's InfiniBand modules stay unloaded: they bring the wheel's own copy of
+# libnl-route next to the system's (which rdma-core's providers load), and
+# that copy's destructor segfaults at process exit (rtnl_tc_unregister, seen
+# with nixl-cu12 1.5.1); host memory over tcp or cma never needs them.
+BASE = {"UCX_MODULES": "^ib*"}
 # UCX picks its transports itself (on one host: cma, the kernel copying
 # between the two processes' memory); UCX_TLS=tcp holds it to TCP sockets,
 # the row to read next to the tcp rows.
-VARIANTS = {"tcp": {**QUIET, "UCX_TLS": "tcp"}, "ucx-auto": QUIET}
+VARIANTS = {"tcp": {**BASE, "UCX_TLS": "tcp"}, "ucx-auto": BASE}
 TARGET, INITIATOR = "kvcache-bench-target", "kvcache-bench-initiator"
 DEADLINE_S = 60
 READY_TIMEOUT_S = 60
@@ -25,6 +29,8 @@ READY_TIMEOUT_S = 60
 
 def _agent(name):
     from nixl_cu12._api import nixl_agent, nixl_agent_config
+    # NIXL logs INFO to stdout, which would mix into the bench's table.
+    logging.getLogger("nixl").setLevel(logging.WARNING)
     return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
 
 
