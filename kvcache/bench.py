@@ -547,6 +547,7 @@ def run(args, argv=None):
                                   memcpy_batch, progress)
 
     table = render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes)
+    table += bench_peers.render_versus(rows)
     print(table)
     result = dict(batch=batch, threads=thread_counts, tcp_loopback_GBps=tcp_ref,
                   descriptor_ms=desc_ms,

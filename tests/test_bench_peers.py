@@ -44,8 +44,11 @@ def test_peer_rows_next_to_ours(name, tmp_path):
     table = out.stdout
     for transport in peer.VARIANTS:
         assert f"| {transport} | {name} | read | 1 | 16 KiB |" in table
+        # The ratios to our engine on the matching transport (tcp ran here).
+        if peer.OURS.get(transport, transport) == "tcp":
+            assert f"| tcp engine | {name} {transport} | read | " in table
     # Neither library's log lines reach the table.
-    assert all(line.startswith("|") or not line.strip() or line.startswith("Batch of")
+    assert all(line.startswith(("|", "Batch of", "Ours vs peers")) or not line.strip()
                for line in table.splitlines()), table
 
 

@@ -7,6 +7,7 @@ memcpy baseline so their rows read like ours.
 One module per peer (``mooncake_te``, ``nixl_ucx``), each with the same
 shape: ``NAME``, ``PIP`` (what to install), ``MODULE`` (what must import),
 ``VARIANTS`` (transport label -> environment for both processes),
+``OURS`` (a variant -> which of our transports its rows compare with),
 ``target_main(conn, nbytes, fill)`` (the serving process) and
 ``Initiator(conn, nbytes, fill)`` (this process's side: ``batch(op, local,
 remote, lengths)`` returns a callable moving one batch, ``close()``).
@@ -127,6 +128,30 @@ def _run_variant(peer, transport, sizes, ops, batch, seconds, measure, memcpy_ba
             target.kill()
             target.join(5)
     return rows
+
+
+def render_versus(rows):
+    """Markdown lines after the bench table: per peer variant and op, our
+    engine's GB/s divided by the peer's at each block size (one thread), or
+    "" when no peer ran."""
+    peers = [r for r in rows if r["path"] in PEERS]
+    if not peers:
+        return ""
+    ours = {(r["transport"], r["op"], r["block"]): r["GBps"] for r in rows
+            if r["path"] == "engine" and r["threads"] == 1}
+    sizes = sorted({r["block"] for r in peers})
+    lines = ["", "Ours vs peers, one thread, the same blocks: our engine's GB/s divided by the "
+             "peer's (above 1: ours is faster).", "",
+             "| ours | peer | op | " + " | ".join(f"{s // 1024} KiB" for s in sizes) + " |",
+             "|---|---|---|" + "---|" * len(sizes)]
+    for path, transport, op in dict.fromkeys((r["path"], r["transport"], r["op"]) for r in peers):
+        mine = PEERS[path].OURS.get(transport, transport)
+        theirs = {r["block"]: r["GBps"] for r in peers
+                  if (r["path"], r["transport"], r["op"]) == (path, transport, op)}
+        cells = [f"{ours[(mine, op, s)] / theirs[s]:.1f}x"
+                 if (mine, op, s) in ours and theirs.get(s) else "-" for s in sizes]
+        lines.append(f"| {mine} engine | {path} {transport} | {op} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 @contextlib.contextmanager

@@ -8,9 +8,10 @@ import numpy as np
 NAME = "mooncake"
 PIP = "pip install mooncake-transfer-engine-non-cuda==0.3.13.post1"
 MODULE = "mooncake.engine"
-# glog's INFO/WARNING lines (one per segment, handshake and topology probe)
+# Its INFO/WARNING lines (one per segment, handshake and topology probe)
 # would interleave with the bench's output; errors still show.
-VARIANTS = {"tcp": {"GLOG_minloglevel": "2"}}
+VARIANTS = {"tcp": {"MC_LOG_LEVEL": "ERROR"}}
+OURS = {}
 
 
 def _engine():

@@ -22,6 +22,9 @@ BASE = {"UCX_MODULES": "^ib*"}
 # between the two processes' memory); UCX_TLS=tcp holds it to TCP sockets,
 # the row to read next to the tcp rows.
 VARIANTS = {"tcp": {**BASE, "UCX_TLS": "tcp"}, "ucx-auto": BASE}
+# cma moves bytes between two processes' memory without a socket: the
+# same-host class of our shm transport.
+OURS = {"ucx-auto": "shm"}
 TARGET, INITIATOR = "kvcache-bench-target", "kvcache-bench-initiator"
 DEADLINE_S = 60
 READY_TIMEOUT_S = 60
