@@ -17,7 +17,9 @@ MODULE = "nixl_cu12._api"
 # libnl-route next to the system's (which rdma-core's providers load), and
 # that copy's destructor segfaults at process exit (rtnl_tc_unregister, seen
 # with nixl-cu12 1.5.1); host memory over tcp or cma never needs them.
-BASE = {"UCX_MODULES": "^ib*"}
+# UCX_NET_DEVICES=lo: UCX would also stripe TCP over the host's other
+# interfaces (eth0's address), and the bench talks over loopback only.
+BASE = {"UCX_MODULES": "^ib*", "UCX_NET_DEVICES": "lo"}
 # UCX picks its transports itself (on one host: cma, the kernel copying
 # between the two processes' memory); UCX_TLS=tcp holds it to TCP sockets,
 # the row to read next to the tcp rows.
