@@ -13,10 +13,9 @@ shape: ``NAME``, ``PIP`` (what to install), ``MODULE`` (what must import),
 remote, lengths)`` returns a callable moving one batch, ``close()``).
 
 Peers are an optional extra (``pip install .[peers]`` and ``nixl-cu12``
-without its dependencies; ``make bench-peers``): nothing else imports them."""
+without its dependencies; ``make bench-peers``): only ``--peers`` loads them."""
 import argparse
 import contextlib
-import importlib
 import importlib.util
 import multiprocessing as mp
 import os
@@ -115,7 +114,7 @@ def _run_variant(peer, transport, sizes, ops, batch, seconds, measure, memcpy_ba
                 rows.append(dict(transport=transport, path=peer.NAME, op=op, block=size,
                                  threads=1, **cell))
                 progress.step(label)
-            del baseline
+            del baseline               # its two buffers go before the next size's
     except BaseException:
         target.kill()
         raise
