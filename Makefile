@@ -16,6 +16,12 @@ PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0 etcd3gw==2.7.0 \
 # Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
 RUFF_VERSION := 0.17.5
 PIP_LINT := ruff==$(RUFF_VERSION)
+# `kvcache bench --peers` (never needed by `make test`): Mooncake comes from the `peers` extra in
+# pyproject.toml; nixl-cu12 goes in without dependencies (it declares torch, which PyPI resolves
+# to a multi-GB CUDA build; its Python side imports only numpy).
+PIP_PEERS_NODEPS := nixl-cu12==1.5.1
+# Extra options for `make bench-peers`, e.g. "--plot docs/transfer_bench.png --readme".
+BENCH_PEERS_ARGS ?=
 
 .PHONY: setup setup-vm build demo demo-rdma test test-host test-rdma bench-verbs bench clean \
         lint wheel-check
@@ -77,6 +83,16 @@ bench: build
 	$(PY) -m pip install -q matplotlib
 	$(PY) -m kvcache bench --transports tcp,shm --threads 1,2 --plot docs/transfer_bench.png \
 	    --readme
+
+$(VENV)/.peers-installed: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q --no-build-isolation -e ".[peers,bench]"
+	$(PY) -m pip install -q --no-deps $(PIP_PEERS_NODEPS)
+	touch $@
+
+# Our tcp and shm rows next to Mooncake's and NIXL's, in one run.
+.PHONY: bench-peers
+bench-peers: build $(VENV)/.peers-installed
+	$(PY) -m kvcache bench --transports tcp,shm --threads 1,2 --peers $(BENCH_PEERS_ARGS)
 
 bench-verbs: setup-vm build
 	scripts/rdma-vm --timeout 2400 -- python bench/verbs_bench.py

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
-                     LLMDataDist, LLMRole)
+                     LLMDataDist, LLMRole, bench_peers)
 from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
 from pyverbs_kv import sgio
 
@@ -294,6 +294,11 @@ def add_arguments(parser):
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--plot", default=None,
                         help="write a PNG of GB/s vs block size here (needs matplotlib)")
+    parser.add_argument("--peers", type=bench_peers.peer_list, nargs="?", default=[],
+                        const=",".join(bench_peers.PEERS),
+                        help="also run the batches through other engines: "
+                             f"{','.join(bench_peers.PEERS)} (all when bare; needs the "
+                             "peers extra, `make bench-peers`)")
     parser.add_argument("--readme", action="store_true",
                         help="also put the table into README.md between its markers")
     return parser
@@ -493,7 +498,7 @@ def main(argv=None, args=None):
     """Run the bench from ``argv`` (or parsed ``args``). SIGTERM or Ctrl-C
     ends the child processes and exits 143/130 with one line, no traceback."""
     args = parse_args(argv) if args is None else args
-    problem = memory_problem(args)
+    problem = memory_problem(args) or (args.peers and bench_peers.missing(args.peers))
     if problem:
         raise SystemExit(f"kvcache bench: {problem}")
     signal.signal(signal.SIGTERM, _raise_stopped)
@@ -524,6 +529,7 @@ def run(args, argv=None):
             raise SystemExit("--plot needs matplotlib (pip install matplotlib)")
 
     cells = len(sizes) * (1 + len(transports) * len(thread_counts) * (len(ops) + 1)) + 2
+    cells += bench_peers.cell_count(args.peers, sizes, ops)
     progress = Progress(cells)
     tcp_ref = tcp_loopback_baseline(256 * 1024)
     progress.step("tcp loopback baseline")
@@ -537,8 +543,11 @@ def run(args, argv=None):
     for transport in transports:
         rows += run_transport(transport, sizes, ops, batch, thread_counts, args.seconds,
                               progress)
+    rows += bench_peers.run_peers(args.peers, sizes, ops, batch, args.seconds, measure,
+                                  memcpy_batch, progress)
 
     table = render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes)
+    table += bench_peers.render_versus(rows)
     print(table)
     result = dict(batch=batch, threads=thread_counts, tcp_loopback_GBps=tcp_ref,
                   descriptor_ms=desc_ms,
