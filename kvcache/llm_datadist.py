@@ -302,7 +302,9 @@ class LLMDataDist:
         self._engine = None
         try:
             self._discovery = discovery.open_discovery(options.get(OPT_METADATA_SERVER, ""))
-            self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=listen or None,
+            # The engine listens once the cache manager serves its calls, so
+            # no peer links to a cluster that cannot answer its lookups yet.
+            self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=None,
                                           cluster_id=self.cluster_id,
                                           role=self.role.engine_role,
                                           transport=self.transport,
@@ -318,15 +320,21 @@ class LLMDataDist:
                 self._engine, pool, self.cluster_id, self.sync_timeout_ms,
                 pool_configured=pool_configured,
                 remote_cache_accessible=options.get(OPT_REMOTE_CACHE_ACCESSIBLE) == "1")
+            if listen:
+                self._engine.start_listening(listen)
             self._publish()
             self._rank_links = RankTableLinks(self._engine, self.cluster_id)
         except BaseException:
+            # Unwind in the order finalize closes: what each part holds
+            # (threads, sockets, registrations) goes with it.
+            if self._cache_manager is not None:
+                self._cache_manager.close()
             if self._engine is not None:
                 self._engine.close()
             if self._discovery is not None:
                 self._discovery.close()
             pool.close()
-            self._engine = self._cache_manager = None
+            self._engine = self._cache_manager = self._discovery = None
             raise
         self._pool = pool
 
