@@ -499,10 +499,16 @@ class LLMDataDist:
         poll query_register_mem_status(comm_id) until OK (or FAILED). We
         listen at our member's device_ip and port (kvcache.rank_table).
         LLM_PARAM_INVALID naming the field for a bad table or one without
-        this cluster, or when that address cannot be listened on."""
+        this cluster, or when that address cannot be listened on. A member
+        already linked (link_clusters, either direction) keeps its link and
+        counts as linked at once. When the cluster listened nowhere before,
+        its member address is published to the metadata server like any
+        listen address."""
         self._started()
-        return self._rank_links.link(comm_name, cluster_rank_info, rank_table,
-                                     self.rank_table_port, self.link_timeout_ms)
+        comm_id = self._rank_links.link(comm_name, cluster_rank_info, rank_table,
+                                        self.rank_table_port, self.link_timeout_ms)
+        self._publish()
+        return comm_id
 
     @public
     def unlink(self, comm_id):
@@ -511,6 +517,7 @@ class LLMDataDist:
         an unknown comm id."""
         self._started()
         self._rank_links.unlink(comm_id, self.link_timeout_ms)
+        self._publish()
 
     @public
     def query_register_mem_status(self, comm_id):
@@ -524,7 +531,8 @@ class LLMDataDist:
     def switch_role(self, role, switch_options=None):
         """Become ``role``, as llm_datadist's cache-manager mode: no
         enable_switch_role needed, any role to any role. LLM_EXIST_LINK
-        while links remain (unlink first). With switch_options
+        while links or rank-table comms remain (unlink first: a comm's
+        member address may be the listener this call would stop). With switch_options
         {"llm.listenIpInfo": "ip:port"} the cluster listens there from now
         on; without it, it stops listening."""
         engine = self._started()
@@ -535,6 +543,10 @@ class LLMDataDist:
         listen = options.get(OPT_LISTEN) or options.get(OPT_LISTEN_OURS) or ""
         if listen:
             parse_address(listen)
+        comms = self._rank_links.comm_ids()
+        if comms:
+            raise LLMException(LLMStatusCode.LLM_EXIST_LINK,
+                               f"unlink the rank-table comms {comms} first")
         # A peer's unlink returns once we answered its BYE; our side of that
         # link closes a moment later, when the connection drops.
         deadline = time.monotonic() + engine.timeout_ms / 1000
