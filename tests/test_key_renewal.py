@@ -6,6 +6,7 @@ bounded number of memory regions however often a cache is renewed.
 Engines in one process linked over real sockets. On the host the revocation
 protocol runs over TCP made one-sided (the owner then relies on peers
 dropping old ids, as on RDMA); inside the Soft-RoCE VM over RDMA itself."""
+import subprocess
 import threading
 
 import numpy as np
@@ -18,6 +19,7 @@ from kvcache.engine import TRANSPORTS
 from kvcache.transports.tcp.transport import TcpTransport
 
 TENSORS, ROWS, ELEMS = 8, 4, 256
+RENEWALS = 40
 
 
 class OneSidedTcp(TcpTransport):
@@ -33,6 +35,7 @@ class RevokeCounter:
     peer engine serves."""
 
     def __init__(self, engine):
+        self.engine = engine
         self.calls = []
         self.entered = threading.Event()
         self.hold = threading.Event()
@@ -118,3 +121,36 @@ def test_a_slow_peer_revoking_does_not_block_other_cache_manager_calls(world, tr
         slow.hold.set()
         remover.join(30)
     assert not remover.is_alive()
+
+
+
+def _live_mrs():
+    out = subprocess.run(["rdma", "resource", "show"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    return sum(int(out[i + 1]) for i, k in enumerate(out) if k == "mr")
+
+
+@pytest.mark.rdma
+def test_renewals_with_no_transfer_running_keep_the_memory_regions_bounded(world):
+    owner, cm, counters = world("rdma", peers=1)
+    keys = [CacheKey(1, req_id=i) for i in range(ROWS)]
+    cache, arrays = registered(cm, keys)
+    before = _live_mrs()
+    with watchdog(120):
+        for key in keys:
+            cm.remove_cache_key(key)
+        region = cache.region_ids[0]
+        for _ in range(RENEWALS):
+            region = owner.renew_region(region)
+        grown = _live_mrs() - before
+        assert grown == 0, f"{grown} memory regions more after {ROWS + RENEWALS} renewals"
+        # The live generation still serves the peer: read it back over RDMA.
+        arrays[0][:] = np.arange(arrays[0].size, dtype=np.float16)
+        back = np.zeros_like(arrays[0])
+        reader = counters[0].engine
+        reader.register_memory(back.ctypes.data, back.nbytes)
+        link = reader.peers()[0]
+        reader.refresh_regions(link)
+        reader.transfer_sync(link, "read", [back.ctypes.data], [arrays[0].ctypes.data],
+                             [back.nbytes], remote_regions=[region])
+    np.testing.assert_array_equal(back, arrays[0])

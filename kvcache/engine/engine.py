@@ -274,10 +274,15 @@ class TransferEngine:
         every linked peer drops them and finishes its transfers on them,
         one control call per peer; a peer that does not confirm within the
         engine's timeout_ms is cut off. Nothing to do on other transports
-        (the owner checks every piece itself)."""
+        (the owner checks every piece itself). Afterwards no transfer runs
+        under those ids any more (each peer confirmed or was cut off), so
+        the transport releases what it kept for them (an RDMA MR each)."""
         ids = [checks.integer(i, "region id", 1) for i in region_ids]
         if ids and self.transport.one_sided:
             self._revoke(ids, time.monotonic() + self.timeout_ms / 1000)
+            for i in ids:
+                if i not in self.registry:          # an earlier generation, not a live id
+                    self.transport.retire_region(i)
 
     def regions(self):
         """[(region_id, addr, length)] of the memory we offer to peers (what
