@@ -349,6 +349,16 @@ class LLMDataDist:
                                       "transport": engine.transport.name,
                                       "cluster_id": self.cluster_id, "role": engine.role})
 
+    def _republish(self):
+        """_publish after the rank-table flow moved the listener: members
+        reach each other at the rank table's addresses, so a metadata
+        server that does not answer costs only lookups by cluster id."""
+        try:
+            self._publish()
+        except LLMException as exc:
+            log.warning("cluster %d: publishing the listen address failed: %s",
+                        self.cluster_id, exc)
+
     def _started(self):
         if self._engine is None:
             raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED,
@@ -507,7 +517,7 @@ class LLMDataDist:
         self._started()
         comm_id = self._rank_links.link(comm_name, cluster_rank_info, rank_table,
                                         self.rank_table_port, self.link_timeout_ms)
-        self._publish()
+        self._republish()
         return comm_id
 
     @public
@@ -517,7 +527,7 @@ class LLMDataDist:
         an unknown comm id."""
         self._started()
         self._rank_links.unlink(comm_id, self.link_timeout_ms)
-        self._publish()
+        self._republish()
 
     @public
     def query_register_mem_status(self, comm_id):
