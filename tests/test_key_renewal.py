@@ -57,6 +57,7 @@ def world(monkeypatch):
     made = []
 
     def build(transport, peers=2):
+        """(owner engine, its cache manager, a RevokeCounter per linked peer)."""
         owner = TransferEngine("owner", cluster_id=1, transport=transport,
                                listen="127.0.0.1:0", timeout_ms=20_000)
         pool = BufferPool(BufPoolConfig(pool_size=4 << 20))
@@ -71,6 +72,13 @@ def world(monkeypatch):
             counters.append(RevokeCounter(peer))
         return owner, cm, counters
 
+    def manager(engine):
+        """A cache manager of a peer's own (closed after the engines)."""
+        pool = BufferPool(BufPoolConfig(pool_size=4 << 20))
+        made.append(pool)
+        return CacheManager(engine, pool, engine.cluster_id, 20_000)
+
+    build.manager = manager
     yield build
     for thing in made:
         thing.close()
@@ -123,6 +131,20 @@ def test_a_slow_peer_revoking_does_not_block_other_cache_manager_calls(world, tr
     assert not remover.is_alive()
 
 
+
+@pytest.mark.parametrize("transport", TRANSPORT_PARAMS)
+def test_a_pull_consuming_a_key_costs_one_revocation_round_per_peer(world, transport):
+    owner, cm, counters = world(transport)
+    cache, arrays = registered(cm, [CacheKey(1, req_id=7)])
+    for i, a in enumerate(arrays):
+        a[:] = i + 1
+    mine = world.manager(counters[0].engine)
+    dst = mine.allocate_cache(CacheDesc(TENSORS, DataType.DT_FLOAT16, [ROWS, ELEMS]))
+    with watchdog(60):
+        mine.pull_cache(CacheKey(1, req_id=7), dst)          # every layer: consumed
+    assert [len(c.calls) for c in counters] == [1, 1]
+    assert sorted(counters[1].calls[0]) == sorted(set(counters[0].calls[0]))
+    assert all((t[0] == i + 1).all() for i, t in enumerate(dst.tensors()))
 
 def _live_mrs():
     out = subprocess.run(["rdma", "resource", "show"], capture_output=True, text=True,
