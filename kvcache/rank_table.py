@@ -365,6 +365,11 @@ class RankTableLinks:
         try:
             peer = self._engine.connect(address, timeout_ms=left_ms)
         except LLMException as exc:
+            made = self._engine.find_peer(member.cluster_id, inbound=False)
+            if (exc.status_code == LLMStatusCode.LLM_ALREADY_LINK and made is not None
+                    and made.state == LinkState.LINKED):
+                comm.reused.add(made)       # linked meanwhile (link_clusters): use that one
+                return made, None
             return None, str(exc)
         if peer.cluster_id != member.cluster_id:
             self._engine.disconnect(peer, force=True)

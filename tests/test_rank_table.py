@@ -358,6 +358,31 @@ def test_link_reuses_a_live_link_that_link_clusters_made(dialer):
         y.finalize()
 
 
+def test_a_link_made_by_link_clusters_while_the_comm_comes_up_is_used():
+    ports = [free_port(), free_port()]
+    rank_table = table("127.0.0.1", ports)
+    x = start(LLMRole.PROMPT, 1, link_timeout=5000)
+    y = start(LLMRole.DECODER, 2, listen="127.0.0.1:0", link_timeout=5000)
+    try:
+        with watchdog(60):
+            comm_x = x.link("c", {1: 0, 2: 1}, rank_table)     # y is not at its member address
+            ret, _ = x.link_clusters([cluster_info(2, "127.0.0.1", _port(y))])
+            assert ret == LLMStatusCode.LLM_SUCCESS
+            made = x.engine.find_peer(2)
+            comm_y = y.link("c", {1: 0, 2: 1}, rank_table)     # y takes x's link at once
+            assert y.query_register_mem_status(comm_y) == RegisterMemStatus.OK
+            # x's comm dials y's member address: already linked, so it uses that link.
+            wait_until(lambda: x.query_register_mem_status(comm_x) != RegisterMemStatus.PREPARING,
+                       30, "x's comm leaving PREPARING", 0.01)
+            assert x.query_register_mem_status(comm_x) == RegisterMemStatus.OK
+            assert x.engine.peers() == [made]
+            x.unlink(comm_x)
+            y.unlink(comm_y)
+            assert x.check_link_status(2).name == "LINKED"
+    finally:
+        x.finalize()
+        y.finalize()
+
 def test_a_rank_table_listener_is_published_for_links_by_cluster_id(etcd):
     ports = [free_port(), free_port()]
     rank_table = table("127.0.0.1", ports)
