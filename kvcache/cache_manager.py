@@ -368,22 +368,28 @@ class CacheManager:
         """The key no longer names its cache (as llm_datadist's
         remove_cache_key; an unknown key is left alone): the cache's region
         ids are renewed, so a peer's remembered lookup by that key is
-        refused and looked up again. A cache freed while keyed is released
-        with its last key."""
+        refused and looked up again. ``cache_key``: a key, or a list of
+        keys removed together. Peers (one-sided transports) are told once
+        for all the regions renewed, after this manager's lock is released,
+        so a slow peer delays only this call. A cache freed while keyed is
+        released with its last key."""
+        keys = list(cache_key) if isinstance(cache_key, (list, tuple)) else [cache_key]
+        old, free = [], []
         with self._lock:
-            found = self._by_key.pop(cache_key, None)
-            if found is None:
-                return
-            cache = self._caches[found[0]]
-            cache.keys.remove(cache_key)
-            renewed = {}
-            for region in cache.region_ids:
-                if region not in renewed:
-                    renewed[region] = self._engine.renew_region(region)
-            cache.region_ids = [renewed[r] for r in cache.region_ids]
-            free_now = (not _request_keys(cache)
-                        and cache.cache_id in self._free_when_unkeyed)
-        if free_now:
+            for key in keys:
+                found = self._by_key.pop(key, None)
+                if found is None:
+                    continue
+                cache = self._caches[found[0]]
+                cache.keys.remove(key)
+                regions = list(dict.fromkeys(cache.region_ids))
+                renewed = dict(zip(regions, self._engine.renew_regions(regions, revoke=False)))
+                cache.region_ids = [renewed[r] for r in cache.region_ids]
+                old += regions
+                if not _request_keys(cache) and cache.cache_id in self._free_when_unkeyed:
+                    free.append(cache)
+        self._engine.revoke_regions(old)
+        for cache in free:
             self._free(cache)
 
     def _rpc_lookup(self, peer, params):

@@ -302,7 +302,9 @@ class LLMDataDist:
         self._engine = None
         try:
             self._discovery = discovery.open_discovery(options.get(OPT_METADATA_SERVER, ""))
-            self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=listen or None,
+            # The engine listens once the cache manager serves its calls, so
+            # no peer links to a cluster that cannot answer its lookups yet.
+            self._engine = TransferEngine(f"cluster-{self.cluster_id}", listen=None,
                                           cluster_id=self.cluster_id,
                                           role=self.role.engine_role,
                                           transport=self.transport,
@@ -318,15 +320,21 @@ class LLMDataDist:
                 self._engine, pool, self.cluster_id, self.sync_timeout_ms,
                 pool_configured=pool_configured,
                 remote_cache_accessible=options.get(OPT_REMOTE_CACHE_ACCESSIBLE) == "1")
+            if listen:
+                self._engine.start_listening(listen)
             self._publish()
             self._rank_links = RankTableLinks(self._engine, self.cluster_id)
         except BaseException:
+            # Unwind in the order finalize closes: what each part holds
+            # (threads, sockets, registrations) goes with it.
+            if self._cache_manager is not None:
+                self._cache_manager.close()
             if self._engine is not None:
                 self._engine.close()
             if self._discovery is not None:
                 self._discovery.close()
             pool.close()
-            self._engine = self._cache_manager = None
+            self._engine = self._cache_manager = self._discovery = None
             raise
         self._pool = pool
 
@@ -340,6 +348,16 @@ class LLMDataDist:
         self._discovery.publish(key, {"name": engine.name, "listen": engine.address,
                                       "transport": engine.transport.name,
                                       "cluster_id": self.cluster_id, "role": engine.role})
+
+    def _republish(self):
+        """_publish after the rank-table flow moved the listener: members
+        reach each other at the rank table's addresses, so a metadata
+        server that does not answer costs only lookups by cluster id."""
+        try:
+            self._publish()
+        except LLMException as exc:
+            log.warning("cluster %d: publishing the listen address failed: %s",
+                        self.cluster_id, exc)
 
     def _started(self):
         if self._engine is None:
@@ -491,10 +509,16 @@ class LLMDataDist:
         poll query_register_mem_status(comm_id) until OK (or FAILED). We
         listen at our member's device_ip and port (kvcache.rank_table).
         LLM_PARAM_INVALID naming the field for a bad table or one without
-        this cluster, or when that address cannot be listened on."""
+        this cluster, or when that address cannot be listened on. A member
+        already linked (link_clusters, either direction) keeps its link and
+        counts as linked at once. When the cluster listened nowhere before,
+        its member address is published to the metadata server like any
+        listen address."""
         self._started()
-        return self._rank_links.link(comm_name, cluster_rank_info, rank_table,
-                                     self.rank_table_port, self.link_timeout_ms)
+        comm_id = self._rank_links.link(comm_name, cluster_rank_info, rank_table,
+                                        self.rank_table_port, self.link_timeout_ms)
+        self._republish()
+        return comm_id
 
     @public
     def unlink(self, comm_id):
@@ -503,6 +527,7 @@ class LLMDataDist:
         an unknown comm id."""
         self._started()
         self._rank_links.unlink(comm_id, self.link_timeout_ms)
+        self._republish()
 
     @public
     def query_register_mem_status(self, comm_id):
@@ -516,7 +541,8 @@ class LLMDataDist:
     def switch_role(self, role, switch_options=None):
         """Become ``role``, as llm_datadist's cache-manager mode: no
         enable_switch_role needed, any role to any role. LLM_EXIST_LINK
-        while links remain (unlink first). With switch_options
+        while links or rank-table comms remain (unlink first: a comm's
+        member address may be the listener this call would stop). With switch_options
         {"llm.listenIpInfo": "ip:port"} the cluster listens there from now
         on; without it, it stops listening."""
         engine = self._started()
@@ -527,6 +553,10 @@ class LLMDataDist:
         listen = options.get(OPT_LISTEN) or options.get(OPT_LISTEN_OURS) or ""
         if listen:
             parse_address(listen)
+        comms = self._rank_links.comm_ids()
+        if comms:
+            raise LLMException(LLMStatusCode.LLM_EXIST_LINK,
+                               f"unlink the rank-table comms {comms} first")
         # A peer's unlink returns once we answered its BYE; our side of that
         # link closes a moment later, when the connection drops.
         deadline = time.monotonic() + engine.timeout_ms / 1000

@@ -10,7 +10,14 @@ base is ``LLMConfig.rank_table_port``, option ``llm.RankTablePort``,
 default 26000). Each member listens there; of every pair, the member with
 the lower rank dials the other. The links come up in a background thread:
 the comm is PREPARING until every other member is linked (OK), or FAILED at
-the link deadline (``link_timeout``), when the links it made are closed."""
+the link deadline (``link_timeout``), when the links it made are closed.
+
+A member already linked to us when ``link`` is called (by link_clusters,
+either direction, or by another comm) is not dialed again: the comm uses
+that live link (a comm whose members are all linked so is OK at once), and
+its unlink leaves the link to whoever made it. llm_datadist documents no
+status for this case; failing it would only make a caller unlink a working
+link to link it again."""
 import ipaddress
 import json
 import logging
@@ -169,6 +176,7 @@ class Comm:
         self.status = RegisterMemStatus.PREPARING
         self.reason = ""
         self.peers = {}
+        self.reused = set()          # live links it found and does not own
         self.address = format_address(me.host, me.port)
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -205,9 +213,17 @@ class RankTableLinks:
             comm = Comm(comm_id, comm_name, me, others,
                         time.monotonic() + timeout_ms / 1000)
             self._comms[comm_id] = comm
-        comm.thread = threading.Thread(target=self._bring_up, args=(comm,), daemon=True,
-                                       name=f"kv-comm-{comm_id}")
-        comm.thread.start()
+        for member in others:
+            peer = self._engine.find_peer(member.cluster_id)
+            if peer is not None and peer.state == LinkState.LINKED:
+                comm.peers[member.cluster_id] = peer
+                comm.reused.add(peer)
+        if len(comm.peers) == len(others):
+            comm.status = RegisterMemStatus.OK
+        else:
+            comm.thread = threading.Thread(target=self._bring_up, args=(comm,), daemon=True,
+                                           name=f"kv-comm-{comm_id}")
+            comm.thread.start()
         log.info("comm %d (%s): rank %d at %s, linking to %s", comm_id, comm_name, me.rank_id,
                  comm.address, [(m.cluster_id, m.host, m.port) for m in others])
         return comm_id
@@ -225,6 +241,11 @@ class RankTableLinks:
             del self._comms[comm_id]
         self._end(comm, timeout_ms)
 
+    def comm_ids(self):
+        """The ids of the comms linked and not unlinked yet."""
+        with self._lock:
+            return sorted(self._comms)
+
     def close(self, timeout_ms):
         with self._lock:
             comms, self._comms = list(self._comms.values()), {}
@@ -233,7 +254,8 @@ class RankTableLinks:
 
     def _end(self, comm, timeout_ms):
         comm.stop.set()
-        comm.thread.join(max(0.0, comm.deadline - time.monotonic()) + JOIN_MARGIN_S)
+        if comm.thread is not None:
+            comm.thread.join(max(0.0, comm.deadline - time.monotonic()) + JOIN_MARGIN_S)
         self._close_links(comm, timeout_ms)
         self._release_listener(comm.me)
 
@@ -311,7 +333,7 @@ class RankTableLinks:
 
     def _link_all(self, comm):
         """None once every member is linked; else why not (at the deadline)."""
-        pending = {m.cluster_id: m for m in comm.others}
+        pending = {m.cluster_id: m for m in comm.others if m.cluster_id not in comm.peers}
         last_error = {}
         while True:
             for cluster, member in list(pending.items()):
@@ -343,6 +365,11 @@ class RankTableLinks:
         try:
             peer = self._engine.connect(address, timeout_ms=left_ms)
         except LLMException as exc:
+            made = self._engine.find_peer(member.cluster_id, inbound=False)
+            if (exc.status_code == LLMStatusCode.LLM_ALREADY_LINK and made is not None
+                    and made.state == LinkState.LINKED):
+                comm.reused.add(made)       # linked meanwhile (link_clusters): use that one
+                return made, None
             return None, str(exc)
         if peer.cluster_id != member.cluster_id:
             self._engine.disconnect(peer, force=True)
@@ -360,8 +387,8 @@ class RankTableLinks:
             peers, comm.peers = list(comm.peers.values()), {}
         live = set(self._engine.peers())
         for peer in peers:
-            if peer not in live:
-                continue              # the member unlinked first
+            if peer not in live or peer in comm.reused:
+                continue              # the member unlinked first, or not our link
             try:
                 self._engine.disconnect(peer, force=True, timeout_ms=timeout_ms)
             except LLMException as exc:

@@ -11,6 +11,9 @@ import sys
 import threading
 import time
 
+import numpy as np
+import pytest
+
 DOUBLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "doubles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,6 +44,30 @@ def load(path, prefix):
     return lib
 
 
+def install(binding, source, lib_name, env_var, prefix, out_dir):
+    """Build the double of a runtime and make ``binding`` (pyverbs_kv.acl or
+    .cuda) load it through ``env_var`` in this process. Returns (the
+    double as a ctypes library, the MonkeyPatch whose ``undo`` restores the
+    environment): what each module-scoped ``fake`` fixture sets up."""
+    path = build(source, out_dir, lib_name)
+    env = pytest.MonkeyPatch()
+    env.setenv(env_var, path)
+    ok, reason = binding.available()
+    assert ok, reason
+    assert binding.library_path() == path, \
+        f"another {lib_name} was loaded first in this process"
+    return load(path, prefix), env
+
+
+def calls(lib, prefix, name):
+    """How often the double's function ``name`` was called since its reset."""
+    return getattr(lib, f"{prefix}_calls")(name.encode())
+
+
+def random_bytes(n, seed):
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
 def run_python(code, env_updates, timeout=120):
     """Run ``code`` in a fresh interpreter with this worktree on PYTHONPATH and
     ``env_updates`` applied (a None value removes the variable). Returns the
@@ -53,6 +80,14 @@ def run_python(code, env_updates, timeout=120):
             env[key] = value
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT)
+
+
+def probe(code, env_updates):
+    """Run ``code`` as run_python does (it must succeed) and return what it
+    printed as {first word of a line: the rest}."""
+    res = run_python(code, env_updates)
+    assert res.returncode == 0, res.stderr
+    return dict(line.split(" ", 1) for line in res.stdout.splitlines())
 
 
 def gil_free_during(call, delay_setter):

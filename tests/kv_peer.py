@@ -184,9 +184,11 @@ class Actions:
         self.dd.finalize()
 
 
-def _main(conn, role, cluster_id, listen, options):
+def _main(conn, actions_class, role, cluster_id, listen, options):
+    """The peer process: build ``actions_class`` (Actions or a subclass),
+    then run the commands the pipe brings until finalize or EOF."""
     try:
-        actions = Actions(role, cluster_id, listen, options)
+        actions = actions_class(role, cluster_id, listen, options)
     except BaseException as exc:
         conn.send(("err", getattr(exc, "status_code", None), traceback.format_exc()))
         return
@@ -214,13 +216,15 @@ class PeerError(Exception):
 
 
 class PeerProcess:
-    """A spawned kvcache process; ``peer.call("pull_blocks", ...)``."""
+    """A spawned kvcache process; ``peer.call("pull_blocks", ...)`` runs
+    that method of its ``actions`` class (a subclass may name another)."""
+    actions = Actions
 
     def __init__(self, role, cluster_id, listen="127.0.0.1:0", **options):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_main, args=(child, role, cluster_id, listen, options),
-                                   daemon=True)
+        self.process = ctx.Process(target=_main, args=(child, self.actions, role, cluster_id,
+                                                       listen, options), daemon=True)
         self.process.start()
         self.cluster_id = cluster_id
         self.address = self._reply()

@@ -2,10 +2,8 @@
 layers one by one (a thread sleeping, then writing each layer) while
 transfer_cache_async pushes them, and a decoder that records when each
 layer's notification arrives and what its memory held at that moment."""
-import multiprocessing as mp
 import threading
 import time
-import traceback
 
 import numpy as np
 
@@ -50,6 +48,13 @@ class Compute(LayerSynchronizer):
         return self.ready[layer_index].wait(timeout_in_millis / 1000)
 
 
+class AllReady(LayerSynchronizer):
+    """Every layer computed already."""
+
+    def synchronize_layer(self, layer_index, timeout_in_millis):
+        return True
+
+
 class LayerwiseActions(Actions):
     def __init__(self, *args):
         super().__init__(*args)
@@ -88,12 +93,9 @@ class LayerwiseActions(Actions):
     def push_ready(self, cache_id, dst_cluster, layers, src_blocks, dst_blocks, transfer_id):
         """Push layers that are all computed already (compute, then
         transfer); returns the seconds the transfer took."""
-        class Ready(LayerSynchronizer):
-            def synchronize_layer(self, layer_index, timeout_in_millis):
-                return True
         started = time.monotonic()
         task = self.dd.cache_manager.transfer_cache_async(
-            self.caches[cache_id], Ready(),
+            self.caches[cache_id], AllReady(),
             [TransferWithCacheKeyConfig(BlocksCacheKey(dst_cluster), range(layers),
                                         range(layers))],
             src_blocks, dst_blocks, transfer_id=transfer_id)
@@ -113,9 +115,6 @@ class LayerwiseActions(Actions):
     def try_transfer(self, cache_id, config, src_blocks=None, dst_blocks=None,
                      dst_block_memory_size=None):
         """A transfer_cache_async expected to be refused before it starts."""
-        class Ready(LayerSynchronizer):
-            def synchronize_layer(self, layer_index, timeout_in_millis):
-                return True
         kind, *args = config
         if kind == "raw":
             config = TransferConfig(*args)
@@ -124,7 +123,7 @@ class LayerwiseActions(Actions):
         else:
             config = TransferWithCacheKeyConfig(CacheKeyByIdAndIndex(*args[0]), *args[1:])
         task = self.dd.cache_manager.transfer_cache_async(
-            self.caches[cache_id], Ready(), [config], src_blocks, dst_blocks,
+            self.caches[cache_id], AllReady(), [config], src_blocks, dst_blocks,
             dst_block_memory_size)
         return int(task.synchronize(30_000))
 
@@ -154,36 +153,6 @@ class LayerwiseActions(Actions):
         return list(self.caches[cache_id].tensor_addrs)
 
 
-def _main(conn, role, cluster_id, listen, options):
-    try:
-        actions = LayerwiseActions(role, cluster_id, listen, options)
-    except BaseException as exc:
-        conn.send(("err", getattr(exc, "status_code", None), traceback.format_exc()))
-        return
-    conn.send(("ok", actions.address()))
-    while True:
-        try:
-            name, args, kwargs = conn.recv()
-        except EOFError:
-            return
-        try:
-            conn.send(("ok", getattr(actions, name)(*args, **kwargs)))
-        except LLMException as exc:
-            conn.send(("err", int(exc.status_code), str(exc)))
-        except BaseException:
-            conn.send(("err", None, traceback.format_exc()))
-        if name == "finalize":
-            return
-
-
 class LayerwisePeer(PeerProcess):
     """A PeerProcess running LayerwiseActions."""
-
-    def __init__(self, role, cluster_id, listen="127.0.0.1:0", **options):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_main, args=(child, role, cluster_id, listen, options),
-                                   daemon=True)
-        self.process.start()
-        self.cluster_id = cluster_id
-        self.address = self._reply()
+    actions = LayerwiseActions

@@ -10,7 +10,8 @@ import threading
 import numpy as np
 import pytest
 
-from accel_doubles import build, gil_free_during, load, run_python
+from accel_doubles import build, gil_free_during, install
+from accel_doubles import calls as count_calls, probe as run_probe, random_bytes as pattern
 from pyverbs_kv import acl
 
 N = 8192
@@ -18,17 +19,12 @@ N = 8192
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
-    path = build("fake_ascendcl.c", tmp_path_factory.mktemp("acl"), "libascendcl.so")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVCACHE_ACL_LIB", path)
-    ok, reason = acl.available()
-    assert ok, reason
-    assert acl.library_path() == path, "another libascendcl was loaded first in this process"
-    lib = load(path, "fake_acl")
+    lib, env = install(acl, "fake_ascendcl.c", "libascendcl.so", "KVCACHE_ACL_LIB", "fake_acl",
+                       tmp_path_factory.mktemp("acl"))
     lib.aclrtFree.argtypes = [ctypes.c_void_p]
     yield lib
     acl.finalize()
-    mp.undo()
+    env.undo()
 
 
 @pytest.fixture(autouse=True)
@@ -43,11 +39,7 @@ def fresh(fake):
 
 
 def calls(fake, name):
-    return fake.fake_acl_calls(name.encode())
-
-
-def pattern(n, seed):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+    return count_calls(fake, "fake_acl", name)
 
 
 def test_available_reports_the_loaded_library(fake):
@@ -325,10 +317,7 @@ PROBE = textwrap.dedent("""
 
 
 def probe(env):
-    res = run_python(PROBE, env)
-    assert res.returncode == 0, res.stderr
-    lines = dict(line.split(" ", 1) for line in res.stdout.splitlines())
-    return lines
+    return run_probe(PROBE, env)
 
 
 def test_a_missing_symbol_turns_the_feature_off_with_its_name(tmp_path):

@@ -10,7 +10,8 @@ import textwrap
 import numpy as np
 import pytest
 
-from accel_doubles import build, gil_free_during, load, run_python
+from accel_doubles import build, gil_free_during, install, run_python
+from accel_doubles import calls as count_calls, probe as run_probe, random_bytes as pattern
 from pyverbs_kv import cuda
 
 N = 8192
@@ -18,17 +19,12 @@ N = 8192
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory):
-    path = build("fake_cudart.c", tmp_path_factory.mktemp("cudart"), "libcudart.so")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("KVCACHE_CUDA_LIB", path)
-    ok, reason = cuda.available()
-    assert ok, reason
-    assert cuda.library_path() == path, "another libcudart was loaded first in this process"
-    lib = load(path, "fake_cudart")
+    lib, env = install(cuda, "fake_cudart.c", "libcudart.so", "KVCACHE_CUDA_LIB", "fake_cudart",
+                       tmp_path_factory.mktemp("cudart"))
     lib.cudaFree.argtypes = [ctypes.c_void_p]
     lib.fake_cudart_last_detail.restype = ctypes.c_char_p
     yield lib
-    mp.undo()
+    env.undo()
 
 
 @pytest.fixture
@@ -43,15 +39,11 @@ def ctx(fake):
 
 
 def calls(fake, name):
-    return fake.fake_cudart_calls(name.encode())
+    return count_calls(fake, "fake_cudart", name)
 
 
 def detail(fake):
     return fake.fake_cudart_last_detail().decode()
-
-
-def pattern(n, seed):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
 
 
 def test_device_queries(fake, ctx):
@@ -190,9 +182,7 @@ PROBE = textwrap.dedent("""
 
 
 def probe(env):
-    res = run_python(PROBE, env)
-    assert res.returncode == 0, res.stderr
-    return dict(line.split(" ", 1) for line in res.stdout.splitlines())
+    return run_probe(PROBE, env)
 
 
 def test_a_missing_symbol_turns_the_feature_off_with_its_name(tmp_path):

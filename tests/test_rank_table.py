@@ -16,8 +16,9 @@ import pytest
 
 from helpers import wait_until, watchdog
 from kv_peer import pattern
-from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException,
-                     LLMRole, LLMStatusCode, RegisterMemStatus)
+from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
+                     LLMDataDist, LLMException, LLMRole, LLMStatusCode, RegisterMemStatus)
+from test_inputs import cluster_info
 
 TRANSPORTS = ["tcp", "shm", pytest.param("rdma", marks=pytest.mark.rdma)]
 BLOCKS, BLOCK_ELEMS, TENSORS = 32, 256, 4
@@ -319,6 +320,120 @@ def test_link_unlink_cycles_leave_no_thread_or_fd_behind(transport):
             wait_until(lambda: threading.active_count() <= threads, 10, "threads back")
             assert len(os.listdir("/proc/self/fd")) <= fds
             assert x.engine.address is None and y.engine.address is None
+    finally:
+        x.finalize()
+        y.finalize()
+
+
+def _port(dd):
+    return int(dd.listen_address.rsplit(":", 1)[1])
+
+
+@pytest.mark.parametrize("dialer", [1, 2], ids=["prompt-linked-first", "decoder-linked-first"])
+def test_link_reuses_a_live_link_that_link_clusters_made(dialer):
+    # Each cluster's member address is where it already listens; one of them
+    # linked to the other by link_clusters before the rank-table flow.
+    x = start(LLMRole.PROMPT, 1, listen="127.0.0.1:0", link_timeout=3000)
+    y = start(LLMRole.DECODER, 2, listen="127.0.0.1:0", link_timeout=3000)
+    try:
+        with watchdog(60):
+            first, other = (x, y) if dialer == 1 else (y, x)
+            ret, _ = first.link_clusters([cluster_info(other.cluster_id, "127.0.0.1",
+                                                       _port(other))])
+            assert ret == LLMStatusCode.LLM_SUCCESS
+            made = first.engine.find_peer(other.cluster_id)
+            rank_table = table("127.0.0.1", [_port(x), _port(y)])
+            ids = [dd.link("again", {1: 0, 2: 1}, rank_table) for dd in (x, y)]
+            # At once: no dial, no wait for a deadline, no second link.
+            assert [dd.query_register_mem_status(c) for dd, c in zip((x, y), ids)] == \
+                [RegisterMemStatus.OK] * 2
+            assert len(x.engine.peers()) == len(y.engine.peers()) == 1
+            x.unlink(ids[0])
+            y.unlink(ids[1])
+            # The comm used the link; it leaves it to link_clusters' caller.
+            assert first.engine.find_peer(other.cluster_id) is made
+            assert first.check_link_status(other.cluster_id).name == "LINKED"
+    finally:
+        x.finalize()
+        y.finalize()
+
+
+def test_a_link_made_by_link_clusters_while_the_comm_comes_up_is_used():
+    ports = [free_port(), free_port()]
+    rank_table = table("127.0.0.1", ports)
+    x = start(LLMRole.PROMPT, 1, link_timeout=5000)
+    y = start(LLMRole.DECODER, 2, listen="127.0.0.1:0", link_timeout=5000)
+    try:
+        with watchdog(60):
+            comm_x = x.link("c", {1: 0, 2: 1}, rank_table)     # y is not at its member address
+            ret, _ = x.link_clusters([cluster_info(2, "127.0.0.1", _port(y))])
+            assert ret == LLMStatusCode.LLM_SUCCESS
+            made = x.engine.find_peer(2)
+            comm_y = y.link("c", {1: 0, 2: 1}, rank_table)     # y takes x's link at once
+            assert y.query_register_mem_status(comm_y) == RegisterMemStatus.OK
+            # x's comm dials y's member address: already linked, so it uses that link.
+            wait_until(lambda: x.query_register_mem_status(comm_x) != RegisterMemStatus.PREPARING,
+                       30, "x's comm leaving PREPARING", 0.01)
+            assert x.query_register_mem_status(comm_x) == RegisterMemStatus.OK
+            assert x.engine.peers() == [made]
+            x.unlink(comm_x)
+            y.unlink(comm_y)
+            assert x.check_link_status(2).name == "LINKED"
+    finally:
+        x.finalize()
+        y.finalize()
+
+def test_a_rank_table_listener_is_published_for_links_by_cluster_id(etcd):
+    ports = [free_port(), free_port()]
+    rank_table = table("127.0.0.1", ports)
+    x = start(LLMRole.PROMPT, 1, metadata_server=etcd.url)         # listens nowhere
+    y = start(LLMRole.DECODER, 2, metadata_server=etcd.url)
+    z = start(LLMRole.DECODER, 3, metadata_server=etcd.url)
+    try:
+        with watchdog(60):
+            ids = [dd.link("c", {1: 0, 2: 1}, rank_table) for dd in (x, y)]
+            for dd, comm_id in zip((x, y), ids):
+                wait_until(lambda: dd.query_register_mem_status(comm_id) == RegisterMemStatus.OK,
+                           30, "comm OK", 0.01)
+            # Cluster 3 knows neither address: it finds cluster 1's member
+            # address through etcd.
+            info = LLMClusterInfo()
+            info.remote_cluster_id = 1
+            ret, rets = z.link_clusters([info])
+            assert rets == [LLMStatusCode.LLM_SUCCESS], rets
+            assert z.engine.find_peer(1).name == x.engine.name
+            z.unlink_clusters([info])
+            x.unlink(ids[0])
+            ret, rets = z.link_clusters([info], timeout=500)
+            assert rets != [LLMStatusCode.LLM_SUCCESS], "still published after unlink"
+            y.unlink(ids[1])
+    finally:
+        for dd in (x, y, z):
+            dd.finalize()
+
+
+def test_switch_role_keeps_the_listener_of_a_comm_still_linking():
+    ports = [free_port(), free_port()]
+    rank_table = table("127.0.0.1", ports)
+    x = start(LLMRole.PROMPT, 1, link_timeout=LINK_TIMEOUT_MS)
+    y = start(LLMRole.DECODER, 2, link_timeout=LINK_TIMEOUT_MS)
+    try:
+        with watchdog(60):
+            comm_x = x.link("c", {1: 0, 2: 1}, rank_table)
+            # x's comm is PREPARING (y has not called link): its address must stay.
+            with pytest.raises(LLMException) as err:
+                x.switch_role(LLMRole.DECODER)
+            assert err.value.status_code == LLMStatusCode.LLM_EXIST_LINK
+            assert x.listen_address == f"127.0.0.1:{ports[0]}"
+            comm_y = y.link("c", {1: 0, 2: 1}, rank_table)
+            for dd, comm_id in ((x, comm_x), (y, comm_y)):
+                wait_until(lambda: dd.query_register_mem_status(comm_id) == RegisterMemStatus.OK,
+                           30, "comm OK", 0.01)
+            x.unlink(comm_x)
+            y.unlink(comm_y)
+            wait_until(lambda: not x.engine.peers(), 10, "links gone")
+            x.switch_role(LLMRole.DECODER)
+            assert x.listen_address is None
     finally:
         x.finalize()
         y.finalize()

@@ -153,6 +153,41 @@ def test_llm_datadist_init_finalize_cycles_leave_nothing_behind(transport):
                f"{DATADIST_CYCLES} LLMDataDist init/finalize cycles ({transport})")
 
 
+FAILED_INITS = 20
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_init_failing_after_its_cache_manager_leaves_nothing_behind(transport):
+    # The listen port is taken: init fails after the pool, the engine and
+    # the cache manager were made; every part must go, and init works later.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    cfg = LLMConfig()
+    cfg.listen_ip_info = f"127.0.0.1:{taken.getsockname()[1]}"
+    cfg.transport = transport
+    cfg.buf_pool_cfg = TINY_POOL
+    dd = LLMDataDist(LLMRole.PROMPT, 1)
+
+    def cycle(i):
+        with pytest.raises(LLMException) as err:
+            dd.init(cfg.generate_options())
+        assert "127.0.0.1" in str(err.value)
+        with pytest.raises(LLMException) as err:
+            dd.cache_manager
+        assert err.value.status_code == LLMStatusCode.LLM_ENGINE_FINALIZED
+
+    with taken:
+        run_cycles(cycle, FAILED_INITS, f"{FAILED_INITS} failed inits ({transport})",
+                   warm_up=2)
+    cfg.listen_ip_info = "127.0.0.1:0"
+    dd.init(cfg.generate_options())
+    try:
+        _pull_one_block(dd, transport, port_of(dd.listen_address))
+    finally:
+        dd.finalize()
+
+
 @pytest.fixture(scope="module")
 def shared_buffer():
     """1 MiB of sealed memfd memory, mapped here: registered with share=, the

@@ -250,10 +250,39 @@ class TransferEngine:
     def renew_region(self, region_id):
         """A new id for an addressable region (its cache key moved): peers
         naming the old id are refused and look it up again. Returns the id."""
-        new_id = self.registry.renew(checks.integer(region_id, "region id", 1))
-        if self.transport.one_sided:
-            self._revoke([region_id], time.monotonic() + self.timeout_ms / 1000)
-        return new_id
+        return self.renew_regions([region_id])[0]
+
+    @public
+    def renew_regions(self, region_ids, revoke=True):
+        """New ids for addressable regions (a list of ids; returns the new
+        ids in the same order), as renew_region for each, with one
+        revocation round for all of them: on a one-sided transport every
+        linked peer is told once to drop the old ids. ``revoke=False``
+        renews only (local and quick, no peer is waited for): the caller
+        then hands the old ids to revoke_regions, e.g. once it no longer
+        holds a lock of its own. LLM_PARAM_INVALID for an id that is not a
+        live addressable region (those before it stay renewed)."""
+        ids = [checks.integer(i, "region id", 1) for i in region_ids]
+        renewed = [self.registry.renew(i) for i in ids]
+        if revoke:
+            self.revoke_regions(ids)
+        return renewed
+
+    @public
+    def revoke_regions(self, region_ids):
+        """Earlier ids of renewed regions (a list): on a one-sided transport
+        every linked peer drops them and finishes its transfers on them,
+        one control call per peer; a peer that does not confirm within the
+        engine's timeout_ms is cut off. Nothing to do on other transports
+        (the owner checks every piece itself). Afterwards no transfer runs
+        under those ids any more (each peer confirmed or was cut off), so
+        the transport releases what it kept for them (an RDMA MR each)."""
+        ids = [checks.integer(i, "region id", 1) for i in region_ids]
+        if ids and self.transport.one_sided:
+            self._revoke(ids, time.monotonic() + self.timeout_ms / 1000)
+            for i in ids:
+                if i not in self.registry:          # an earlier generation, not a live id
+                    self.transport.retire_region(i)
 
     def regions(self):
         """[(region_id, addr, length)] of the memory we offer to peers (what

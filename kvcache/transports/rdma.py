@@ -220,9 +220,10 @@ class RdmaTransport(Transport):
         self.local_keys = RegionTable((i, mr.addr, mr.length) for i, mr in self.mrs.items())
 
     def _key_list(self):
-        # A renewed region keeps its old generation's MR for transfers still
-        # running under it; peers get the keys of live generations only (two
-        # generations of one region span the same bytes).
+        # A renewed region keeps its old generation's MR until every peer
+        # confirmed no transfer runs under it (retire_region); peers get the
+        # keys of live generations only (two generations of one region span
+        # the same bytes).
         live = {row[0] for row in self.engine.regions.rows()}
         with self._lock:
             return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.remote_mrs.items()
