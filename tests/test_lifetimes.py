@@ -359,12 +359,18 @@ def _push_and_catch(decoder, src, x, timeout_s=10):
     first[:] = 0
     last[:] = 0
     blocks = list(range(PUSH_BLOCKS))
-    decoder.send("push_blocks", 1, src, blocks, blocks[::-1])
-    wait_until(lambda: first.any() or decoder.conn.poll(), timeout_s,
-               what="the push's first bytes")
-    if not first.any():
-        raise AssertionError(f"the push ended ({name(remote_code(decoder))}) without writing")
-    return lambda: bool(last.any())
+    # On a loaded host the 200 ms deadline can pass before the first byte
+    # moves; such a push never raced the free, so it is sent again.
+    for _ in range(3):
+        decoder.send("push_blocks", 1, src, blocks, blocks[::-1])
+        wait_until(lambda: first.any() or decoder.conn.poll(), timeout_s,
+                   what="the push's first bytes")
+        if first.any():
+            return lambda: bool(last.any())
+        code = remote_code(decoder)
+        if code != LLMStatusCode.LLM_TIMEOUT:
+            break
+    raise AssertionError(f"the push ended ({name(code)}) without writing")
 
 
 def test_a_cache_freed_during_a_shm_push_gets_no_byte_after_the_free_and_the_late_push_times_out(  # noqa: E501
