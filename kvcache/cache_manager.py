@@ -84,6 +84,12 @@ def _matching_tensors(op, local_desc, remote_desc, local_layers, remote_layers, 
     return here, there, local_t, remote_t
 
 
+def _pool_hint(need, pool_size):
+    """A pool size (bytes, whole MiB) that holds what the pool holds now plus
+    ``need`` more."""
+    return -(-(pool_size + need) // (1 << 20)) * (1 << 20)
+
+
 def _host_only(desc):
     """Device (GPU/NPU) memory is not reachable by any transport yet; taking
     it for host memory would crash the process at the first copy."""
@@ -177,7 +183,19 @@ class CacheManager:
                            "host_mem_pool_cfg / buf_pool_cfg) to allocate caches, or register "
                            "memory you own with register_cache / register_blocks_cache")
         stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
-        base = self._pool.alloc(stride * desc.num_tensors)
+        try:
+            base = self._pool.alloc(stride * desc.num_tensors)
+        except LLMException as exc:
+            if exc.status_code != LLMStatusCode.LLM_OUT_OF_MEMORY:
+                raise
+            need = stride * desc.num_tensors
+            # The pool knows sizes only; this layer knows which option sized it.
+            raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                               f"{exc.message}; this cache ({desc.num_tensors} tensors of "
+                               f"{desc.tensor_bytes} bytes) needs {need} bytes: raise the pool "
+                               "size (LLMConfig.mem_pool_cfg = '{\"memory_size\": "
+                               f"{_pool_hint(need, self._pool.size)}}}', or buf_pool_cfg's "
+                               "buf_pool_size) or deallocate caches first") from None
         segment = None
         try:
             if self._segments:
