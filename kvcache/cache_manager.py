@@ -136,6 +136,7 @@ class CacheManager:
         self._ids = itertools.count(1)
         self._caches = {}
         self._by_key = {}                       # key -> (cache id, batch row)
+        self._link_failures = {}                # cluster id -> why its last link failed
         self._releasing = set()                 # cache ids being freed
         self._free_when_unkeyed = set()         # freed by the user while keys name them
         self.pool_configured = pool_configured
@@ -217,6 +218,23 @@ class CacheManager:
             self._engine.unregister_memory(region)
             self._free_pool(base, segment)
             raise
+
+    def link_failed(self, cluster_id, cause):
+        """LLMDataDist's word on its last link_clusters to ``cluster_id``: why
+        it failed, or None when it linked."""
+        with self._lock:
+            if cause is None:
+                self._link_failures.pop(cluster_id, None)
+            else:
+                self._link_failures[cluster_id] = cause
+
+    def _not_linked(self, cluster_id):
+        with self._lock:
+            cause = self._link_failures.get(cluster_id)
+        why = (f"the last link_clusters to it failed: {cause}" if cause
+               else "link it with link_clusters first")
+        return LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                            f"cluster {cluster_id} is not linked ({why})")
 
     def _free_pool(self, base, segment):
         if segment is not None:
@@ -445,8 +463,7 @@ class CacheManager:
         every transfer names the cache's region id, which the peer checks."""
         peer = self._engine.find_peer(cluster_id)
         if peer is None:
-            raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
-                               f"cluster {cluster_id} is not linked")
+            raise self._not_linked(cluster_id)
         params = _key_params(key)
         known = self._lookups.setdefault(peer, {})
         cache_key = _lookup_key(params)
@@ -727,8 +744,7 @@ class CacheManager:
             if isinstance(config, TransferConfig):
                 peer = self._engine.find_peer(config.dst_cluster_id)
                 if peer is None:
-                    raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
-                                       f"cluster {config.dst_cluster_id} is not linked")
+                    raise self._not_linked(config.dst_cluster_id)
                 legs.append(plan_raw(geometry, index, config, peer))
             else:
                 peer, remote = self._peer_and_remote(config.dst_cluster_id, config.cache_key,
