@@ -18,7 +18,7 @@ import threading
 import pytest
 
 import kvcache
-from kvcache.config import apply_debug
+from kvcache.log import setup as setup_logging
 from kvcache.status import LLMException, LLMStatusCode
 from tests.helpers import wait_until
 
@@ -150,12 +150,12 @@ def test_kvcache_debug_is_a_boolean_for_the_kvcache_loggers_only(monkeypatch):
                              ("1", True), ("true", True), ("ON", True)):
             package.setLevel(logging.NOTSET)
             monkeypatch.setenv("KVCACHE_DEBUG", value)
-            apply_debug()
+            setup_logging()
             assert (package.level == logging.DEBUG) is debug, value
             assert root.level == before[1]
         monkeypatch.setenv("KVCACHE_DEBUG", "maybe")
         with pytest.raises(LLMException) as err:
-            apply_debug()
+            setup_logging()
         assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
         assert "KVCACHE_DEBUG" in str(err.value)
     finally:
