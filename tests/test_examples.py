@@ -28,6 +28,8 @@ def test_example_runs_and_verifies_its_transfer(name):
     out = subprocess.run(args, capture_output=True, text=True, timeout=180, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "OK:" in out.stdout
+    if name == "pull_blocks":                  # says which pass its GB/s is
+        assert "GB/s warm (the cold first pass:" in out.stdout
 
 
 def test_transfer_bench_runs_every_cell_and_checks_what_it_read(tmp_path):

@@ -1,18 +1,19 @@
 """Every ```python block of README.md runs as written, as README's Quick
 start says: alone in a fresh process by default; a block marked
 ``<!-- snippet: prefill -->`` in the background while the next block, marked
-``<!-- snippet: decode -->``, runs once the prefill listens (port 26000 moved
-to a free one); ``<!-- snippet: reference -->`` blocks (API outlines) are not
-run."""
+``<!-- snippet: decode -->``, runs once the prefill printed its first line
+(port 26000 moved to a free one), and the prefill then ends on Ctrl-C;
+``<!-- snippet: reference -->`` blocks (API outlines) are not run."""
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
-from tests.helpers import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = re.compile(r"<!-- snippet: (\w+) -->")
@@ -107,12 +108,20 @@ def test_readme_snippet_runs(kind, blocks, tmp_path):
     port = str(free_port())
     prefill = python(prefill_code.replace(README_PORT, port), tmp_path, "prefill")
     try:
-        wait_until(lambda: listening(int(port)) or prefill.poll() is not None, 60,
-                   "the prefill block listening")
-        assert prefill.poll() is None, f"the prefill block exited at once:\n{prefill.stdout.read()}"
+        # Its first line says it serves (what a user waits for before starting the decoder).
+        first = []
+        reader = threading.Thread(target=lambda: first.append(prefill.stdout.readline()),
+                                  daemon=True)
+        reader.start()
+        reader.join(60)
+        assert first and first[0], "the prefill block printed nothing within 60 s"
+        assert prefill.poll() is None, f"the prefill block exited at once:\n{first[0]}"
+        assert listening(int(port)), first[0]
         finished(python(decode_code.replace(README_PORT, port), tmp_path, "decode"),
                  "the decode block")
-        finished(prefill, "the prefill block (after the decoder unlinked)")
+        assert prefill.poll() is None, "the prefill block ended before Ctrl-C"
+        prefill.send_signal(signal.SIGINT)             # Ctrl-C
+        finished(prefill, "the prefill block (after Ctrl-C)")
     finally:
         if prefill.poll() is None:
             prefill.kill()
