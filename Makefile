@@ -11,6 +11,8 @@ APT_TEST := etcd-server
 APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest iproute2 \
           busybox-static util-linux
 PIP_BUILD := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.24"
+# What running the package needs (pyproject's dependencies, pinned to the tested versions).
+PIP_RUN := tqdm==4.70.1
 PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0 etcd3gw==2.7.0 \
             transformers==4.57.6
 # Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
@@ -22,24 +24,34 @@ PIP_LINT := ruff==$(RUFF_VERSION)
 PIP_PEERS_NODEPS := nixl-cu12==1.5.1
 # Extra options for `make bench-peers`, e.g. "--plot docs/transfer_bench.png --readme".
 BENCH_PEERS_ARGS ?=
+PIP_PLOT := matplotlib==3.10.8
 
-.PHONY: setup setup-vm build demo demo-rdma test test-host test-rdma bench-verbs bench clean \
-        lint wheel-check
+.PHONY: setup setup-run setup-vm build demo demo-rdma test test-host test-rdma bench-verbs \
+        bench readme-bench clean lint wheel-check
+
+# Two set-ups: setup-run (build and run the package: what `make demo` needs) and setup
+# (setup-run plus what the tests need: `make test`).
+setup-run: $(VENV)/.installed-run
+
+$(VENV)/.installed-run: setup.py pyproject.toml $(wildcard pyverbs_kv/*.pyx pyverbs_kv/*.pxd)
+	scripts/apt-ensure $(APT_BUILD)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_RUN)
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py pyproject.toml $(wildcard pyverbs_kv/*.pyx pyverbs_kv/*.pxd)
-	scripts/apt-ensure $(APT_BUILD) $(APT_TEST)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_TEST)
-	$(PY) -m pip install -q --no-build-isolation -e .
+$(VENV)/.installed: $(VENV)/.installed-run
+	scripts/apt-ensure $(APT_TEST)
+	$(PY) -m pip install -q $(PIP_TEST)
 	touch $@
 
 setup-vm: setup
 	scripts/apt-ensure $(APT_VM)
 
-build: setup
+build: setup-run
 	$(PY) setup.py -q build_ext --inplace
 
 # The main job on the embedded default (no RDMA needed): a prefill and a
@@ -70,7 +82,7 @@ wheel-check: setup
 	$(PY) scripts/wheel_check.py --python $(PYTHON)
 
 # KVCACHE_REQUIRE_ETCD=1: the etcd tests fail, never skip, when etcd is missing.
-test-host:
+test-host: setup build
 	KVCACHE_REQUIRE_ETCD=1 $(PY) -m pytest -q tests
 
 # The VM lane: every test marked rdma, inside Soft-RoCE. Fails (never skips)
@@ -79,8 +91,13 @@ test-rdma:
 	scripts/rdma-vm --timeout 2400 -- python -m pytest -p no:cacheprovider -m rdma -v \
 	    --junitxml=.ci-out/rdma-junit.xml tests
 
+# Prints the table; touches no tracked file.
 bench: build
-	$(PY) -m pip install -q matplotlib
+	$(PY) -m kvcache bench --transports tcp,shm --threads 1,2
+
+# Regenerates README.md's benchmark table and docs/transfer_bench.png (only when asked).
+readme-bench: build
+	$(PY) -m pip install -q $(PIP_PLOT)
 	$(PY) -m kvcache bench --transports tcp,shm --threads 1,2 --plot docs/transfer_bench.png \
 	    --readme
 

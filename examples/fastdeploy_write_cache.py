@@ -5,11 +5,11 @@ messager does, and the decoder checks every byte.
     python examples/fastdeploy_write_cache.py [--transport auto|tcp|shm|rdma]
 
 The only change from FastDeploy is the import line."""
-import argparse
 import multiprocessing as mp
 
 import numpy as np
 
+from common import parse_args, receive, start_process
 from kvcache.compat.fastdeploy import RDMACommunicator    # was: from rdma_comm import ...
 
 LAYERS, BLOCKS = 8, 64
@@ -41,14 +41,12 @@ def decoder(ports, done, results, transport):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--transport", default="auto", choices=["auto", "tcp", "shm", "rdma"])
-    args = parser.parse_args()
+    args = parse_args(__doc__, lambda parser: parser.add_argument(
+        "--transport", default="auto", choices=["auto", "tcp", "shm", "rdma"]))
     ctx = mp.get_context("spawn")
     ports, done, results = ctx.Queue(), ctx.Event(), ctx.Queue()
-    process = ctx.Process(target=decoder, args=(ports, done, results, args.transport))
-    process.start()
-    port = str(ports.get(timeout=60))
+    process = start_process(decoder, ports, done, results, args.transport)
+    port = str(receive(ports, process))
 
     keys, values = caches(fill=True)
     comm = RDMACommunicator("prefill", 0, "0", [k.ctypes.data for k in keys],
@@ -61,7 +59,7 @@ def main():
         if ret != 0:
             raise SystemExit(f"write_cache of layer {layer} failed: {ret}")
     done.set()
-    got = results.get(timeout=60)
+    got = receive(results, process)
     for layer, (key, value) in enumerate(got):
         assert np.array_equal(key[DST_BLOCKS], keys[layer][SRC_BLOCKS]), layer
         assert np.array_equal(value[DST_BLOCKS], values[layer][SRC_BLOCKS]), layer

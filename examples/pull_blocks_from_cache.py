@@ -5,7 +5,7 @@ paged blocks (pull_blocks with a CacheKey source, no src_blocks).
 """
 import numpy as np
 
-from common import expected, fill, finish, link, spawn, start
+from common import expected, fill, finish, link, parse_args, spawn, start
 from kvcache import CacheDesc, CacheKey, DataType, LLMRole
 
 LAYERS, BLOCK_ELEMS, SEQ_BLOCKS = 4, 2048, 5
@@ -22,6 +22,7 @@ def prefill(addresses, done):
 
 
 def main():
+    parse_args(__doc__)
     process, address, done = spawn(prefill)
     try:
         dd = start(LLMRole.DECODER, 2)

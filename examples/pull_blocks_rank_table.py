@@ -6,8 +6,8 @@ pulls blocks, swaps them out to a CPU cache and back into other slots.
 """
 import numpy as np
 
-from common import expected, start
-from rank_table_common import LINK_TIMEOUT_MS, TIMEOUT_S, finish, link, rank_table, spawn
+from common import expected, start, finish, parse_args, receive
+from rank_table_common import LINK_TIMEOUT_MS, TIMEOUT_S, link, rank_table, spawn
 from kvcache import BlocksCacheKey, Cache, CacheDesc, DataType, LLMRole
 
 TENSORS, BLOCKS, BLOCK_ELEMS = 4, 16, 4096
@@ -34,6 +34,7 @@ def prefill(ready, done, table):
 
 
 def main():
+    parse_args(__doc__)
     table = rank_table()
     process, ready, done = spawn(prefill, table)
     try:
@@ -41,7 +42,7 @@ def main():
         tensors = own_memory()
         cache = dd.cache_manager.register_blocks_cache(DESC, [t.ctypes.data for t in tensors])
         comm_id = link(dd, table)
-        ready.get(timeout=TIMEOUT_S)
+        receive(ready, process)
         dd.cache_manager.pull_blocks(BlocksCacheKey(1, 0), cache, src_blocks=[0, 1, 9],
                                      dst_blocks=[0, 1, 2])
         # Compared as bit patterns: random bits include NaNs.

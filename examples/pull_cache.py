@@ -4,7 +4,7 @@
 """
 import numpy as np
 
-from common import expected, fill, finish, link, spawn, start
+from common import expected, fill, finish, link, parse_args, spawn, start
 from kvcache import CacheDesc, CacheKey, DataType, LLMRole
 
 LAYERS, SEQ, HIDDEN = 4, 128, 256
@@ -21,6 +21,7 @@ def prefill(addresses, done):
 
 
 def main():
+    parse_args(__doc__)
     process, address, done = spawn(prefill)
     try:
         dd = start(LLMRole.DECODER, 2)

@@ -6,8 +6,8 @@ both requests into rows of its batch and copies a row locally (copy_cache).
 """
 import numpy as np
 
-from common import expected, fill, start
-from rank_table_common import LINK_TIMEOUT_MS, TIMEOUT_S, finish, link, rank_table, spawn
+from common import expected, fill, start, finish, parse_args, receive
+from rank_table_common import LINK_TIMEOUT_MS, TIMEOUT_S, link, rank_table, spawn
 from kvcache import CacheDesc, CacheKey, DataType, LLMRole
 
 TENSORS, ELEMS = 4, 64 * 1024
@@ -34,6 +34,7 @@ def prefill(ready, done, table):
 
 
 def main():
+    parse_args(__doc__)
     table = rank_table()
     process, ready, done = spawn(prefill, table)
     try:
@@ -41,7 +42,7 @@ def main():
         comm_id = link(dd, table)
         desc = CacheDesc(TENSORS, DataType.DT_FLOAT16, [2, ELEMS])
         cache = dd.cache_manager.allocate_cache(desc)
-        ready.get(timeout=TIMEOUT_S)
+        receive(ready, process)
         for row, key in enumerate(KEYS):
             dd.cache_manager.pull_cache(key, cache, batch_index=row)
         for i, tensor in enumerate(cache.tensors()):

@@ -7,8 +7,8 @@ CacheKey source, no src_blocks).
 """
 import numpy as np
 
-from common import expected, fill, start
-from rank_table_common import LINK_TIMEOUT_MS, TIMEOUT_S, finish, link, rank_table, spawn
+from common import expected, fill, start, finish, parse_args, receive
+from rank_table_common import LINK_TIMEOUT_MS, TIMEOUT_S, link, rank_table, spawn
 from kvcache import CacheDesc, CacheKey, DataType, LLMRole
 
 TENSORS, BLOCK_ELEMS, SEQ_BLOCKS, BLOCKS = 4, 2048, 3, 8
@@ -31,6 +31,7 @@ def prefill(ready, done, table):
 
 
 def main():
+    parse_args(__doc__)
     table = rank_table()
     process, ready, done = spawn(prefill, table)
     try:
@@ -38,7 +39,7 @@ def main():
         cache = dd.cache_manager.allocate_blocks_cache(
             CacheDesc(TENSORS, DataType.DT_FLOAT16, [BLOCKS, BLOCK_ELEMS]))
         comm_id = link(dd, table)
-        ready.get(timeout=TIMEOUT_S)
+        receive(ready, process)
         dst_blocks = [6, 1, 4]
         dd.cache_manager.pull_blocks(KEY, cache, src_blocks=[], dst_blocks=dst_blocks)
         for i, tensor in enumerate(cache.tensors()):

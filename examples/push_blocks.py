@@ -5,7 +5,9 @@ which lives in the decoder's own (numpy) memory (register_blocks_cache).
 """
 import numpy as np
 
-from common import expected, fill, link, start
+import multiprocessing as mp
+
+from common import expected, fill, link, parse_args, receive, start, start_process
 from kvcache import BlocksCacheKey, CacheDesc, DataType, LLMRole
 
 LAYERS, BLOCKS, ELEMS = 4, 128, 4096
@@ -24,21 +26,20 @@ def decoder(addresses, done, results):
 
 
 def main():
-    import multiprocessing as mp
+    parse_args(__doc__)
     ctx = mp.get_context("spawn")
     addresses, done, results = ctx.Queue(), ctx.Event(), ctx.Queue()
-    process = ctx.Process(target=decoder, args=(addresses, done, results))
-    process.start()
+    process = start_process(decoder, addresses, done, results)
     dd = start(LLMRole.PROMPT, 1)
     cache = dd.cache_manager.allocate_blocks_cache(DESC)
     fill(cache, seed=1)
-    link(dd, 2, addresses.get(timeout=60))
+    link(dd, 2, receive(addresses, process))
     for layer in range(LAYERS):          # as each layer's prefill finishes
         dd.cache_manager.push_blocks(BlocksCacheKey(cluster_id=2), cache, [0, 1, 2],
                                      [100, 101, 5], range(layer, layer + 1),
                                      range(layer, layer + 1))
     done.set()
-    got = results.get(timeout=60)
+    got = receive(results, process)
     for i in range(2 * LAYERS):
         assert got[i] == expected(1, i, DESC.shape, np.float16)[[0, 1, 2]].tobytes(), i
     print(f"OK: blocks 0,1,2 of {LAYERS} layers pushed into the decoder's blocks 100,101,5")

@@ -4,7 +4,9 @@
 """
 import numpy as np
 
-from common import expected, fill, link, start
+import multiprocessing as mp
+
+from common import expected, fill, link, parse_args, receive, start, start_process
 from kvcache import CacheDesc, CacheKeyByIdAndIndex, DataType, LLMRole
 
 LAYERS = 4
@@ -21,12 +23,11 @@ def decoder(addresses, done, results):
 
 
 def main():
-    import multiprocessing as mp
+    parse_args(__doc__)
     ctx = mp.get_context("spawn")
     addresses, done, results = ctx.Queue(), ctx.Event(), ctx.Queue()
-    process = ctx.Process(target=decoder, args=(addresses, done, results))
-    process.start()
-    address, remote_cache_id = addresses.get(timeout=60)
+    process = start_process(decoder, addresses, done, results)
+    address, remote_cache_id = receive(addresses, process)
     dd = start(LLMRole.PROMPT, 1)
     cache = dd.cache_manager.allocate_cache(DESC)
     fill(cache, seed=1)
@@ -34,7 +35,7 @@ def main():
     dd.cache_manager.push_cache(CacheKeyByIdAndIndex(cluster_id=2, cache_id=remote_cache_id,
                                                      batch_index=5), cache, src_batch_index=0)
     done.set()
-    got = results.get(timeout=60)
+    got = receive(results, process)
     for i in range(2 * LAYERS):
         want = expected(1, i, DESC.shape, np.float16)[0]
         assert got[i] == want.tobytes(), i

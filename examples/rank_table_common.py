@@ -8,6 +8,7 @@ import multiprocessing as mp
 import socket
 import time
 
+from common import start_process
 from kvcache import RegisterMemStatus
 
 CLUSTER_RANK_INFO = {1: 0, 2: 1}     # prompt cluster 1 is rank 0, decoder cluster 2 rank 1
@@ -48,13 +49,4 @@ def spawn(target, *args):
     (process, the queue it reports on once ready, the event that ends it)."""
     ctx = mp.get_context("spawn")
     ready, done = ctx.Queue(), ctx.Event()
-    process = ctx.Process(target=target, args=(ready, done) + args)
-    process.start()
-    return process, ready, done
-
-
-def finish(process, done):
-    done.set()
-    process.join(TIMEOUT_S)
-    if process.exitcode != 0:
-        raise SystemExit(f"{process.name} exited with {process.exitcode}")
+    return start_process(target, ready, done, *args), ready, done

@@ -7,7 +7,7 @@ import multiprocessing as mp
 
 import numpy as np
 
-from common import expected, fill, link, start, unlink
+from common import expected, fill, link, parse_args, receive, start, start_process, unlink
 from kvcache import BlocksCacheKey, CacheDesc, DataType, LLMRole
 
 DESC = CacheDesc(4, DataType.DT_FLOAT16, [32, 1024])
@@ -28,18 +28,18 @@ def node_b(to_a, from_a):
 
 
 def main():
+    parse_args(__doc__)
     ctx = mp.get_context("spawn")
     to_a, from_a = ctx.Queue(), ctx.Queue()
-    b = ctx.Process(target=node_b, args=(to_a, from_a))
-    b.start()
+    b = start_process(node_b, to_a, from_a)
     dd = start(LLMRole.DECODER, 1)
     cache = dd.cache_manager.allocate_blocks_cache(DESC, BlocksCacheKey(prompt_cluster_id=1))
-    link(dd, 2, to_a.get(timeout=60))
+    link(dd, 2, receive(to_a, b))
     dd.cache_manager.pull_blocks(BlocksCacheKey(prompt_cluster_id=2), cache, [5, 6], [0, 1])
     unlink(dd, 2)
     dd.switch_role(LLMRole.PROMPT, {"llm.listenIpInfo": "127.0.0.1:0"})
     from_a.put(dd.listen_address)
-    assert to_a.get(timeout=60) == "pushed"
+    assert receive(to_a, b) == "pushed"
     for i, tensor in enumerate(cache.tensors()):
         want = expected(2, i, DESC.shape, tensor.dtype)
         assert np.array_equal(tensor[[0, 1]].view(np.uint16), want[[5, 6]].view(np.uint16))

@@ -7,16 +7,16 @@ is accepted and logged as having no effect here.
 
     python examples/transfer_backend.py [--transport auto|tcp|shm|rdma]
 """
-import argparse
 import datetime
-import multiprocessing as mp
 import os
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
+from common import error_of, parse_args, start_process
 from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                      LLMDataDist, LLMRole, LLMStatusCode, Placement)
 
@@ -91,25 +91,26 @@ def free_port():
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--transport", default="auto", choices=("auto", "tcp", "shm", "rdma"))
-    args = parser.parse_args()
-    ctx = mp.get_context("spawn")
+    args = parse_args(__doc__, lambda parser: parser.add_argument(
+        "--transport", default="auto", choices=("auto", "tcp", "shm", "rdma")))
     store_port = free_port()
-    processes = [ctx.Process(target=run, args=(rank, store_port, args.transport),
-                             name=("prompt", "decoder")[rank]) for rank in (PROMPT, DECODER)]
+    processes = [start_process(run, rank, store_port, args.transport,
+                               name=("prompt", "decoder")[rank]) for rank in (PROMPT, DECODER)]
+    # The first failure ends the run (its peer would wait at a barrier until the timeout).
+    deadline = time.monotonic() + TIMEOUT.total_seconds() * 2
+    while any(p.exitcode is None for p in processes) and time.monotonic() < deadline:
+        failed = [p for p in processes if p.exitcode not in (None, 0)]
+        if failed:
+            break
+        time.sleep(0.1)
+    failed = [f"{p.name} process failed: {error_of(p)}" for p in processes
+              if p.exitcode not in (None, 0)]
+    late = [f"{p.name} process did not finish" for p in processes if p.exitcode is None]
     for process in processes:
-        process.start()
-    failed = []
-    for process in processes:
-        process.join(TIMEOUT.total_seconds() * 2)
-        if process.exitcode is None:
-            process.kill()
-            process.join()
-        if process.exitcode != 0:
-            failed.append(f"{process.name} exited with {process.exitcode}")
-    if failed:
-        sys.exit("; ".join(failed))
+        process.kill()
+        process.join()
+    if failed or late:
+        sys.exit("; ".join(failed + late))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from common import expected, finish, link, spawn, start
+from common import expected, finish, link, parse_args, spawn, start
 from kvcache import (CacheDesc, DataType, LayerSynchronizer, LLMRole, LLMStatusCode,
                      TransferConfig)
 
@@ -59,6 +59,7 @@ class ForwardPass(LayerSynchronizer):
 
 
 def main():
+    parse_args(__doc__)
     process, (address, decoder_addrs), done = spawn(decoder)
     dd = start(LLMRole.PROMPT, 1)
     link(dd, 2, address)

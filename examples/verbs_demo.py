@@ -3,6 +3,7 @@ written to scattered slots in one batch, read back and checked.
 
     scripts/rdma-vm -- python examples/verbs_demo.py     (Soft-RoCE VM)
 """
+import argparse
 import random
 import time
 
@@ -11,6 +12,9 @@ import numpy as np
 import pyverbs_kv as pv
 
 BLOCKS, BLOCK_SIZE = 1538, 16 * 1024
+
+argparse.ArgumentParser(description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
 
 with pv.Context() as ctx:                      # the first device (rxe0 in the VM)
     gid_index = ctx.pick_gid(1)                # RoCE v2, IPv4-mapped

@@ -7,7 +7,7 @@ import multiprocessing as mp
 
 import numpy as np
 
-from common import expected, fill, finish, link, spawn, start
+from common import expected, fill, finish, link, parse_args, receive, spawn, start, start_process
 from kvcache import BlocksCacheKey, CacheDesc, DataType, LLMRole
 
 DESC = CacheDesc(8, DataType.DT_FLOAT16, [256, 2048])
@@ -41,14 +41,14 @@ def decode(cluster_id, prompt_addresses, results):
 
 
 def main():
+    parse_args(__doc__)
     prompts = {c: spawn(prefill, c) for c in PROMPTS}
     addresses = {c: address for c, (_, address, _) in prompts.items()}
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    decoders = [ctx.Process(target=decode, args=(c, addresses, results)) for c in DECODERS]
-    for d in decoders:
-        d.start()
-    lines = sorted(results.get(timeout=120) for _ in decoders)
+    decoders = [start_process(decode, c, addresses, results, name=f"decoder {c}")
+                for c in DECODERS]
+    lines = sorted(receive(results, *decoders, timeout=120) for _ in decoders)
     for d in decoders:
         d.join(60)
     for process, _, done in prompts.values():

@@ -8,10 +8,9 @@
 KVCACHE_DEBUG on prints the ``kvcache`` loggers' DEBUG lines on stderr."""
 import argparse
 import json
-import logging
 import sys
 
-from kvcache.config import env_flag
+from kvcache.log import setup as setup_logging
 from kvcache.status import LLMException
 
 
@@ -54,23 +53,11 @@ def build_parser():
     return parser
 
 
-def _debug_logging():
-    """KVCACHE_DEBUG: a stderr handler on the ``kvcache`` logger only (the
-    root logger, and so other libraries' output, is left alone)."""
-    if env_flag("KVCACHE_DEBUG"):
-        logger = logging.getLogger("kvcache")
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.DEBUG)
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
-        _debug_logging()
+        setup_logging()
         return args.run(args, argv[1:])
     except LLMException as exc:
         print(f"kvcache {args.command}: {exc}", file=sys.stderr)

@@ -13,10 +13,12 @@ spent per batch (all its threads). With N threads each thread moves its
 own batch at once; GB/s counts all of them."""
 import argparse
 import ctypes
+import functools
 import importlib.util
 import json
 import multiprocessing as mp
 import os
+import re
 import signal
 import socket
 import statistics
@@ -77,22 +79,30 @@ def target_main(addresses, done, largest, batch, threads, transport):
 
 
 class Progress:
-    def __init__(self, total):
-        self.total, self.done, self.started = total, 0, time.monotonic()
+    """A progress bar on stderr (tqdm) while cells run; silent when stderr is
+    not a terminal (logs, pipes, CI) or with --quiet."""
+
+    def __init__(self, total, quiet=False):
+        from tqdm import tqdm
+        # One refresh per cell (cells take a second or more): no throttling.
+        self.bar = tqdm(total=total, unit="cell", file=sys.stderr, leave=False, mininterval=0,
+                        disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True)
 
     def step(self, label):
-        self.done += 1
-        width = 30
-        filled = width * self.done // self.total
-        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                         f"{label:<36} {time.monotonic() - self.started:5.0f}s")
-        sys.stderr.flush()
-        if self.done == self.total:
-            sys.stderr.write("\n")
+        self.bar.set_postfix_str(label, refresh=False)
+        self.bar.update(1)
+
+    def close(self):
+        self.bar.close()
 
 
-def measure(run_batch, batch_bytes, seconds, threads=1, baseline=None):
-    """Run batches for about ``seconds`` (at least 5); per-batch stats. With
+WARMUP = 2                             # batches run untimed before each cell
+
+
+def measure(run_batch, batch_bytes, seconds, threads=1, baseline=None, warmup=WARMUP):
+    """Run ``warmup`` untimed batches (first touch of pages, connection and
+    cache set-up: a cold first pass), then batches for about ``seconds`` (at
+    least 5); per-batch stats of the warm ones. With
     several threads, each runs its batch at once (persistent workers
     released together, so thread start-up is not timed). ``baseline``: a
     single-thread memcpy of the same bytes, run before every round, so both
@@ -109,14 +119,17 @@ def measure(run_batch, batch_bytes, seconds, threads=1, baseline=None):
 
         def work(t):
             while True:
-                start.wait()
-                if stop:
-                    return
                 try:
-                    run_batch(t)
-                except BaseException as exc:          # reported by the main thread
-                    errors.append(exc)
-                finish.wait()
+                    start.wait()
+                    if stop:
+                        return
+                    try:
+                        run_batch(t)
+                    except BaseException as exc:      # reported by the main thread
+                        errors.append(exc)
+                    finish.wait()
+                except threading.BrokenBarrierError:  # the cell ended (or was stopped)
+                    return
 
         def one_round():
             start.wait()
@@ -128,7 +141,8 @@ def measure(run_batch, batch_bytes, seconds, threads=1, baseline=None):
         for w in workers:
             w.start()
     try:
-        one_round()                                   # warm-up
+        for _ in range(warmup):
+            one_round()
         times, base_times, cpu = [], [], 0.0
         deadline = time.perf_counter() + seconds
         while len(times) < 5 or time.perf_counter() < deadline:
@@ -146,14 +160,18 @@ def measure(run_batch, batch_bytes, seconds, threads=1, baseline=None):
         cpu /= len(times)
     finally:
         if workers:
+            # Aborting both barriers frees workers wherever they wait: after a
+            # signal stopped the main thread between start and finish, waiting
+            # on start again would hang with the workers waiting on finish.
             stop.append(True)
-            start.wait()
+            start.abort()
+            finish.abort()
             for w in workers:
-                w.join()
+                w.join(timeout=30)
     p50 = statistics.median(times)
     p99 = float(np.percentile(times, 99))
     cell = dict(GBps=batch_bytes * threads / p50 / 1e9, p50_ms=p50 * 1e3, p99_ms=p99 * 1e3,
-                cpu_ms=cpu * 1e3, batches=len(times))
+                cpu_ms=cpu * 1e3, batches=len(times), warmup=warmup)
     if base_times:
         cell["memcpy_GBps"] = batch_bytes / statistics.median(base_times) / 1e9
     return cell
@@ -175,9 +193,9 @@ def memcpy_batch(size, batch):
     return copy
 
 
-def memcpy_baseline(size, batch, seconds):
+def memcpy_baseline(size, batch, seconds, warmup=WARMUP):
     copy = memcpy_batch(size, batch)
-    return measure(lambda _: copy(), batch * size, seconds)
+    return measure(lambda _: copy(), batch * size, seconds, warmup=warmup)
 
 
 def _sink(port_queue, total):
@@ -234,20 +252,25 @@ def descriptor_cost(batch=1538, layers=32, per_layer=2, repeat=200):
     return (time.process_time() - t0) / repeat * 1e3
 
 
+UNITS = {"": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10,
+         "M": 1 << 20, "MB": 1 << 20, "MIB": 1 << 20}
+SIZE_RE = re.compile(r"(\d+)\s*([A-Za-z]*)")
+
+
 def size_list(text):
-    """``1K,64K,1M``: block sizes in bytes (argparse type: a bad item is a
-    one-line usage error naming it, not a traceback)."""
+    """``1K,64KiB,1MB``: block sizes in bytes; K, KB and KiB all mean 1024
+    bytes, M, MB and MiB 1024 * 1024 (block sizes are powers of two). An
+    argparse type: a bad item is a one-line usage error naming it."""
     sizes = []
     for item in text.split(","):
         item = item.strip()
-        number, factor = item.upper(), 1
-        if number[-1:] in ("K", "M"):
-            number, factor = number[:-1], {"K": 1024, "M": 1 << 20}[number[-1]]
-        if not number.isdigit() or int(number) == 0:
+        match = SIZE_RE.fullmatch(item)
+        factor = UNITS.get(match.group(2).upper()) if match else None
+        if factor is None or int(match.group(1)) == 0:
             raise argparse.ArgumentTypeError(
                 f"{item!r} is not a block size: a positive integer of bytes, optionally "
-                "followed by K (KiB) or M (MiB), e.g. 16K")
-        sizes.append(int(number) * factor)
+                "followed by K, KB or KiB (1024 bytes) or M, MB or MiB, e.g. 16K")
+        sizes.append(int(match.group(1)) * factor)
     return sizes
 
 
@@ -274,6 +297,12 @@ def _positive(kind):
     return parse
 
 
+def _count(text):
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a count (0 or more)")
+    return int(text)
+
+
 def _int_list(text):
     return [_positive(int)(t) for t in text.split(",")]
 
@@ -281,7 +310,8 @@ def _int_list(text):
 def add_arguments(parser):
     """The bench options (``kvcache bench`` and bench/transfer_bench.py)."""
     parser.add_argument("--sizes", type=size_list, default=SIZES,
-                        help="block sizes, comma-separated, K/M suffixes (default 1K..256K)")
+                        help="block sizes, comma-separated; K/KB/KiB and M/MB/MiB suffixes "
+                        "are binary (default 1K..256K)")
     parser.add_argument("--batch", type=_positive(int), default=1538, help="blocks per batch")
     parser.add_argument("--ops", type=_choices(("write", "read")), default=["write", "read"],
                         help="engine ops: write,read")
@@ -290,6 +320,11 @@ def add_arguments(parser):
     parser.add_argument("--threads", type=_int_list, default=[1],
                         help="thread counts, comma-separated (each thread its own batch)")
     parser.add_argument("--seconds", type=_positive(float), default=1.0, help="per cell")
+    parser.add_argument("--warmup", type=_count, default=WARMUP,
+                        help="untimed batches before each cell; the GB/s printed is of the "
+                        "warm batches after them (0: include the cold first pass)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it shows only when stderr is a terminal)")
     parser.add_argument("--json", default=None, help="write the results as JSON here")
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--plot", default=None,
@@ -328,7 +363,8 @@ def memory_problem(args):
     return None
 
 
-def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress):
+def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress,
+                  warmup=WARMUP):
     """Every cell of one transport, against a fresh prompt process."""
     rows = []
     most = max(thread_counts)
@@ -373,7 +409,7 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
 
             def measure_read(run_batch, label, threads):
                 local_blocks[dst[:threads].ravel()] = 0
-                cell = measure(run_batch, batch * size, seconds, threads, baseline)
+                cell = measure(run_batch, batch * size, seconds, threads, baseline, warmup)
                 if not (local_blocks[dst[:threads].ravel()] == index + 1).all():
                     raise SystemExit(f"bench: {label} left wrong bytes in the blocks it read")
                 return cell
@@ -389,7 +425,7 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
                         cell = measure_read(engine_batch, label, threads)
                     else:
                         cell = measure(engine_batch, batch * size, seconds, threads,
-                                       baseline)
+                                       baseline, warmup)
                     rows.append(dict(transport=dd.transport, path="engine", op=op,
                                      block=size, threads=threads, **cell))
                     progress.step(label)
@@ -413,15 +449,24 @@ def run_transport(transport, sizes, ops, batch, thread_counts, seconds, progress
     return rows
 
 
-def render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes):
+def warm_label(warmup):
+    """What the GB/s column measures."""
+    if warmup:
+        return (f"warm: the median of the batches after {warmup} untimed warm-up "
+                f"batch{'es' if warmup > 1 else ''} per cell")
+    return "cold: the first batch of each cell is timed too"
+
+
+def render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes, warmup=WARMUP):
+    gbps = "GB/s warm" if warmup else "GB/s"
     lines = [f"Batch of {batch} scattered blocks per thread, 127.0.0.1; baselines in the same "
              f"run: TCP loopback {tcp_ref:.2f} GB/s (one stream, 256 KiB sends); descriptors "
              f"of a {batch}-block 32-layer transfer built and checked in {desc_ms:.2f} ms of "
              "CPU. \"vs memcpy\" divides by single-thread memcpy of the same blocks, one "
              "memcpy batch run before each of the cell's batches (the memcpy rows are a "
-             "separate first measurement).", "",
-             "| transport | path | op | threads | block | GB/s | vs memcpy | vs TCP loopback "
-             "| p50 ms | p99 ms | CPU ms/batch |",
+             f"separate first measurement). GB/s is {warm_label(warmup)}.", "",
+             f"| transport | path | op | threads | block | {gbps} | vs memcpy | vs TCP "
+             "loopback | p50 ms | p99 ms | CPU ms/batch |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for size in sizes:
         m = memcpy[size]
@@ -530,26 +575,29 @@ def run(args, argv=None):
 
     cells = len(sizes) * (1 + len(transports) * len(thread_counts) * (len(ops) + 1)) + 2
     cells += bench_peers.cell_count(args.peers, sizes, ops)
-    progress = Progress(cells)
+    progress = Progress(cells, args.quiet)
     tcp_ref = tcp_loopback_baseline(256 * 1024)
     progress.step("tcp loopback baseline")
     desc_ms = descriptor_cost()
     progress.step("descriptor building")
     memcpy = {}
     for size in sizes:
-        memcpy[size] = memcpy_baseline(size, batch, args.seconds)
+        memcpy[size] = memcpy_baseline(size, batch, args.seconds, args.warmup)
         progress.step(f"memcpy {size // 1024}K")
     rows = []
     for transport in transports:
         rows += run_transport(transport, sizes, ops, batch, thread_counts, args.seconds,
-                              progress)
-    rows += bench_peers.run_peers(args.peers, sizes, ops, batch, args.seconds, measure,
+                              progress, args.warmup)
+    rows += bench_peers.run_peers(args.peers, sizes, ops, batch, args.seconds,
+                                  functools.partial(measure, warmup=args.warmup),
                                   memcpy_batch, progress)
+    progress.close()
 
-    table = render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes)
+    table = render_table(rows, memcpy, tcp_ref, desc_ms, batch, sizes, args.warmup)
     table += bench_peers.render_versus(rows)
     print(table)
-    result = dict(batch=batch, threads=thread_counts, tcp_loopback_GBps=tcp_ref,
+    result = dict(batch=batch, threads=thread_counts, warmup=args.warmup,
+                  tcp_loopback_GBps=tcp_ref,
                   descriptor_ms=desc_ms,
                   memcpy={str(k): v for k, v in memcpy.items()}, rows=rows)
     if args.json:

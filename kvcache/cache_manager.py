@@ -84,6 +84,12 @@ def _matching_tensors(op, local_desc, remote_desc, local_layers, remote_layers, 
     return here, there, local_t, remote_t
 
 
+def _pool_hint(need, pool_size):
+    """A pool size (bytes, whole MiB) that holds what the pool holds now plus
+    ``need`` more."""
+    return -(-(pool_size + need) // (1 << 20)) * (1 << 20)
+
+
 def _host_only(desc):
     """Device (GPU/NPU) memory is not reachable by any transport yet; taking
     it for host memory would crash the process at the first copy."""
@@ -130,6 +136,7 @@ class CacheManager:
         self._ids = itertools.count(1)
         self._caches = {}
         self._by_key = {}                       # key -> (cache id, batch row)
+        self._link_failures = {}                # cluster id -> why its last link failed
         self._releasing = set()                 # cache ids being freed
         self._free_when_unkeyed = set()         # freed by the user while keys name them
         self.pool_configured = pool_configured
@@ -177,7 +184,19 @@ class CacheManager:
                            "host_mem_pool_cfg / buf_pool_cfg) to allocate caches, or register "
                            "memory you own with register_cache / register_blocks_cache")
         stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
-        base = self._pool.alloc(stride * desc.num_tensors)
+        try:
+            base = self._pool.alloc(stride * desc.num_tensors)
+        except LLMException as exc:
+            if exc.status_code != LLMStatusCode.LLM_OUT_OF_MEMORY:
+                raise
+            need = stride * desc.num_tensors
+            # The pool knows sizes only; this layer knows which option sized it.
+            raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                               f"{exc.message}; this cache ({desc.num_tensors} tensors of "
+                               f"{desc.tensor_bytes} bytes) needs {need} bytes: raise the pool "
+                               "size (LLMConfig.mem_pool_cfg = '{\"memory_size\": "
+                               f"{_pool_hint(need, self._pool.size)}}}', or buf_pool_cfg's "
+                               "buf_pool_size) or deallocate caches first") from None
         segment = None
         try:
             if self._segments:
@@ -199,6 +218,23 @@ class CacheManager:
             self._engine.unregister_memory(region)
             self._free_pool(base, segment)
             raise
+
+    def link_failed(self, cluster_id, cause):
+        """LLMDataDist's word on its last link_clusters to ``cluster_id``: why
+        it failed, or None when it linked."""
+        with self._lock:
+            if cause is None:
+                self._link_failures.pop(cluster_id, None)
+            else:
+                self._link_failures[cluster_id] = cause
+
+    def _not_linked(self, cluster_id):
+        with self._lock:
+            cause = self._link_failures.get(cluster_id)
+        why = (f"the last link_clusters to it failed: {cause}" if cause
+               else "link it with link_clusters first")
+        return LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                            f"cluster {cluster_id} is not linked ({why})")
 
     def _free_pool(self, base, segment):
         if segment is not None:
@@ -433,8 +469,7 @@ class CacheManager:
         every transfer names the cache's region id, which the peer checks."""
         peer = self._engine.find_peer(cluster_id)
         if peer is None:
-            raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
-                               f"cluster {cluster_id} is not linked")
+            raise self._not_linked(cluster_id)
         params = _key_params(key)
         known = self._lookups.setdefault(peer, {})
         cache_key = _lookup_key(params)
@@ -715,8 +750,7 @@ class CacheManager:
             if isinstance(config, TransferConfig):
                 peer = self._engine.find_peer(config.dst_cluster_id)
                 if peer is None:
-                    raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
-                                       f"cluster {config.dst_cluster_id} is not linked")
+                    raise self._not_linked(config.dst_cluster_id)
                 legs.append(plan_raw(geometry, index, config, peer))
             else:
                 peer, remote = self._peer_and_remote(config.dst_cluster_id, config.cache_key,

@@ -11,7 +11,12 @@ KVCACHE_RELAX_ORDERING on: register memory with relaxed ordering
 KVCACHE_RDMA_QPS       QPs per link (default 2)
 KVCACHE_AUTH_KEY       the shared secret every link must prove
 KVCACHE_AUTH_KEY_FILE  a file holding it, when KVCACHE_AUTH_KEY is unset
-KVCACHE_DEBUG          on: debug logging for the kvcache loggers
+KVCACHE_DEBUG          on: the kvcache loggers log at DEBUG (each transfer:
+                       op, peer, bytes, descriptors, ms; link events are
+                       INFO); printed on stderr unless the application
+                       configured logging (then its handlers get them).
+                       Other libraries' loggers and the root logger are
+                       never touched (kvcache.log)
 KVCACHE_DEBUG_FILE     append the kvcache loggers' records to this file (DEBUG
                        and up with KVCACHE_DEBUG on, else what the logging
                        configuration lets through: WARNING and up by default)
@@ -45,9 +50,7 @@ KVCACHE_PEER_MAX_NOTIFY_BYTES   their bytes per peer (default 64 MiB)
 Switches (KVCACHE_DEBUG, KVCACHE_RELAX_ORDERING) are booleans: 1/true/yes/on
 turn them on, 0/false/no/off or unset leave them off (any case); anything else
 is LLM_PARAM_INVALID rather than a guess."""
-import logging
 import os
-import threading
 
 from kvcache.status import LLMException, LLMStatusCode
 
@@ -82,35 +85,3 @@ def env_flag(name):
     raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                        f"{name}={os.environ[name]!r} is not a boolean (use one of "
                        f"{', '.join(TRUE_WORDS)} or {', '.join(FALSE_WORDS[1:])})")
-
-
-# (path, level) -> the handler installed for it; once per process.
-_file_handlers = {}
-_file_handlers_lock = threading.Lock()
-_LOG_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"
-
-
-def apply_debug():
-    """KVCACHE_DEBUG on: the kvcache loggers log at DEBUG. KVCACHE_DEBUG_FILE
-    / KVCACHE_ERROR_FILE: a file handler on them (all records / ERROR and
-    up), installed once per path. Only the ``kvcache`` logger is touched,
-    never the root, so other libraries' output is unchanged; other handlers
-    are the application's business (the ``kvcache`` command installs one)."""
-    logger = logging.getLogger("kvcache")
-    if env_flag("KVCACHE_DEBUG"):
-        logger.setLevel(logging.DEBUG)
-    for name, level in (("KVCACHE_DEBUG_FILE", logging.NOTSET),
-                        ("KVCACHE_ERROR_FILE", logging.ERROR)):
-        path = env_str(name)
-        with _file_handlers_lock:
-            if not path or (path, level) in _file_handlers:
-                continue
-            try:
-                handler = logging.FileHandler(path, encoding="utf-8")
-            except OSError as exc:
-                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                                   f"{name}={path!r} cannot be opened: {exc.strerror}") from None
-            handler.setLevel(level)
-            handler.setFormatter(logging.Formatter(_LOG_FORMAT))
-            logger.addHandler(handler)
-            _file_handlers[path, level] = handler

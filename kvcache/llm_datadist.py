@@ -415,13 +415,11 @@ class LLMDataDist:
             try:
                 record = self._discovery.resolve(discovery.cluster_key(info.remote_cluster_id))
             except LLMException as exc:
-                log.warning("cluster %d: looking up cluster %d failed: %s", self.cluster_id,
-                            info.remote_cluster_id, exc)
-                return exc.status_code
+                return self._link_failed(info.remote_cluster_id, exc.status_code,
+                                         f"looking it up failed: {exc}")
             if record is None:
-                log.warning("cluster %d: cluster %d is not published at %s", self.cluster_id,
-                            info.remote_cluster_id, self._discovery.endpoint)
-                return LLMStatusCode.LLM_LINK_FAILED
+                return self._link_failed(info.remote_cluster_id, LLMStatusCode.LLM_LINK_FAILED,
+                                         f"it is not published at {self._discovery.endpoint}")
             host, port = parse_address(record["listen"])
         address = format_address(host, port)
         attempts = self.link_retry_count
@@ -433,22 +431,30 @@ class LLMDataDist:
                 peer = engine.connect(address, timeout_ms=max(1, min(timeout, left_ms)))
                 break
             except LLMException as exc:
-                log.warning("cluster %d: link to cluster %d at %s (attempt %d of %d) failed: "
-                            "%s", self.cluster_id, info.remote_cluster_id, address, attempt,
-                            attempts, exc)
                 retry = exc.status_code in (LLMStatusCode.LLM_LINK_FAILED,
                                             LLMStatusCode.LLM_TIMEOUT)
                 left_s = deadline - time.monotonic()
+                cause = f"link to {address} (attempt {attempt} of {attempts}) failed: {exc}"
                 if not retry or attempt == attempts or left_s <= 0:
-                    return exc.status_code
+                    return self._link_failed(info.remote_cluster_id, exc.status_code, cause)
+                log.warning("cluster %d: to cluster %d: %s", self.cluster_id,
+                            info.remote_cluster_id, cause)
                 # Spread what is left of the total time over the attempts left.
                 time.sleep(min(left_s / (attempts - attempt + 1), 1.0))
         if peer.cluster_id != info.remote_cluster_id:
             engine.disconnect(peer, force=True)
-            log.warning("cluster %d: %s is cluster %d, not %d", self.cluster_id, address,
-                        peer.cluster_id, info.remote_cluster_id)
-            return LLMStatusCode.LLM_LINK_FAILED
+            return self._link_failed(info.remote_cluster_id, LLMStatusCode.LLM_LINK_FAILED,
+                                     f"{address} is cluster {peer.cluster_id}, not "
+                                     f"{info.remote_cluster_id}")
+        self._cache_manager.link_failed(info.remote_cluster_id, None)
         return LLMStatusCode.LLM_SUCCESS
+
+    def _link_failed(self, cluster_id, status, cause):
+        """Log why a link to ``cluster_id`` failed and keep it for the cache
+        manager, whose transfers to that cluster then say it."""
+        log.warning("cluster %d: to cluster %d: %s", self.cluster_id, cluster_id, cause)
+        self._cache_manager.link_failed(cluster_id, cause)
+        return status
 
     def _link_to(self, engine, cluster_id):
         """The link unlink/status calls mean: the one this side made to the

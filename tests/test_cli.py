@@ -1,20 +1,24 @@
 """The ``kvcache`` command as a user runs it (subprocesses): --help,
 --version, info (text and JSON), bench's argument errors, and bench stopped
 by SIGTERM or Ctrl-C ending its children without tracebacks."""
+import fcntl
 import importlib.metadata
 import json
 import logging
 import os
+import pty
 import resource
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import threading
 
 import pytest
 
 import kvcache
-from kvcache.config import apply_debug
+from kvcache.log import setup as setup_logging
 from kvcache.status import LLMException, LLMStatusCode
 from tests.helpers import wait_until
 
@@ -111,7 +115,7 @@ def test_info_lists_the_soft_roce_device_with_its_gids():
 
 
 @pytest.mark.parametrize("args, wrong", [
-    (("--sizes", "16KB"), "'16KB' is not a block size"),
+    (("--sizes", "16KX"), "'16KX' is not a block size"),
     (("--sizes", "4K,,8K"), "'' is not a block size"),
     (("--threads", "0"), "'0' is not a positive int"),
     (("--transports", "tcp,udp"), "'udp': choose from"),
@@ -130,6 +134,14 @@ def test_bench_refuses_a_run_that_cannot_fit_in_memory():
     assert "GiB available" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("spelling", ["16K", "16KB", "16KiB", "16kib", "16384"])
+def test_bench_sizes_take_k_kb_and_kib(spelling):
+    # A batch that cannot fit: refused before any child starts, naming the size it parsed.
+    out = kvcache_cmd("bench", "--sizes", f"4K,{spelling}", "--batch", "10000000000")
+    assert out.returncode == 1, out.stderr
+    assert "blocks of 16384 bytes" in out.stderr and "Traceback" not in out.stderr
+
+
 def test_kvcache_debug_is_a_boolean_for_the_kvcache_loggers_only(monkeypatch):
     package, root = logging.getLogger("kvcache"), logging.getLogger()
     before = package.level, root.level
@@ -138,12 +150,12 @@ def test_kvcache_debug_is_a_boolean_for_the_kvcache_loggers_only(monkeypatch):
                              ("1", True), ("true", True), ("ON", True)):
             package.setLevel(logging.NOTSET)
             monkeypatch.setenv("KVCACHE_DEBUG", value)
-            apply_debug()
+            setup_logging()
             assert (package.level == logging.DEBUG) is debug, value
             assert root.level == before[1]
         monkeypatch.setenv("KVCACHE_DEBUG", "maybe")
         with pytest.raises(LLMException) as err:
-            apply_debug()
+            setup_logging()
         assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
         assert "KVCACHE_DEBUG" in str(err.value)
     finally:
@@ -182,15 +194,22 @@ def _alive(pid):
 
 @pytest.mark.parametrize("how", ["SIGTERM", "ctrl-c"])
 def test_bench_stopped_ends_its_children_without_tracebacks(how):
+    # stderr on a terminal (a pty), as a user sees it: the progress bar shows which cell runs.
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "kvcache", "bench", "--sizes", "4K",
                              "--batch", "64", "--seconds", "5", "--transports", "tcp"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=slave, cwd=ROOT,
                             start_new_session=True)
+    os.close(slave)
     err = []
 
     def read_stderr():
-        while chunk := os.read(proc.stderr.fileno(), 4096):
-            err.append(chunk.decode(errors="replace"))
+        try:
+            while chunk := os.read(master, 4096):
+                err.append(chunk.decode(errors="replace"))
+        except OSError:                  # EIO: every writer of the pty is gone
+            pass
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
 
@@ -216,8 +235,21 @@ def test_bench_stopped_ends_its_children_without_tracebacks(how):
         assert rc == 128 + (signal.SIGTERM if how == "SIGTERM" else signal.SIGINT), text
         assert "Traceback" not in text, text
         assert f"stopped by {'SIGTERM' if how == 'SIGTERM' else 'SIGINT'}" in text
+        assert "cell/s" in text or "s/cell" in text, text     # the progress bar ran
         wait_until(lambda: not any(_alive(p) for p in children), 30, "children gone")
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+        os.close(master)
+
+
+def test_bench_progress_is_off_without_a_terminal_and_gbps_is_labelled_warm(tmp_path):
+    out = kvcache_cmd("bench", "--sizes", "4K", "--batch", "32", "--seconds", "0.05",
+                      "--transports", "shm", "--ops", "read", "--json", str(tmp_path / "r.json"),
+                      timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "\r" not in out.stderr and "cell/s" not in out.stderr      # not a terminal
+    assert "| GB/s warm |" in out.stdout and "after 2 untimed warm-up batches" in out.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["warmup"] == 2 and all(r["warmup"] == 2 for r in result["rows"])

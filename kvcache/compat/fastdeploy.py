@@ -35,7 +35,8 @@ import numpy as np
 
 from kvcache import checks
 from kvcache.checks import public
-from kvcache.config import apply_debug, env_str
+from kvcache.log import setup as setup_logging
+from kvcache.config import env_str
 from kvcache.engine import TransferEngine
 from kvcache.engine.address import format_address
 from kvcache.rdma_support import rdma_status
@@ -227,7 +228,7 @@ class RDMACommunicator:
     def __init__(self, role, gpu_idx, port, local_key_cache, local_value_cache, block_number,
                  block_bytes, *, transport=None, host=None, timeout_ms=30_000,
                  connect_timeout_ms=5000, auth_key=None):
-        apply_debug()            # the log files first: what follows may log
+        setup_logging()            # the log files first: what follows may log
         if role not in ("prefill", "decode"):
             raise checks.invalid(f"role must be 'prefill' or 'decode', got {role!r}")
         self.role = role

@@ -21,13 +21,13 @@ import numpy as np
 
 from kvcache import checks
 from kvcache.checks import public
-from kvcache.config import apply_debug
 from kvcache.descriptors import as_descriptor_arrays, merge_runs, u64_column
 from kvcache.engine import auth
 from kvcache.engine.links import LinkManager
 from kvcache.engine.regions import RegionRegistry
 from kvcache.engine.requests import Notifications, TransferRequest
 from kvcache.engine.rpc import Rpc, is_int, list_of
+from kvcache.log import setup as setup_logging
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp.framing import StreamClosed
 from kvcache.transports.tcp.tls import TlsConfig
@@ -94,7 +94,7 @@ class TransferEngine:
                  transport="tcp", timeout_ms=5000, handshake_timeout_ms=5000,
                  io_timeout_ms=30_000, device_id=0, auth_key=None, rdma_traffic_class=0,
                  rdma_service_level=0, tls_cert=None, tls_key=None, tls_ca=None):
-        apply_debug()
+        setup_logging()
         if transport not in TRANSPORTS:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"transport {transport!r} not available here; have "
@@ -377,7 +377,8 @@ class TransferEngine:
         timeout = self._timeout(timeout_ms)
         if local.size == 0:
             return 0
-        deadline = time.monotonic() + timeout / 1000
+        started = time.monotonic()
+        deadline = started + timeout / 1000
         peer.link.begin_transfer()
         local_pins = remote_pins = None
         try:
@@ -387,10 +388,13 @@ class TransferEngine:
                                    f"the data path to {peer.name} is not set up")
             local_ids, local_pins = self.registry.pin_local(local, lengths)
             remote_ids, remote_pins = self._pin_remote(peer, remote, lengths, named, timeout)
+            pieces = local.size
             local, remote, lengths, _, remote_ids = merge_runs(local, remote, lengths,
                                                                local_ids, remote_ids)
             move = self.transport.write if op == "write" else self.transport.read
             move(peer, local, remote, lengths, remote_ids, deadline)
+            log.debug("%s %s: %d bytes, %d pieces in %d descriptors, %.3f ms", op, peer.name,
+                      total, pieces, local.size, (time.monotonic() - started) * 1e3)
         except StreamClosed as exc:
             raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
                                f"{op} to {peer.name}: link failed: {exc}") from None

@@ -266,6 +266,8 @@ class LinkManager:
                 ack["proof"] = auth.proof(self.key, "listener", *sides)
             stream.send_frame(MsgType.HELLO_ACK, 0, ack, timeout_ms=left_ms(deadline))
             if status != LLMStatusCode.LLM_SUCCESS:
+                log.info("refused a link from %s (%s): %s %s", hello.get("name"), addr,
+                         status.name, message)
                 stream.close()
                 return
             msg_type, _, ready, payload_len = stream.recv_frame(left_ms(deadline))
@@ -481,6 +483,7 @@ class LinkManager:
         if orderly:
             if peer.state != LinkState.IDLE:
                 peer.link.transition(LinkState.IDLE, "unlinked")
+            log.info("link to %s closed: %s", peer.name, reason)
         else:
             peer.link.fail(reason)
             log.warning("link to %s failed: %s", peer.name, reason)
