@@ -1,0 +1,103 @@
+"""A kv_peer process whose caches may live on a device of a runtime test
+double (KVCACHE_ACL_LIB / KVCACHE_CUDA_LIB in the environment it is spawned
+with): device caches are filled and read back through the runtime's own
+synchronous H2D / D2H copies, so what a test compares is what device memory
+holds."""
+import multiprocessing as mp
+
+import numpy as np
+
+import kv_peer
+from kv_peer import Actions, PeerProcess, pattern
+from kvcache import BlocksCacheKey, CacheDesc, CacheKey, DataType, Placement
+from kvcache.device.runtime import D2H, H2D
+
+
+class DeviceActions(Actions):
+    def _runtime(self):
+        return self.dd.cache_manager._device.runtime()
+
+    def alloc(self, kind, num_tensors, shape, placement, key=None, model_id=0, keys=()):
+        """A blocks ('blocks', keyed BlocksCacheKey(key, model_id)) or
+        per-request ('cache', keyed by (cluster, req_id) pairs) cache."""
+        desc = CacheDesc(num_tensors, shape, DataType.DT_UINT8, Placement[placement])
+        manager = self.dd.cache_manager
+        if kind == "blocks":
+            cache = manager.allocate_blocks_cache(
+                desc, None if key is None else BlocksCacheKey(key, model_id))
+        else:
+            cache = manager.allocate_cache(desc, [CacheKey(prompt_cluster_id=c, req_id=r)
+                                                  for c, r in keys])
+        self.caches[cache.cache_id] = cache
+        return cache.cache_id
+
+    def register_device_blocks(self, num_tensors, shape, key, model_id=0):
+        """Device memory of our own (the runtime's alloc), registered."""
+        desc = CacheDesc(num_tensors, shape, DataType.DT_UINT8, Placement.DEVICE)
+        self._device_owned = [self._runtime().alloc(desc.tensor_bytes)
+                              for _ in range(num_tensors)]
+        cache = self.dd.cache_manager.register_blocks_cache(
+            desc, [b.ptr for b in self._device_owned], BlocksCacheKey(key, model_id))
+        self.caches[cache.cache_id] = cache
+        return cache.cache_id
+
+    def fill(self, cache_id, seed):
+        cache = self.caches[cache_id]
+        if cache.cache_desc.placement != Placement.DEVICE:
+            return super().fill(cache_id, seed)
+        n = cache.cache_desc.tensor_bytes
+        for i, addr in enumerate(cache.tensor_addrs):
+            data = pattern(seed, i, n)          # alive until the copy returned
+            self._runtime().copy(addr, data.ctypes.data, n, H2D)
+
+    def tensors(self, cache_id):
+        cache = self.caches[cache_id]
+        desc = cache.cache_desc
+        if desc.placement != Placement.DEVICE:
+            return super().tensors(cache_id)
+        out = []
+        for addr in cache.tensor_addrs:
+            host = np.empty(desc.tensor_bytes, dtype=np.uint8)
+            self._runtime().copy(host.ctypes.data, addr, desc.tensor_bytes, D2H)
+            out.append(host.reshape(desc.shape[0], -1))
+        return out
+
+    def pull_model(self, cluster, model_id, cache_id, src, dst):
+        """pull_blocks from the blocks cache BlocksCacheKey(cluster, model_id)."""
+        self.dd.cache_manager.pull_blocks(BlocksCacheKey(cluster, model_id),
+                                          self.caches[cache_id], src, dst)
+
+    def push_model(self, cluster, model_id, cache_id, src, dst):
+        self.dd.cache_manager.push_blocks(BlocksCacheKey(cluster, model_id),
+                                          self.caches[cache_id], src, dst)
+
+    def transfer_device_layers(self, cache_id):
+        """transfer_cache_async of a cache (to a cluster nobody links)."""
+        from kvcache import LayerSynchronizer, TransferConfig
+
+        class Ready(LayerSynchronizer):
+            def synchronize_layer(self, layer_index, timeout_in_millis):
+                return True
+
+        self.dd.cache_manager.transfer_cache_async(
+            self.caches[cache_id], Ready(), [TransferConfig(9, [1])])
+
+    def transfer_path(self, cluster_id, cache_id):
+        return (self.dd.cache_manager.transfer_path(cluster_id),
+                self.caches[cache_id].transfer_path)
+
+
+def _main(conn, role, cluster_id, listen, options):
+    kv_peer.Actions = DeviceActions
+    kv_peer._main(conn, role, cluster_id, listen, options)
+
+
+class DevicePeer(PeerProcess):
+    def __init__(self, role, cluster_id, listen="127.0.0.1:0", **options):
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_main, args=(child, role, cluster_id, listen, options),
+                                   daemon=True)
+        self.process.start()
+        self.cluster_id = cluster_id
+        self.address = self._reply()

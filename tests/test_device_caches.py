@@ -1,0 +1,291 @@
+"""KV caches in device memory (Placement.DEVICE) against the runtime test
+doubles (tests/doubles: ACL for 'npu', CUDA for 'cuda'), loaded through
+KVCACHE_ACL_LIB / KVCACHE_CUDA_LIB as a real process loads the runtime.
+Two processes, tcp and shm: pull and push of blocks and cache rows between
+DEVICE and HOST caches and between two DEVICE caches, staged in chunks that
+do not divide the transfer, contents read back with the runtime's D2H copy.
+The doubles run an asynchronous copy only when its stream is synchronised,
+so a byte found in place proves the side that received it synchronised its
+stream before the call returned."""
+import textwrap
+
+import numpy as np
+import pytest
+
+from accel_doubles import build, run_python
+from device_peer import DevicePeer
+from kv_peer import PeerError, pattern
+from kvcache.device.staging import chunked
+from kvcache.status import LLMStatusCode
+
+BLOCKS, BLOCK = 24, 1000          # 1000-byte blocks: chunks of 2300 bytes split them
+TENSORS = 4
+CHUNK = 2300
+DOUBLES = {"npu": ("fake_ascendcl.c", "libascendcl.so", "KVCACHE_ACL_LIB"),
+           "cuda": ("fake_cudart.c", "libcudart.so", "KVCACHE_CUDA_LIB")}
+
+
+@pytest.fixture(scope="module")
+def libraries(tmp_path_factory):
+    out = tmp_path_factory.mktemp("doubles")
+    return {kind: build(src, out, name) for kind, (src, name, _) in DOUBLES.items()}
+
+
+@pytest.fixture(params=["npu", "cuda"])
+def device_type(request, libraries, monkeypatch):
+    monkeypatch.setenv(DOUBLES[request.param][2], libraries[request.param])
+    return request.param
+
+
+def peers(transport, device_type):
+    options = dict(transport=transport, buf_pool_cfg='{"buf_pool_size": 16777216}',
+                   device_type=device_type, device_mem_pool_size=8 << 20,
+                   device_chunk_size=CHUNK)
+    prompt = DevicePeer("prompt", 1, **options)
+    try:
+        decoder = DevicePeer("decoder", 2, listen="", **options)
+    except BaseException:
+        prompt.close()
+        raise
+    assert decoder.call("link", 1, prompt.address) == LLMStatusCode.LLM_SUCCESS
+    return prompt, decoder
+
+
+def expected(seed, tensor, rows):
+    return pattern(seed, tensor, BLOCKS * BLOCK).reshape(BLOCKS, BLOCK)[rows]
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_blocks_move_between_device_and_host_caches_every_way(transport, device_type):
+    prompt, decoder = peers(transport, device_type)
+    try:
+        shape = [BLOCKS, BLOCK]
+        src_dev = prompt.call("alloc", "blocks", TENSORS, shape, "DEVICE", key=1, model_id=0)
+        src_host = prompt.call("alloc", "blocks", TENSORS, shape, "HOST", key=1, model_id=1)
+        prompt.call("fill", src_dev, seed=1)
+        prompt.call("fill", src_host, seed=2)
+        dst_dev = decoder.call("alloc", "blocks", TENSORS, shape, "DEVICE")
+        dst_host = decoder.call("alloc", "blocks", TENSORS, shape, "HOST")
+        src_ids = [5, 6, 7, 0, 23, 11, 12]
+        dst_ids = [1, 2, 3, 9, 10, 22, 4]
+        # Pull: device -> device, device -> host, host -> device.
+        for model, seed, dst in ((0, 1, dst_dev), (0, 1, dst_host), (1, 2, dst_dev)):
+            decoder.call("pull_model", 1, model, dst, src_ids, dst_ids)
+            got = decoder.call("tensors", dst)
+            for t in range(TENSORS):
+                assert np.array_equal(got[t][dst_ids], expected(seed, t, src_ids)), (model, dst)
+        assert decoder.call("transfer_path", 1, dst_dev) == ("staged", "staged")
+        # Push: device -> device, device -> host (the remote caches' blocks
+        # 13..19 get the decoder's dst_ids blocks, the second pattern).
+        decoder.call("fill", dst_dev, seed=3)
+        back = [13, 14, 15, 16, 17, 18, 19]
+        for model, src in ((0, dst_dev), (1, dst_dev)):
+            decoder.call("push_model", 1, model, src, dst_ids, back)
+            landed = prompt.call("tensors", src_dev if model == 0 else src_host)
+            for t in range(TENSORS):
+                assert np.array_equal(landed[t][back], expected(3, t, dst_ids))
+                untouched = [b for b in range(BLOCKS) if b not in back]
+                assert np.array_equal(landed[t][untouched],
+                                      expected(1 if model == 0 else 2, t, untouched))
+        # Host -> device push.
+        decoder.call("fill", dst_host, seed=4)
+        decoder.call("push_model", 1, 0, dst_host, [0, 1], [2, 3])
+        landed = prompt.call("tensors", src_dev)
+        for t in range(TENSORS):
+            assert np.array_equal(landed[t][[2, 3]], expected(4, t, [0, 1]))
+        assert decoder.call("transfer_path", 1, dst_host) == ("staged", "host")
+    finally:
+        decoder.close()
+        prompt.close()
+
+
+def test_cache_rows_and_registered_device_memory_move_both_ways(libraries, monkeypatch):
+    """Per-request DEVICE caches (pull_cache by CacheKey and by id, push_cache)
+    and device memory the caller allocated and registered (pull_blocks)."""
+    monkeypatch.setenv("KVCACHE_ACL_LIB", libraries["npu"])
+    prompt, decoder = peers("tcp", "npu")
+    try:
+        rows, row_bytes = 3, 5000                  # 5000 % 2300: rows split unevenly too
+        src = prompt.call("alloc", "cache", 2, [rows, row_bytes], "DEVICE",
+                          keys=[(1, 10), (1, 11)])
+        prompt.call("fill", src, seed=5)
+        dst = decoder.call("alloc", "cache", 2, [rows, row_bytes], "DEVICE")
+        decoder.call("pull_cache", 1, None, dst, row=2, req_id=11)       # key of row 1
+        decoder.call("pull_cache", 1, src, dst, remote_row=0, row=0)
+        want = [pattern(5, t, rows * row_bytes).reshape(rows, row_bytes) for t in range(2)]
+        got = decoder.call("tensors", dst)
+        for t in range(2):
+            assert np.array_equal(got[t][2], want[t][1])
+            assert np.array_equal(got[t][0], want[t][0])
+        decoder.call("fill", dst, seed=6)
+        decoder.call("push_cache", 1, src, dst, remote_row=2, row=1)
+        mine = [pattern(6, t, rows * row_bytes).reshape(rows, row_bytes) for t in range(2)]
+        landed = prompt.call("tensors", src)
+        for t in range(2):
+            assert np.array_equal(landed[t][2], mine[t][1])
+            assert np.array_equal(landed[t][:2], want[t][:2])
+        registered = prompt.call("register_device_blocks", 2, [BLOCKS, BLOCK], 1, model_id=7)
+        prompt.call("fill", registered, seed=8)
+        into = decoder.call("alloc", "blocks", 2, [BLOCKS, BLOCK], "HOST")
+        decoder.call("pull_model", 1, 7, into, [3, 4, 20], [0, 1, 2])
+        got = decoder.call("tensors", into)
+        for t in range(2):
+            assert np.array_equal(got[t][:3], expected(8, t, [3, 4, 20]))
+    finally:
+        decoder.close()
+        prompt.close()
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 999, 1000, 1001, 4096, 10 ** 6])
+def test_chunks_cover_every_byte_once_in_order(chunk):
+    """The staging plan: every chunk fits a slot, slot offsets are packed,
+    and unpacking every chunk rebuilds exactly the bytes of the pieces."""
+    rng = np.random.default_rng(chunk)
+    lengths = rng.integers(1, 3000, 40).astype(np.uint64)
+    src = rng.integers(0, 256, int(lengths.sum()) * 2, dtype=np.uint8)
+    local = np.cumsum(lengths * np.uint64(2)) - lengths * np.uint64(2)      # gaps between
+    remote = np.arange(40, dtype=np.uint64) * np.uint64(4000)
+    dst = np.zeros(40 * 4000, dtype=np.uint8)
+    plan = chunked(local, remote, lengths, chunk)
+    assert len(plan) == -(-int(lengths.sum()) // chunk)
+    for loc, rem, lens, offsets, _ in plan:
+        assert int(lens.sum()) <= chunk
+        assert np.array_equal(offsets, np.cumsum(lens) - lens)
+        slot = np.concatenate([src[int(a):int(a + n)] for a, n in zip(loc, lens)])
+        for r, o, n in zip(rem, offsets, lens):
+            dst[int(r):int(r + n)] = slot[int(o):int(o + n)]
+    for a, r, n in zip(local, remote, lengths):
+        assert np.array_equal(dst[int(r):int(r + n)], src[int(a):int(a + n)])
+
+
+ERRORS = """
+import numpy as np
+from kvcache.device.runtime import D2H, H2D, DeviceRuntime
+from kvcache.status import LLMException
+rt = DeviceRuntime({kind!r}, 0)
+buf = rt.alloc(4096)
+host = np.zeros(4096, np.uint8)
+for name, call in (
+        ("kind", lambda: rt.copy(host.ctypes.data, buf.ptr, 4096, H2D)),
+        ("free", lambda: (buf.close(), rt.copy(host.ctypes.data, buf_ptr, 4096, D2H)))):
+    buf_ptr = buf.ptr
+    try:
+        call()
+    except LLMException as exc:
+        print(name, exc.status_code.name, exc.device_code, exc.device_call, "|", exc)
+"""
+
+
+@pytest.mark.parametrize("kind", ["npu", "cuda"])
+def test_runtime_errors_surface_as_llm_exceptions_with_the_runtime_code(kind, libraries):
+    out = run_python(ERRORS.format(kind=kind), {DOUBLES[kind][2]: libraries[kind]})
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    call = "aclrtMemcpy" if kind == "npu" else "cudaMemcpy"
+    # A host destination with a host-to-device kind: the runtime refuses it.
+    status, code, failed, _, text = lines["kind"].split(" ", 4)
+    assert status == "LLM_DEVICE_MEM_ERROR" and int(code) != 0 and failed == call
+    assert f"error {code}" in text and "kind=" in text
+    # Copying from device memory after it was freed.
+    status, code, failed, _, text = lines["free"].split(" ", 4)
+    assert status == "LLM_DEVICE_MEM_ERROR" and int(code) != 0 and failed == call
+
+
+HOST_ONLY = """
+import numpy as np
+from kvcache import (CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException, LLMRole,
+                     Placement)
+cfg = LLMConfig()
+cfg.buf_pool_cfg = '{{"buf_pool_size": 4194304}}'
+cfg.device_type = {device_type!r}
+dd = LLMDataDist(LLMRole.PROMPT, 1)
+dd.init(cfg.generate_options())
+cm = dd.cache_manager
+host = cm.allocate_blocks_cache(CacheDesc(1, [4, 16], DataType.DT_UINT8))
+host.numpy(0)[:] = 7
+print("host", host.transfer_path, int(host.numpy(0).sum()))
+try:
+    cm.allocate_blocks_cache(CacheDesc(1, [4, 16], DataType.DT_UINT8, Placement.DEVICE))
+except LLMException as exc:
+    print("device", exc.status_code.name, "|", exc)
+dd.finalize()
+"""
+
+
+def test_a_missing_runtime_turns_device_placement_off_and_host_paths_run(tmp_path, libraries):
+    cases = {"none": ("", {}),
+             "library": ("npu", {"KVCACHE_ACL_LIB": str(tmp_path / "nowhere.so")}),
+             "symbol": ("npu", {"KVCACHE_ACL_LIB": build("fake_ascendcl.c", tmp_path,
+                                                         "libascendcl.so",
+                                                         omit="aclrtMemcpyAsync")})}
+    for case, (device_type, env) in cases.items():
+        out = run_python(HOST_ONLY.format(device_type=device_type),
+                         dict(env, KVCACHE_DEVICE_TYPE=None))
+        assert out.returncode == 0, (case, out.stderr)
+        lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+        assert lines["host"] == "host 448", case          # path, 4 x 16 bytes of 7
+        assert lines["device"].startswith("LLM_FEATURE_NOT_ENABLED"), (case, lines)
+        assert {"none": "no device type is configured", "library": "nowhere.so",
+                "symbol": "aclrtMemcpyAsync"}[case] in lines["device"], (case, lines)
+
+
+def test_a_host_pointer_registered_as_cuda_device_memory_is_refused(libraries):
+    code = HOST_ONLY.split("cm = dd.cache_manager")[0] + textwrap.dedent("""
+        owned = np.zeros(64, np.uint8)
+        try:
+            dd.cache_manager.register_blocks_cache(
+                CacheDesc(1, [4, 16], DataType.DT_UINT8, Placement.DEVICE), [owned.ctypes.data])
+        except LLMException as exc:
+            print(exc.status_code.name, "|", exc)
+        dd.finalize()
+        """)
+    out = run_python(code.format(device_type="cuda"), {"KVCACHE_CUDA_LIB": libraries["cuda"]})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("LLM_PARAM_INVALID") and "not CUDA device memory" in out.stdout
+
+
+def test_layer_wise_transfer_of_a_device_cache_is_refused_clearly(libraries, monkeypatch):
+    monkeypatch.setenv("KVCACHE_ACL_LIB", libraries["npu"])
+    prompt = DevicePeer("prompt", 1, buf_pool_cfg='{"buf_pool_size": 4194304}',
+                        device_type="npu", device_mem_pool_size=1 << 20)
+    try:
+        cache = prompt.call("alloc", "blocks", 2, [4, 64], "DEVICE")
+        with pytest.raises(PeerError) as err:
+            prompt.call("transfer_device_layers", cache)
+        assert err.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
+        assert "DEVICE cache" in str(err.value)
+    finally:
+        prompt.close()
+
+
+@pytest.mark.gpu
+def test_gpu_caches_of_two_processes_move_staged():
+    """The real CUDA runtime (torch's libcudart): GPU caches pulled and
+    pushed between two processes, staged through pinned host slots."""
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    options = dict(transport="shm", buf_pool_cfg='{"buf_pool_size": 16777216}',
+                   device_type="cuda", device_mem_pool_size=64 << 20,
+                   device_chunk_size=1 << 20)
+    prompt = DevicePeer("prompt", 1, **options)
+    decoder = DevicePeer("decoder", 2, listen="", **options)
+    try:
+        assert decoder.call("link", 1, prompt.address) == LLMStatusCode.LLM_SUCCESS
+        blocks, block = 256, 16384
+        src = prompt.call("alloc", "blocks", 4, [blocks, block], "DEVICE", key=1)
+        prompt.call("fill", src, seed=9)
+        dst = decoder.call("alloc", "blocks", 4, [blocks, block], "DEVICE")
+        order = np.random.default_rng(0).permutation(blocks).tolist()
+        decoder.call("pull_model", 1, 0, dst, order, list(range(blocks)))
+        got = decoder.call("tensors", dst)
+        for t in range(4):
+            want = pattern(9, t, blocks * block).reshape(blocks, block)
+            assert np.array_equal(got[t], want[order])
+        decoder.call("push_model", 1, 0, dst, [0, 1], [5, 6])
+        landed = prompt.call("tensors", src)
+        for t in range(4):
+            assert np.array_equal(landed[t][[5, 6]], got[t][[0, 1]])
+    finally:
+        decoder.close()
+        prompt.close()
