@@ -82,6 +82,11 @@ class DeviceActions(Actions):
         self.dd.cache_manager.transfer_cache_async(
             self.caches[cache_id], Ready(), [TransferConfig(9, [1])])
 
+    def stage_raw(self, cluster, method, params):
+        """A staging control call as a (misbehaving) peer could send it."""
+        peer = self.dd.engine.find_peer(cluster)
+        return self.dd.engine.call(peer, method, params, 3000)
+
     def transfer_path(self, cluster_id, cache_id):
         return (self.dd.cache_manager.transfer_path(cluster_id),
                 self.caches[cache_id].transfer_path)

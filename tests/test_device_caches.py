@@ -136,6 +136,41 @@ def test_cache_rows_and_registered_device_memory_move_both_ways(libraries, monke
         prompt.close()
 
 
+def test_the_holder_checks_every_staged_piece_against_its_region(libraries, monkeypatch):
+    """A peer's staging calls reach only offered device regions, inside them,
+    within the slot; refused calls change nothing."""
+    monkeypatch.setenv("KVCACHE_ACL_LIB", libraries["npu"])
+    prompt, decoder = peers("tcp", "npu")
+    try:
+        cache = prompt.call("alloc", "blocks", 1, [BLOCKS, BLOCK], "DEVICE", key=1)
+        prompt.call("fill", cache, seed=12)
+        info = prompt.call("describe", cache)
+        base, region = info["tensor_addrs"][0], info["region_ids"][0]
+        size = BLOCKS * BLOCK
+        region_end = base + -(-size // 512) * 512         # a pool cache: tensors 512-aligned
+        cases = [(dict(addrs=[region_end - 10], lengths=[20], regions=[region]),
+                  LLMStatusCode.LLM_PARAM_INVALID, "not inside region"),
+                 (dict(addrs=[base - 512], lengths=[8], regions=[region]),
+                  LLMStatusCode.LLM_PARAM_INVALID, "not inside region"),
+                 (dict(addrs=[base], lengths=[8], regions=[region + 99]),
+                  LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "does not exist"),
+                 (dict(addrs=[base], lengths=[CHUNK + 1], regions=[region]),
+                  LLMStatusCode.LLM_PARAM_INVALID, "byte slot"),
+                 (dict(addrs=[base], lengths=[-8], regions=[region]),
+                  LLMStatusCode.LLM_PARAM_INVALID, "positive")]
+        for method in ("cache.stage_in", "cache.stage_out"):
+            for params, status, text in cases:
+                with pytest.raises(PeerError) as err:
+                    decoder.call("stage_raw", 1, method, dict(params, slot=0))
+                assert err.value.status_code == status, (method, params, err.value)
+                assert text in str(err.value)
+        got = prompt.call("tensors", cache)[0]
+        assert np.array_equal(got, pattern(12, 0, size).reshape(BLOCKS, BLOCK))
+    finally:
+        decoder.close()
+        prompt.close()
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 999, 1000, 1001, 4096, 10 ** 6])
 def test_chunks_cover_every_byte_once_in_order(chunk):
     """The staging plan: every chunk fits a slot, slot offsets are packed,

@@ -17,6 +17,7 @@ caller's completion never runs ahead of the bytes being in device memory).
 Every piece names its device region and is checked against it there."""
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -39,7 +40,7 @@ def chunked(local, remote, lengths, chunk):
     lengths, slot offsets) arrays; a piece longer than what is left of a
     chunk is split, so every chunk but the last is full."""
     local, remote, lengths = (np.asarray(a, dtype=np.uint64) for a in (local, remote, lengths))
-    starts = np.concatenate(([0], np.cumsum(lengths, dtype=np.uint64)))
+    starts = np.concatenate((np.zeros(1, np.uint64), np.cumsum(lengths, dtype=np.uint64)))
     total = int(starts[-1])
     out = []
     for begin in range(0, total, chunk):
@@ -128,11 +129,13 @@ class Stager:
         if not 0 <= params["slot"] < len(slots):
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"no staging slot {params['slot']}")
         addrs, lengths, regions = params["addrs"], params["lengths"], params["regions"]
-        if not len(addrs) == len(lengths) == len(regions) or sum(lengths) > self.chunk_bytes:
+        if (not len(addrs) == len(lengths) == len(regions) or sum(lengths) > self.chunk_bytes
+                or min(addrs + lengths, default=1) <= 0):
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"staging request: {len(addrs)} addresses, {len(lengths)} "
                                f"lengths, {len(regions)} regions, {sum(lengths)} bytes for a "
-                               f"{self.chunk_bytes}-byte slot")
+                               f"{self.chunk_bytes}-byte slot (addresses and lengths must be "
+                               "positive)")
         return slots[params["slot"]], addrs, lengths, regions
 
     def _rpc_out(self, peer, params):
@@ -249,8 +252,9 @@ class Stager:
         if local_slots is not None:
             chunk = min(chunk, local_slots[0].nbytes)
         chunks = chunked(local, remote, lengths, chunk)
+        deadline = Deadline(timeout_ms, f"staged {op} with {peer.name}")
         with _maybe(self._local_lock if local_slots is not None else None), _maybe(lock):
-            self._pipeline(peer, op, chunks, timeout_ms, local_slots, remote_slots,
+            self._pipeline(peer, op, chunks, deadline, local_slots, remote_slots,
                            None if local_regions is None else np.asarray(local_regions),
                            None if remote_regions is None else np.asarray(remote_regions),
                            None if remote_device_regions is None
@@ -258,7 +262,7 @@ class Stager:
         self._record(peer, PATH_STAGED)
         return PATH_STAGED
 
-    def _pipeline(self, peer, op, chunks, timeout_ms, local_slots, remote_slots,
+    def _pipeline(self, peer, op, chunks, deadline, local_slots, remote_slots,
                   local_regions, remote_regions, remote_device_regions):
         """Per chunk: produce (the side bytes come from copies device ->
         its slot), move (engine transfer), consume (the side bytes go to
@@ -275,7 +279,7 @@ class Stager:
                 slot = remote_slots[k]
                 slot.pending = self._calls().submit(self._peer_call, peer, "cache.stage_out", k,
                                                     rem, lens, remote_device_regions[idx],
-                                                    timeout_ms)
+                                                    deadline)
             elif not reading and local_slots is not None:
                 self._copy_pieces(local_slots[k], loc, lens, local_regions[idx], D2H, False,
                                   wait=False)
@@ -289,7 +293,7 @@ class Stager:
             elif not reading and remote_slots is not None:
                 remote_slots[k].pending = self._calls().submit(
                     self._peer_call, peer, "cache.stage_in", k, rem, lens,
-                    remote_device_regions[idx], timeout_ms)
+                    remote_device_regions[idx], deadline)
 
         def move(i):
             loc, rem, lens, offsets, idx = chunks[i]
@@ -300,7 +304,7 @@ class Stager:
             else:
                 remote_addrs = np.uint64(remote_slots[k].addr) + offsets
                 named = np.full(lens.size, remote_slots[k].region_id, dtype=np.uint64)
-            self._engine.transfer_sync(peer, op, local_addrs, remote_addrs, lens, timeout_ms,
+            self._engine.transfer_sync(peer, op, local_addrs, remote_addrs, lens, deadline.left(),
                                        remote_regions=named)
 
         def settle(slots, k):
@@ -329,10 +333,10 @@ class Stager:
                     self._settle(slot, quiet=True)
             raise
 
-    def _peer_call(self, peer, method, slot, addrs, lengths, regions, timeout_ms):
+    def _peer_call(self, peer, method, slot, addrs, lengths, regions, deadline):
         self._engine.call(peer, method, {"slot": slot, "addrs": [int(a) for a in addrs],
                                          "lengths": [int(n) for n in lengths],
-                                         "regions": [int(r) for r in regions]}, timeout_ms)
+                                         "regions": [int(r) for r in regions]}, deadline.left())
 
     def _close_slot(self, slot):
         self._settle(slot, quiet=True)
@@ -354,6 +358,21 @@ class Stager:
             helper.shutdown(wait=True)
         for slot in slots:
             self._close_slot(slot)
+
+
+class Deadline:
+    """One deadline for every step of a staged transfer."""
+
+    def __init__(self, timeout_ms, what):
+        self.end = time.monotonic() + timeout_ms / 1000
+        self.what = what
+
+    def left(self):
+        """The ms left (at least 1); LLM_TIMEOUT once none are."""
+        left = int((self.end - time.monotonic()) * 1000)
+        if left <= 0:
+            raise LLMException(LLMStatusCode.LLM_TIMEOUT, f"{self.what}: deadline passed")
+        return left
 
 
 class RemoteSlot:
