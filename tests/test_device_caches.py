@@ -326,3 +326,35 @@ def test_gpu_caches_of_two_processes_move_staged():
     finally:
         decoder.close()
         prompt.close()
+
+
+@pytest.mark.gpu
+def test_a_torch_cuda_tensor_registers_as_device_memory_and_is_pulled():
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here")
+    from kvcache import BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMRole
+    from kvcache.values import Placement
+    blocks, block = 64, 4096
+    cfg = LLMConfig()
+    cfg.listen_ip_info = "127.0.0.1:0"
+    cfg.buf_pool_cfg = '{"buf_pool_size": 16777216}'
+    cfg.transport, cfg.device_type = "tcp", "cuda"
+    prompt = LLMDataDist(LLMRole.PROMPT, 1)
+    prompt.init(cfg.generate_options())
+    decoder = DevicePeer("decoder", 2, listen="", transport="tcp", device_type="cuda",
+                         buf_pool_cfg='{"buf_pool_size": 16777216}',
+                         device_mem_pool_size=16 << 20)
+    try:
+        tensor = torch.randint(0, 256, (blocks, block), dtype=torch.uint8, device="cuda")
+        cache = prompt.cache_manager.register_blocks_cache(
+            CacheDesc(1, [blocks, block], DataType.DT_UINT8, Placement.DEVICE),
+            [tensor.data_ptr()], BlocksCacheKey(1))
+        assert cache.transfer_path == "staged"
+        assert decoder.call("link", 1, prompt.listen_address) == LLMStatusCode.LLM_SUCCESS
+        dst = decoder.call("alloc", "blocks", 1, [blocks, block], "DEVICE")
+        decoder.call("pull_model", 1, 0, dst, list(range(blocks)), list(range(blocks)))
+        assert np.array_equal(decoder.call("tensors", dst)[0], tensor.cpu().numpy())
+    finally:
+        decoder.close()
+        prompt.finalize()
