@@ -31,14 +31,16 @@ log = logging.getLogger(__name__)
 
 DEPTH = 2                           # slots per side: one moving, one being copied
 DEFAULT_CHUNK_BYTES = 4 << 20
-MAX_PIECES = 1 << 16                # per control call
+MAX_PIECES = 4096                   # per chunk: what one control call names
 PATH_HOST, PATH_STAGED = "host", "staged"
 
 
-def chunked(local, remote, lengths, chunk):
-    """Pieces -> chunks of at most ``chunk`` bytes: a list of (local, remote,
-    lengths, slot offsets) arrays; a piece longer than what is left of a
-    chunk is split, so every chunk but the last is full."""
+def chunked(local, remote, lengths, chunk, max_pieces=MAX_PIECES):
+    """Pieces -> chunks of at most ``chunk`` bytes and ``max_pieces``
+    pieces: a list of (local, remote, lengths, slot offsets, index of the
+    piece each part comes from) arrays; a piece longer than what is left
+    of a chunk is split, so a chunk is full unless it is the last or holds
+    ``max_pieces`` pieces."""
     local, remote, lengths = (np.asarray(a, dtype=np.uint64) for a in (local, remote, lengths))
     starts = np.concatenate((np.zeros(1, np.uint64), np.cumsum(lengths, dtype=np.uint64)))
     total = int(starts[-1])
@@ -53,8 +55,11 @@ def chunked(local, remote, lengths, chunk):
         keep = hi > lo
         idx, lo, hi = idx[keep], lo[keep], hi[keep]
         skip = lo - starts[idx]
-        out.append((local[idx] + skip, remote[idx] + skip, hi - lo, lo - np.uint64(begin),
-                    idx))
+        loc, rem, lens = local[idx] + skip, remote[idx] + skip, hi - lo
+        for at in range(0, idx.size, max_pieces):
+            part = slice(at, at + max_pieces)
+            ends = np.cumsum(lens[part], dtype=np.uint64)
+            out.append((loc[part], rem[part], lens[part], ends - lens[part], idx[part]))
     return out
 
 
