@@ -55,7 +55,7 @@ def expected(seed, tensor, rows):
     return pattern(seed, tensor, BLOCKS * BLOCK).reshape(BLOCKS, BLOCK)[rows]
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm", pytest.param("rdma", marks=pytest.mark.rdma)])
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_blocks_move_between_device_and_host_caches_every_way(transport, device_type):
     prompt, decoder = peers(transport, device_type)
     try:
@@ -94,6 +94,32 @@ def test_blocks_move_between_device_and_host_caches_every_way(transport, device_
         for t in range(TENSORS):
             assert np.array_equal(landed[t][[2, 3]], expected(4, t, [0, 1]))
         assert decoder.call("transfer_path", 1, dst_host) == ("staged", "host")
+    finally:
+        decoder.close()
+        prompt.close()
+
+
+@pytest.mark.rdma
+def test_a_staged_device_cache_moves_over_rdma(libraries, monkeypatch):
+    """The VM lane: staging slots registered with the RDMA transport; a pull
+    device -> device and a push device -> host, chunks splitting blocks."""
+    monkeypatch.setenv("KVCACHE_ACL_LIB", libraries["npu"])
+    prompt, decoder = peers("rdma", "npu")
+    try:
+        shape = [BLOCKS, BLOCK]
+        src = prompt.call("alloc", "blocks", TENSORS, shape, "DEVICE", key=1, model_id=0)
+        host = prompt.call("alloc", "blocks", TENSORS, shape, "HOST", key=1, model_id=1)
+        prompt.call("fill", src, seed=1)
+        dst = decoder.call("alloc", "blocks", TENSORS, shape, "DEVICE")
+        src_ids, dst_ids = [5, 6, 7, 0, 23], [1, 2, 3, 9, 10]
+        decoder.call("pull_model", 1, 0, dst, src_ids, dst_ids)
+        got = decoder.call("tensors", dst)
+        for t in range(TENSORS):
+            assert np.array_equal(got[t][dst_ids], expected(1, t, src_ids))
+        decoder.call("push_model", 1, 1, dst, dst_ids, [11, 12, 13, 14, 15])
+        landed = prompt.call("tensors", host)
+        for t in range(TENSORS):
+            assert np.array_equal(landed[t][11:16], expected(1, t, src_ids))
     finally:
         decoder.close()
         prompt.close()

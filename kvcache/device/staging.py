@@ -68,9 +68,16 @@ class Slot:
 
     def __init__(self, runtime, engine, nbytes, remote):
         self.buffer = runtime.alloc_host(nbytes)
-        self.stream = runtime.stream()
-        self.addr, self.nbytes = self.buffer.ptr, nbytes
-        self.region_id = engine.register_memory(self.addr, nbytes, remote_accessible=remote)
+        self.stream = None
+        try:
+            self.stream = runtime.stream()
+            self.addr, self.nbytes = self.buffer.ptr, nbytes
+            self.region_id = engine.register_memory(self.addr, nbytes, remote_accessible=remote)
+        except BaseException:
+            if self.stream is not None:
+                self.stream.close()
+            self.buffer.close()
+            raise
         self.pending = None                 # a stream to synchronise or a Future to wait on
 
 
