@@ -82,6 +82,20 @@ class DeviceActions(Actions):
         self.dd.cache_manager.transfer_cache_async(
             self.caches[cache_id], Ready(), [TransferConfig(9, [1])])
 
+    def set_copy_delay(self, us):
+        """Make each copy of the double take ``us`` microseconds."""
+        import ctypes
+        import os
+        lib = ctypes.CDLL(os.environ["KVCACHE_ACL_LIB"])
+        lib.fake_acl_set_copy_delay_us(ctypes.c_long(us))
+
+    def timed_pull(self, cluster, model_id, cache_id, src, dst):
+        """pull_model's wall time in seconds."""
+        import time
+        start = time.monotonic()
+        self.pull_model(cluster, model_id, cache_id, src, dst)
+        return time.monotonic() - start
+
     def stage_raw(self, cluster, method, params):
         """A staging control call as a (misbehaving) peer could send it."""
         peer = self.dd.engine.find_peer(cluster)

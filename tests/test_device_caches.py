@@ -197,6 +197,38 @@ def test_the_holder_checks_every_staged_piece_against_its_region(libraries, monk
         prompt.close()
 
 
+def test_the_device_copies_of_both_sides_overlap(libraries, monkeypatch):
+    """Device -> device, one block per chunk, every device copy made slow
+    on both sides: the peer's D2H of chunk i+1 runs while our H2D of an
+    earlier chunk does, so the pull takes well under the sum of the copies."""
+    monkeypatch.setenv("KVCACHE_ACL_LIB", libraries["npu"])
+    options = dict(transport="tcp", buf_pool_cfg='{"buf_pool_size": 4194304}',
+                   device_type="npu", device_mem_pool_size=1 << 20, device_chunk_size=BLOCK,
+                   sync_kv_timeout=20000)
+    prompt = DevicePeer("prompt", 1, **options)
+    decoder = DevicePeer("decoder", 2, listen="", **options)
+    try:
+        assert decoder.call("link", 1, prompt.address) == LLMStatusCode.LLM_SUCCESS
+        src = prompt.call("alloc", "blocks", 1, [BLOCKS, BLOCK], "DEVICE", key=1)
+        prompt.call("fill", src, seed=13)
+        dst = decoder.call("alloc", "blocks", 1, [BLOCKS, BLOCK], "DEVICE")
+        decoder.call("pull_model", 1, 0, dst, [0], [0])      # slots set up, not timed
+        chunks, delay = 8, 0.15
+        for peer in (prompt, decoder):
+            peer.call("set_copy_delay", int(delay * 1e6))
+        ids = list(range(2, 2 * chunks + 1, 2))               # not contiguous: 8 chunks
+        took = decoder.call("timed_pull", 1, 0, dst, ids, ids)
+        for peer in (prompt, decoder):
+            peer.call("set_copy_delay", 0)
+        serial = chunks * 2 * delay
+        assert took < 0.8 * serial, f"{took:.2f} s for copies that take {serial:.2f} s in a row"
+        got = decoder.call("tensors", dst)[0]
+        assert np.array_equal(got[ids], expected(13, 0, ids))
+    finally:
+        decoder.close()
+        prompt.close()
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 999, 1000, 1001, 4096, 10 ** 6])
 def test_chunks_cover_every_byte_once_in_order(chunk):
     """The staging plan: every chunk fits a slot, slot offsets are packed,

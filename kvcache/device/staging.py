@@ -278,8 +278,9 @@ class Stager:
                   local_regions, remote_regions, remote_device_regions):
         """Per chunk: produce (the side bytes come from copies device ->
         its slot), move (engine transfer), consume (the side bytes go to
-        copies its slot -> device). The producer of chunk i+1 starts before
-        the move of chunk i."""
+        copies its slot -> device). Chunk i+1 is produced while chunk i
+        is waited for, moved and consumed (the peer's calls run in a helper
+        thread, our copies on the slots' streams)."""
         reading = op == "read"
         slots_of = [remote_slots, local_slots] if reading else [local_slots, remote_slots]
         producer_slots, consumer_slots = slots_of
@@ -329,11 +330,11 @@ class Stager:
                 produce(0)
             for i in range(len(chunks)):
                 k = i % DEPTH
-                settle(producer_slots, k)           # chunk i is in the source slot
                 if i + 1 < len(chunks):
-                    # Slot k+1 is free once chunk i-1 was consumed from it.
-                    settle(consumer_slots, (i + 1) % DEPTH)
+                    # Its source slot was emptied by the move of chunk i-1.
                     produce(i + 1)
+                settle(producer_slots, k)           # chunk i is in its source slot
+                settle(consumer_slots, k)           # chunk i-2 has left its destination slot
                 move(i)
                 consume(i)
             for slots in used:
