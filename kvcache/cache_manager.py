@@ -139,12 +139,13 @@ class CacheManager:
         self._segments = (engine.transport.maps_peer_memory
                           and hasattr(pool.memory, "segment"))
         engine.rpc.serve("cache.lookup", self._rpc_lookup, {"by": lambda v: v in _LOOKUPS})
-        self._local = LocalCopies(self.get_cache, engine.registry)
-        self._layerwise = LayerwiseSender(engine, cluster_id, sync_timeout_ms)
+        self._device = DeviceCaches(engine, device or DeviceConfig())
+        self._local = LocalCopies(self.get_cache, engine.registry, self._device)
+        self._layerwise = LayerwiseSender(engine, cluster_id, sync_timeout_ms,
+                                          self._device.stager)
         self.layer_notifications = LayerNotifications()
         engine.rpc.serve(NOTIFY_METHOD, self.layer_notifications.serve, SCHEMA)
         engine.rpc.serve("cache.consume", self._rpc_consume, {"by": lambda v: v == "key"})
-        self._device = DeviceCaches(engine, device or DeviceConfig())
 
     # --- local caches ----------------------------------------------------------
 
@@ -669,7 +670,8 @@ class CacheManager:
     @public
     def swap_blocks(self, src_cache, dst_cache, src_to_dst):
         """Copy blocks between two blocks caches, {src block: dst block} (as
-        llm_datadist's swap_blocks; host caches only yet, see README)."""
+        llm_datadist's swap_blocks: a CPU cache and a DEVICE cache swap
+        through the device runtime, D2H / H2D)."""
         self._local.swap_blocks(src_cache, dst_cache, src_to_dst)
 
     @public

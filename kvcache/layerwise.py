@@ -354,10 +354,12 @@ class LayerwiseSender:
     """Runs a cache manager's layer-wise tasks on at most MAX_WORKERS
     workers. ``engine``: the TransferEngine; ``timeout_ms``: the deadline
     of each layer's write and notification, and the timeout handed to the
-    synchronizer per layer."""
+    synchronizer per layer; ``stager``: the device Stager, which moves a
+    layer with a DEVICE cache on either side."""
 
-    def __init__(self, engine, cluster_id, timeout_ms):
+    def __init__(self, engine, cluster_id, timeout_ms, stager):
         self._engine = engine
+        self._stager = stager
         self._cluster_id = cluster_id
         self.timeout_ms = timeout_ms
         self._ids = itertools.count(1)

@@ -416,3 +416,145 @@ def test_a_torch_cuda_tensor_registers_as_device_memory_and_is_pulled():
     finally:
         decoder.close()
         prompt.finalize()
+
+
+LOCAL_COPIES = """
+import numpy as np
+from kvcache import (Cache, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException, LLMRole,
+                     LLMStatusCode, Placement)
+from kvcache.device.runtime import D2H, H2D
+B, R, T = 400, 96, 3
+cfg = LLMConfig()
+cfg.buf_pool_cfg = '{{"buf_pool_size": 4194304}}'
+cfg.device_type = {device_type!r}
+cfg.device_mem_pool_size = 4 << 20
+dd = LLMDataDist(LLMRole.PROMPT, 1)
+dd.init(cfg.generate_options())
+cm = dd.cache_manager
+rt = cm._device.runtime()
+rng = np.random.default_rng(7)
+
+def desc(placement, shape=(B, R)):
+    return CacheDesc(T, list(shape), DataType.DT_UINT8, placement)
+
+def fill(cache):
+    rows, row = cache.cache_desc.shape
+    model = [rng.integers(0, 256, (rows, row), dtype=np.uint8) for _ in range(T)]
+    for addr, m in zip(cache.tensor_addrs, model):
+        if cache.cache_desc.placement == Placement.DEVICE:
+            rt.copy(addr, m.ctypes.data, m.nbytes, H2D)
+        else:
+            np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * m.nbytes).from_address(
+                addr))[:] = m.ravel()
+    return model
+
+def read(cache):
+    rows, row = cache.cache_desc.shape
+    out = []
+    for addr in cache.tensor_addrs:
+        host = np.empty((rows, row), dtype=np.uint8)
+        if cache.cache_desc.placement == Placement.DEVICE:
+            rt.copy(host.ctypes.data, addr, host.nbytes, D2H)
+        else:
+            host[:] = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * host.nbytes)
+                                            .from_address(addr)).reshape(rows, row)
+        out.append(host)
+    return out
+
+def expect(cache, model, what):
+    got = read(cache)
+    for t in range(T):
+        assert np.array_equal(got[t], model[t]), (what, t)
+
+def apply(dst_model, src_model, pairs):
+    old = [m.copy() for m in src_model]
+    for s, d in pairs:
+        for t in range(T):
+            dst_model[t][d] = old[t][s]
+
+def refused(code, call, *args):
+    try:
+        call(*args)
+    except LLMException as exc:
+        assert exc.status_code == code, (exc.status_code, exc)
+        return str(exc)
+    raise AssertionError(f"{{call.__name__}}{{args}} was not refused")
+
+dev, dev2 = cm.allocate_blocks_cache(desc(Placement.DEVICE)), \\
+    cm.allocate_blocks_cache(desc(Placement.DEVICE))
+m_dev, m_dev2 = fill(dev), fill(dev2)
+arrays = [np.zeros(B * R, dtype=np.uint8) for _ in range(T)]
+cpu = Cache.create_cpu_cache(desc(Placement.HOST), [a.ctypes.data for a in arrays])
+m_cpu = fill(cpu)
+
+# Swap out (D2H), runs of consecutive blocks and single ones.
+out = {{0: 5, 1: 6, 2: 7, 10: 0, 399: 399, 20: 1}}
+cm.swap_blocks(dev, cpu, out)
+apply(m_cpu, m_dev, out.items())
+expect(cpu, m_cpu, "swap out")
+expect(dev, m_dev, "swap out source")
+# Swap in (H2D), and a whole reversed cache: one copy per block and tensor,
+# more than a stream queues at once.
+back = {{5: 30, 6: 31, 0: 3}}
+cm.swap_blocks(cpu, dev, back)
+apply(m_dev, m_cpu, back.items())
+expect(dev, m_dev, "swap in")
+reverse = {{b: B - 1 - b for b in range(B)}}
+cm.swap_blocks(cpu, dev2, reverse)
+apply(m_dev2, m_cpu, reverse.items())
+expect(dev2, m_dev2, "swap in reversed")
+# Device to device, two caches.
+d2d = {{3: 9, 4: 10, 100: 200}}
+cm.swap_blocks(dev, dev2, d2d)
+apply(m_dev2, m_dev, d2d.items())
+expect(dev2, m_dev2, "swap d2d")
+# copy_blocks within a device cache: sources among the destinations are
+# read before any is written.
+info = {{0: [1, 2], 1: [3], 3: [0], 50: [51, 52, 53]}}
+cm.copy_blocks(dev, info)
+apply(m_dev, m_dev, [(s, d) for s, ds in info.items() for d in ds])
+expect(dev, m_dev, "copy_blocks overlapping")
+# Bad maps are refused before a byte moves.
+invalid = LLMStatusCode.LLM_PARAM_INVALID
+refused(invalid, cm.swap_blocks, dev, cpu, {{0: 1, B: 2}})
+refused(invalid, cm.swap_blocks, cpu, dev, {{0: 1, 2: 1}})
+refused(invalid, cm.copy_blocks, dev, {{0: [1, 2], 3: [2]}})
+small = cm.allocate_blocks_cache(desc(Placement.DEVICE, (B, R // 2)))
+assert "block sizes differ" in refused(invalid, cm.swap_blocks, dev, small, {{0: 0}})
+expect(dev, m_dev, "refused maps")
+expect(cpu, m_cpu, "refused maps")
+# A freed device cache is no copy's source.
+cm.deallocate_blocks_cache(small)
+cm.deallocate_blocks_cache(dev2)
+refused(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, cm.swap_blocks, dev2, cpu, {{0: 0}})
+
+# copy_cache: rows of per-request caches, device <-> host and within a device cache.
+rows_dev = cm.allocate_cache(desc(Placement.DEVICE, (4, 5000)))
+rows_host = cm.allocate_cache(desc(Placement.HOST, (4, 5000)))
+m_rd, m_rh = fill(rows_dev), fill(rows_host)
+for dst, m_dst, src, m_src, d_row, s_row, offset, size in (
+        (rows_host, m_rh, rows_dev, m_rd, 1, 2, 0, -1),
+        (rows_dev, m_rd, rows_host, m_rh, 0, 3, 123, 777),
+        (rows_dev, m_rd, rows_dev, m_rd, 3, 1, 4000, -1),
+        (rows_dev, m_rd, rows_dev, m_rd, 2, 2, 10, 20)):
+    cm.copy_cache(dst, src, d_row, s_row, offset, size)
+    stop = 5000 if size == -1 else offset + size
+    for t in range(T):
+        m_dst[t][d_row, offset:stop] = m_src[t][s_row, offset:stop].copy()
+    expect(dst, m_dst, ("copy_cache", d_row, s_row, offset, size))
+    expect(src, m_src, "copy_cache source")
+refused(invalid, cm.copy_cache, rows_dev, rows_host, 0, 4)
+dd.finalize()
+print("ok")
+"""
+
+
+def test_local_copies_with_device_caches_are_byte_exact(device_type, libraries):
+    """swap_blocks CPU cache <-> DEVICE cache (D2H, H2D) and DEVICE <-> DEVICE,
+    copy_blocks within a device cache (overlapping maps read their sources
+    first), copy_cache rows device <-> host and within a device cache, every
+    result read back from device memory; bad maps move nothing."""
+    lib_var = DOUBLES[device_type][2]
+    done = run_python(LOCAL_COPIES.format(device_type=device_type),
+                      {lib_var: libraries[device_type]})
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
