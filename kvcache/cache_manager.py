@@ -32,7 +32,7 @@ import numpy as np
 from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
-from kvcache.device.caches import DeviceCaches, DeviceConfig
+from kvcache.device.caches import DeviceCaches, DeviceConfig, regions_of
 from kvcache.engine.rpc import is_int
 from kvcache.local_copy import LocalCopies
 from kvcache.layer_notifications import (NOTIFY_METHOD, SCHEMA, LayerNotifications,
@@ -713,7 +713,10 @@ class CacheManager:
         ``src_batch_index`` (cut into ``dst_block_memory_size``-byte blocks
         for a blocks destination). ``transfer_id`` (our extension; int or
         str, default "<cluster>:<n>"): the id the destinations' wait_layers
-        take. Returns a CacheTask at once. Raises LLM_PARAM_INVALID (bad
+        take. A DEVICE cache on either side moves staged (each layer D2H
+        into pinned slots, written, H2D on a DEVICE destination), the layer
+        announced once it is in device memory. Returns a CacheTask at
+        once. Raises LLM_PARAM_INVALID (bad
         ranges, ids, sizes, counts), LLM_NOT_YET_LINK (a destination not
         linked), LLM_KV_CACHE_NOT_EXIST (src_cache not ours, or a key the
         destination does not know); failures while sending are the task's
@@ -721,10 +724,6 @@ class CacheManager:
         LLM_LINK_FAILED, ...)."""
         if not isinstance(src_cache, Cache):
             raise _invalid(f"src_cache must be a Cache, got {type(src_cache).__name__}")
-        if _on_device(src_cache):
-            raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                               "transfer_cache_async of a DEVICE cache: not supported yet "
-                               "(push_blocks / push_cache stage device caches)")
         with self._lock:
             if self._caches.get(src_cache.cache_id) is not src_cache:
                 raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
@@ -750,15 +749,23 @@ class CacheManager:
                                                      fresh=True)
                 legs.append(plan_keyed(geometry, index, config, peer, remote))
         desc = src_cache.cache_desc
+        addrs = np.asarray(src_cache.tensor_addrs, dtype=np.uint64)
+        lengths = np.full(addrs.size, desc.tensor_bytes, dtype=np.uint64)
         try:
-            _, pinned = self._engine.registry.pin_local(
-                np.asarray(src_cache.tensor_addrs, dtype=np.uint64),
-                np.full(len(src_cache.tensor_addrs), desc.tensor_bytes, dtype=np.uint64))
+            if _on_device(src_cache):
+                for leg in legs:
+                    leg.local_regions = {layer: regions_of(src_cache, plan[1])
+                                         for layer, plan in leg.layers.items()}
+                table = self._device.regions
+                pinned = table.pin(addrs, lengths, src_cache.region_ids, False)
+            else:
+                table = self._engine.registry
+                pinned = table.pin_local(addrs, lengths)[1]
         except LLMException:
             raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                f"src_cache {src_cache!r} is being freed") from None
         return self._layerwise.start(geometry, legs, layer_synchronizer, transfer_id,
-                                     lambda: self._engine.registry.unpin(pinned))
+                                     lambda: table.unpin(pinned))
 
     @public
     def wait_layers(self, transfer_id, layer_index=None, timeout_in_millis=None):

@@ -71,16 +71,53 @@ class DeviceActions(Actions):
         self.dd.cache_manager.push_blocks(BlocksCacheKey(cluster, model_id),
                                           self.caches[cache_id], src, dst)
 
-    def transfer_device_layers(self, cache_id):
-        """transfer_cache_async of a cache (to a cluster nobody links)."""
-        from kvcache import LayerSynchronizer, TransferConfig
+    def push_layers(self, name, cache_id, dst_cluster, model_id, layers, seed, src_blocks,
+                    dst_blocks, transfer_id, delay_s):
+        """transfer_cache_async of blocks to BlocksCacheKey(dst_cluster,
+        model_id), layer by layer: the synchronizer "computes" layer i
+        (writes its tensors with ``seed``, through the runtime for a device
+        cache) ``delay_s`` after layer i - 1. The task is kept as ``name``."""
+        import time
 
-        class Ready(LayerSynchronizer):
+        from kvcache import LayerSynchronizer, TransferWithCacheKeyConfig
+        cache = self.caches[cache_id]
+        actions = self
+
+        class Compute(LayerSynchronizer):
             def synchronize_layer(self, layer_index, timeout_in_millis):
+                time.sleep(delay_s)
+                actions.write_tensors(cache, seed, (2 * layer_index, 2 * layer_index + 1))
                 return True
 
-        self.dd.cache_manager.transfer_cache_async(
-            self.caches[cache_id], Ready(), [TransferConfig(9, [1])])
+        self.tasks = getattr(self, "tasks", {})
+        self.tasks[name] = self.dd.cache_manager.transfer_cache_async(
+            cache, Compute(), [TransferWithCacheKeyConfig(BlocksCacheKey(dst_cluster, model_id),
+                                                          range(layers), range(layers))],
+            src_blocks, dst_blocks, transfer_id=transfer_id)
+
+    def task_code(self, name):
+        task = self.tasks.pop(name)
+        return int(task.synchronize(30_000)), [int(r) for r in task.get_results()]
+
+    def write_tensors(self, cache, seed, indexes):
+        n = cache.cache_desc.tensor_bytes
+        for i in indexes:
+            data = pattern(seed, i, n)
+            if cache.cache_desc.placement == Placement.DEVICE:
+                self._runtime().copy(cache.tensor_addrs[i], data.ctypes.data, n, H2D)
+            else:
+                cache.tensors()[i].view(np.uint8).reshape(-1)[:] = data
+
+    def watch_layers(self, transfer_id, layers, cache_id, dst_blocks, timeout_ms):
+        """At each layer's notice, what that layer's destination blocks hold
+        right then (read from device memory for a device cache)."""
+        snapshots = []
+        for layer in range(layers):
+            self.dd.cache_manager.wait_layers(transfer_id, layer, timeout_ms)
+            now = self.tensors(cache_id)
+            snapshots.append([now[t][dst_blocks] for t in (2 * layer, 2 * layer + 1)])
+        return snapshots, self.dd.cache_manager.wait_layers(transfer_id, None,
+                                                            timeout_ms).layers
 
     def set_copy_delay(self, us):
         """Make each copy of the double take ``us`` microseconds."""

@@ -339,17 +339,44 @@ def test_a_host_pointer_registered_as_cuda_device_memory_is_refused(libraries):
     assert out.stdout.startswith("LLM_PARAM_INVALID") and "not CUDA device memory" in out.stdout
 
 
-def test_layer_wise_transfer_of_a_device_cache_is_refused_clearly(libraries, monkeypatch):
-    monkeypatch.setenv("KVCACHE_ACL_LIB", libraries["npu"])
-    prompt = DevicePeer("prompt", 1, buf_pool_cfg='{"buf_pool_size": 4194304}',
-                        device_type="npu", device_mem_pool_size=1 << 20)
+def test_layer_wise_transfers_stage_device_caches_and_announce_layers_in_place(device_type):
+    """transfer_cache_async DEVICE -> HOST, DEVICE -> DEVICE and HOST ->
+    DEVICE, 3 layers of blocks in chunks that split blocks: at each layer's
+    notice the decoder reads that layer's destination blocks (from device
+    memory: the doubles run a queued copy only when its stream is
+    synchronised, so a layer found in place was synchronised before its
+    notice) and finds them byte-exact; other blocks are untouched."""
+    prompt, decoder = peers("tcp", device_type)
     try:
-        cache = prompt.call("alloc", "blocks", 2, [4, 64], "DEVICE")
-        with pytest.raises(PeerError) as err:
-            prompt.call("transfer_device_layers", cache)
-        assert err.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
-        assert "DEVICE cache" in str(err.value)
+        layers, shape = 3, [BLOCKS, BLOCK]
+        src = {"DEVICE": prompt.call("alloc", "blocks", 2 * layers, shape, "DEVICE"),
+               "HOST": prompt.call("alloc", "blocks", 2 * layers, shape, "HOST")}
+        dst = {"DEVICE": decoder.call("alloc", "blocks", 2 * layers, shape, "DEVICE", key=2,
+                                      model_id=0),
+               "HOST": decoder.call("alloc", "blocks", 2 * layers, shape, "HOST", key=2,
+                                    model_id=1)}
+        src_ids, dst_ids = [4, 5, 6, 20, 0], [10, 11, 12, 1, 23]
+        untouched = [b for b in range(BLOCKS) if b not in dst_ids]
+        for n, (here, there) in enumerate((("DEVICE", "HOST"), ("DEVICE", "DEVICE"),
+                                           ("HOST", "DEVICE"))):
+            seed, model = 20 + n, 0 if there == "DEVICE" else 1
+            decoder.call("fill", dst[there], seed=9)
+            prompt.call("push_layers", "t", src[here], 2, model, layers, seed, src_ids, dst_ids,
+                        f"layers-{n}", 0.05)
+            snapshots, final = decoder.call("watch_layers", f"layers-{n}", layers, dst[there],
+                                            dst_ids, 30_000)
+            assert prompt.call("task_code", "t") == (LLMStatusCode.LLM_SUCCESS,
+                                                     [LLMStatusCode.LLM_SUCCESS])
+            assert final == list(range(layers))
+            for layer, pair in enumerate(snapshots):
+                for t, got in zip((2 * layer, 2 * layer + 1), pair):
+                    assert np.array_equal(got, expected(seed, t, src_ids)), (here, there, t)
+            after = decoder.call("tensors", dst[there])
+            for t in range(2 * layers):
+                assert np.array_equal(after[t][untouched], expected(9, t, untouched))
+        assert prompt.call("transfer_path", 2, src["HOST"]) == ("staged", "host")
     finally:
+        decoder.close()
         prompt.close()
 
 

@@ -47,7 +47,7 @@ class DeviceConfig:
                 raise _invalid(f"{name} must be a positive number of bytes, got {value!r}")
 
 
-def _regions_of(cache, addrs):
+def regions_of(cache, addrs):
     """The region id of the tensor of ``cache`` each address lies in."""
     starts = np.asarray(cache.tensor_addrs, dtype=np.uint64)
     order = np.argsort(starts)
@@ -130,7 +130,7 @@ class DeviceCaches:
         remote_device = remote_cache.cache_desc.placement == Placement.DEVICE
         return self.stager.transfer(
             peer, op, local, remote, lengths, timeout_ms,
-            local_regions=_regions_of(local_cache, local) if local_device else None,
+            local_regions=regions_of(local_cache, local) if local_device else None,
             remote_regions=None if remote_device else remote_region_ids,
             remote_device_regions=remote_region_ids if remote_device else None)
 
