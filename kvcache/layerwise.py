@@ -265,9 +265,18 @@ def _check_row(geometry, config):
 
 
 def _dst_block_ids(geometry, limit, block_bytes):
-    """The destination block ids checked (no repeats, within ``limit``),
-    and, for a contiguous source, as many as its row has blocks."""
-    ids = checked_block_ids(geometry.dst_blocks, limit, "dst", True)
+    """The destination block ids checked (no repeats, within ``limit``;
+    None: raw addresses, which the peer's region table bounds), and, for a
+    contiguous source, as many as its row has blocks."""
+    if limit is None:
+        # No bitmap as large as the id space: repeats found by sorting.
+        ids = checked_block_ids(geometry.dst_blocks, _ANY_BLOCK, "dst", False)
+        values, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise checks.invalid(f"destination block ids repeat: dst block "
+                                 f"{int(values[counts > 1][0])}")
+    else:
+        ids = checked_block_ids(geometry.dst_blocks, limit, "dst", True)
     if geometry.src_ids is None:
         chunks = -(-geometry.row_bytes // block_bytes)
         if ids.size != chunks:
@@ -297,7 +306,7 @@ def plan_raw(geometry, index, config, peer):
                 raise checks.invalid("dst_block_memory_size is required to send a contiguous "
                                      "cache into blocks")
             block_bytes = geometry.row_bytes
-        ids = _dst_block_ids(geometry, _ANY_BLOCK, block_bytes)
+        ids = _dst_block_ids(geometry, None, block_bytes)
     addrs = np.asarray(config.dst_addrs, dtype=np.uint64)
     plan = {}
     for i, layer in enumerate(layers):

@@ -72,14 +72,15 @@ class DeviceActions(Actions):
                                           self.caches[cache_id], src, dst)
 
     def push_layers(self, name, cache_id, dst_cluster, model_id, layers, seed, src_blocks,
-                    dst_blocks, transfer_id, delay_s):
+                    dst_blocks, transfer_id, delay_s, raw_addrs=None):
         """transfer_cache_async of blocks to BlocksCacheKey(dst_cluster,
-        model_id), layer by layer: the synchronizer "computes" layer i
+        model_id) (or, with ``raw_addrs``, a TransferConfig to those
+        addresses), layer by layer: the synchronizer "computes" layer i
         (writes its tensors with ``seed``, through the runtime for a device
         cache) ``delay_s`` after layer i - 1. The task is kept as ``name``."""
         import time
 
-        from kvcache import LayerSynchronizer, TransferWithCacheKeyConfig
+        from kvcache import LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
         cache = self.caches[cache_id]
         actions = self
 
@@ -89,11 +90,12 @@ class DeviceActions(Actions):
                 actions.write_tensors(cache, seed, (2 * layer_index, 2 * layer_index + 1))
                 return True
 
+        config = (TransferWithCacheKeyConfig(BlocksCacheKey(dst_cluster, model_id),
+                                             range(layers), range(layers))
+                  if raw_addrs is None else TransferConfig(dst_cluster, raw_addrs))
         self.tasks = getattr(self, "tasks", {})
         self.tasks[name] = self.dd.cache_manager.transfer_cache_async(
-            cache, Compute(), [TransferWithCacheKeyConfig(BlocksCacheKey(dst_cluster, model_id),
-                                                          range(layers), range(layers))],
-            src_blocks, dst_blocks, transfer_id=transfer_id)
+            cache, Compute(), [config], src_blocks, dst_blocks, transfer_id=transfer_id)
 
     def task_code(self, name):
         task = self.tasks.pop(name)

@@ -340,12 +340,13 @@ def test_a_host_pointer_registered_as_cuda_device_memory_is_refused(libraries):
 
 
 def test_layer_wise_transfers_stage_device_caches_and_announce_layers_in_place(device_type):
-    """transfer_cache_async DEVICE -> HOST, DEVICE -> DEVICE and HOST ->
-    DEVICE, 3 layers of blocks in chunks that split blocks: at each layer's
-    notice the decoder reads that layer's destination blocks (from device
-    memory: the doubles run a queued copy only when its stream is
-    synchronised, so a layer found in place was synchronised before its
-    notice) and finds them byte-exact; other blocks are untouched."""
+    """transfer_cache_async DEVICE -> HOST (by cache key and by raw
+    addresses), DEVICE -> DEVICE and HOST -> DEVICE, 3 layers of blocks in
+    chunks that split blocks: at each layer's notice the decoder reads that
+    layer's destination blocks (from device memory: the doubles run a
+    queued copy only when its stream is synchronised, so a layer found in
+    place was synchronised before its notice) and finds them byte-exact;
+    other blocks are untouched."""
     prompt, decoder = peers("tcp", device_type)
     try:
         layers, shape = 3, [BLOCKS, BLOCK]
@@ -357,12 +358,15 @@ def test_layer_wise_transfers_stage_device_caches_and_announce_layers_in_place(d
                                     model_id=1)}
         src_ids, dst_ids = [4, 5, 6, 20, 0], [10, 11, 12, 1, 23]
         untouched = [b for b in range(BLOCKS) if b not in dst_ids]
-        for n, (here, there) in enumerate((("DEVICE", "HOST"), ("DEVICE", "DEVICE"),
-                                           ("HOST", "DEVICE"))):
+        raw = decoder.call("describe", dst["HOST"])["tensor_addrs"]
+        for n, (here, there, addrs) in enumerate((("DEVICE", "HOST", None),
+                                                  ("DEVICE", "HOST", raw),
+                                                  ("DEVICE", "DEVICE", None),
+                                                  ("HOST", "DEVICE", None))):
             seed, model = 20 + n, 0 if there == "DEVICE" else 1
             decoder.call("fill", dst[there], seed=9)
             prompt.call("push_layers", "t", src[here], 2, model, layers, seed, src_ids, dst_ids,
-                        f"layers-{n}", 0.05)
+                        f"layers-{n}", 0.05, raw_addrs=addrs)
             snapshots, final = decoder.call("watch_layers", f"layers-{n}", layers, dst[there],
                                             dst_ids, 30_000)
             assert prompt.call("task_code", "t") == (LLMStatusCode.LLM_SUCCESS,
@@ -375,6 +379,12 @@ def test_layer_wise_transfers_stage_device_caches_and_announce_layers_in_place(d
             for t in range(2 * layers):
                 assert np.array_equal(after[t][untouched], expected(9, t, untouched))
         assert prompt.call("transfer_path", 2, src["HOST"]) == ("staged", "host")
+        # Raw destination block ids are checked without a bitmap of the id space.
+        with pytest.raises(PeerError) as err:
+            prompt.call("push_layers", "bad", src["DEVICE"], 2, 0, layers, 1, [0, 1], [3, 3],
+                        "bad", 0, raw_addrs=raw)
+        assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+        assert "repeat" in str(err.value)
     finally:
         decoder.close()
         prompt.close()
