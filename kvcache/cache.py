@@ -56,6 +56,12 @@ class Cache:
         return cls(CPU_CACHE_ID, cache_desc, addrs, "blocks", [], owned=False)
 
     @property
+    def transfer_path(self):
+        """How this cache's bytes move: 'staged' for a DEVICE cache (through
+        pinned host slots, see kvcache.device.staging), 'host' else."""
+        return "staged" if self.cache_desc.placement == Placement.DEVICE else "host"
+
+    @property
     def per_device_tensor_addrs(self):
         return [self.tensor_addrs]
 

@@ -32,6 +32,7 @@ import numpy as np
 from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
+from kvcache.device.caches import DeviceCaches, DeviceConfig, regions_of
 from kvcache.engine.rpc import is_int
 from kvcache.local_copy import LocalCopies
 from kvcache.layer_notifications import (NOTIFY_METHOD, SCHEMA, LayerNotifications,
@@ -90,14 +91,8 @@ def _pool_hint(need, pool_size):
     return -(-(pool_size + need) // (1 << 20)) * (1 << 20)
 
 
-def _host_only(desc):
-    """Device (GPU/NPU) memory is not reachable by any transport yet; taking
-    it for host memory would crash the process at the first copy."""
-    if desc.placement != Placement.HOST:
-        raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                           f"{desc.placement.name} placement: only host memory can be "
-                           "allocated or registered (copy device caches through pinned host "
-                           "memory)")
+def _on_device(cache):
+    return cache.cache_desc.placement == Placement.DEVICE
 
 
 _LOOKUPS = ("id", "blocks", "key")
@@ -123,11 +118,12 @@ class CacheManager:
     """llm_datadist's cache_manager. ``pool_configured``: a memory pool was
     configured (allocations need one, as in llm_datadist);
     ``remote_cache_accessible``: pull_cache takes CacheKeyByIdAndIndex only
-    (llm_datadist's enable_remote_cache_accessible)."""
+    (llm_datadist's enable_remote_cache_accessible); ``device``: the
+    DeviceConfig of Placement.DEVICE caches (None: from KVCACHE_DEVICE_*)."""
 
     @public
     def __init__(self, engine, pool, cluster_id, sync_timeout_ms, pool_configured=True,
-                 remote_cache_accessible=False):
+                 remote_cache_accessible=False, device=None):
         self._engine = engine
         self._pool = pool
         self._cluster_id = cluster_id
@@ -150,8 +146,10 @@ class CacheManager:
         self._segments = (engine.transport.maps_peer_memory
                           and hasattr(pool.memory, "segment"))
         engine.rpc.serve("cache.lookup", self._rpc_lookup, {"by": lambda v: v in _LOOKUPS})
-        self._local = LocalCopies(self.get_cache, engine.registry)
-        self._layerwise = LayerwiseSender(engine, cluster_id, sync_timeout_ms)
+        self._device = DeviceCaches(engine, device or DeviceConfig())
+        self._local = LocalCopies(self.get_cache, engine.registry, self._device)
+        self._layerwise = LayerwiseSender(engine, cluster_id, sync_timeout_ms,
+                                          self._device.stager)
         self.layer_notifications = LayerNotifications()
         engine.rpc.serve(NOTIFY_METHOD, self.layer_notifications.serve, SCHEMA)
         engine.rpc.serve("cache.consume", self._rpc_consume, {"by": lambda v: v == "key"})
@@ -177,7 +175,8 @@ class CacheManager:
         return cache
 
     def _allocate(self, desc, kind, keys):
-        _host_only(desc)
+        if desc.placement == Placement.DEVICE:
+            return self._allocate_device(desc, kind, keys)
         if not self.pool_configured:
             # llm_datadist allocates from a pool the options configured only.
             raise _invalid("no memory pool is configured: set LLMConfig.mem_pool_cfg (or "
@@ -236,6 +235,18 @@ class CacheManager:
         return LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
                             f"cluster {cluster_id} is not linked ({why})")
 
+    def _allocate_device(self, desc, kind, keys):
+        stride = -(-desc.tensor_bytes // TENSOR_ALIGN) * TENSOR_ALIGN
+        base, region = self._device.allocate(stride * desc.num_tensors)
+        cache = Cache(next(self._ids), desc, [base + i * stride for i in range(desc.num_tensors)],
+                      kind, [region] * desc.num_tensors, owned=True, keys=keys)
+        try:
+            return self._add(cache, keys)
+        except LLMException:
+            self._device.release([region], 0)
+            self._device.free(base)
+            raise
+
     def _free_pool(self, base, segment):
         if segment is not None:
             self._pool.memory.unsegment(base, self._pool.allocation_size(base), segment)
@@ -265,7 +276,6 @@ class CacheManager:
         return self._allocate(cache_desc, "blocks", keys)
 
     def _register(self, desc, addrs, kind, keys, remote_accessible):
-        _host_only(desc)
         if remote_accessible not in (None, True, False):
             raise _invalid(f"remote_accessible must be None, True or False, got "
                            f"{remote_accessible!r}")
@@ -280,6 +290,15 @@ class CacheManager:
             raise _invalid("addrs must be integer addresses, one per tensor") from None
         if len(addrs) != desc.num_tensors:
             raise _invalid(f"{len(addrs)} addresses for {desc.num_tensors} tensors")
+        if desc.placement == Placement.DEVICE:
+            regions = self._device.register(addrs, desc.tensor_bytes, remote)
+            cache = Cache(next(self._ids), desc, addrs, kind, regions, owned=False, keys=keys)
+            cache.containers, cache.remote = regions, remote
+            try:
+                return self._add(cache, keys)
+            except LLMException:
+                self._device.release(regions, 0)
+                raise
         # Each tensor: a top-level container (what transports register) and
         # an addressable region inside it, whose id can be renewed.
         tops, regions = [], []
@@ -345,7 +364,10 @@ class CacheManager:
                                    f"cache {cache.cache_id} is already being freed")
             self._releasing.add(cache.cache_id)
         try:
-            self._engine.unregister_memory(list(regions), self.release_timeout_ms)
+            if _on_device(cache):
+                self._device.release(regions, self.release_timeout_ms)
+            else:
+                self._engine.unregister_memory(list(regions), self.release_timeout_ms)
             with self._lock:
                 del self._caches[cache.cache_id]
                 for key in cache.keys:
@@ -387,7 +409,10 @@ class CacheManager:
             return
         self._release(cache, [cache.region_ids[0]])
         # A pool cache starts at its first tensor.
-        self._free_pool(cache.tensor_addrs[0], cache.segment)
+        if _on_device(cache):
+            self._device.free(cache.tensor_addrs[0])
+        else:
+            self._free_pool(cache.tensor_addrs[0], cache.segment)
 
     @public
     def unregister_cache(self, cache_id):
@@ -419,9 +444,15 @@ class CacheManager:
                 cache = self._caches[found[0]]
                 cache.keys.remove(key)
                 regions = list(dict.fromkeys(cache.region_ids))
-                renewed = dict(zip(regions, self._engine.renew_regions(regions, revoke=False)))
+                if _on_device(cache):
+                    # Peers reach device regions only through staging calls
+                    # that look the id up each time: nothing to revoke.
+                    renewed = {r: self._device.renew(r) for r in regions}
+                else:
+                    renewed = dict(zip(regions,
+                                       self._engine.renew_regions(regions, revoke=False)))
+                    old += regions
                 cache.region_ids = [renewed[r] for r in cache.region_ids]
-                old += regions
                 if not _request_keys(cache) and cache.cache_id in self._free_when_unkeyed:
                     free.append(cache)
         self._engine.revoke_regions(old)
@@ -487,20 +518,22 @@ class CacheManager:
     def _forget(self, peer, key):
         self._lookups.get(peer, {}).pop(_lookup_key(_key_params(key)), None)
 
-    def _with_retry(self, plan, cluster_id, remote_key, *args):
-        """Run ``plan(remote, *args)`` -> (op, local, remote addrs, lengths,
-        remote region per tensor, pieces per tensor) and move the bytes; when
-        the peer says the cache we remembered is gone, look it up once more
-        and retry (nothing was moved). Returns (peer, remote cache)."""
+    def _with_retry(self, plan, cluster_id, remote_key, local_cache, *args):
+        """Run ``plan(remote, local_cache, *args)`` -> (op, local, remote
+        addrs, lengths, remote region per tensor, pieces per tensor) and
+        move the bytes (device caches through kvcache.device); when the peer
+        says the cache we remembered is gone, look it up once more and retry
+        (nothing was moved). Returns (peer, remote cache)."""
         for fresh in (False, True):
             peer, remote = self._peer_and_remote(cluster_id, remote_key, fresh)
-            op, local, remote_addrs, lengths, regions, pieces = plan(remote, *args)
+            op, local, remote_addrs, lengths, regions, pieces = plan(remote, local_cache, *args)
             if local.size == 0:
                 return peer, remote
             try:
-                self._engine.transfer_sync(
-                    peer, op, local, remote_addrs, lengths, self.sync_timeout_ms,
-                    remote_regions=np.repeat(np.asarray(regions, dtype=np.uint64), pieces))
+                self._device.transfer(
+                    peer, op, local_cache, remote, local, remote_addrs, lengths,
+                    self.sync_timeout_ms,
+                    np.repeat(np.asarray(regions, dtype=np.uint64), pieces))
                 return peer, remote
             except LLMException as exc:
                 if exc.status_code != LLMStatusCode.LLM_KV_CACHE_NOT_EXIST or fresh:
@@ -509,11 +542,11 @@ class CacheManager:
 
     def _blocks(self, op, remote_key, cluster_id, local_cache, local_blocks, remote_blocks,
                 local_layers, remote_layers, per_layer):
-        return self._with_retry(self._plan_blocks, cluster_id, remote_key, op, local_cache,
+        return self._with_retry(self._plan_blocks, cluster_id, remote_key, local_cache, op,
                                 local_blocks, remote_blocks, local_layers, remote_layers,
                                 per_layer, getattr(remote_key, "batch_index", None))
 
-    def _plan_blocks(self, remote, op, local_cache, local_blocks, remote_blocks, local_layers,
+    def _plan_blocks(self, remote, local_cache, op, local_blocks, remote_blocks, local_layers,
                      remote_layers, per_layer, source_row=None):
         local_desc, remote_desc = local_cache.cache_desc, remote.cache_desc
         here, there, local_t, remote_t = _matching_tensors(op, local_desc, remote_desc,
@@ -618,11 +651,11 @@ class CacheManager:
             cluster = remote_key.prompt_cluster_id
         else:
             _invalid_key(remote_key)
-        return self._with_retry(self._plan_rows, cluster, remote_key, op, local_cache,
+        return self._with_retry(self._plan_rows, cluster, remote_key, local_cache, op,
                                 local_row, remote_row, size, local_layers, remote_layers,
                                 per_layer)
 
-    def _plan_rows(self, remote, op, local_cache, local_row, remote_row, size, local_layers,
+    def _plan_rows(self, remote, local_cache, op, local_row, remote_row, size, local_layers,
                    remote_layers, per_layer):
         local_desc, remote_desc = local_cache.cache_desc, remote.cache_desc
         here, there, local_t, remote_t = _matching_tensors(op, local_desc, remote_desc,
@@ -683,7 +716,8 @@ class CacheManager:
     @public
     def swap_blocks(self, src_cache, dst_cache, src_to_dst):
         """Copy blocks between two blocks caches, {src block: dst block} (as
-        llm_datadist's swap_blocks; host caches only yet, see README)."""
+        llm_datadist's swap_blocks: a CPU cache and a DEVICE cache swap
+        through the device runtime, D2H / H2D)."""
         self._local.swap_blocks(src_cache, dst_cache, src_to_dst)
 
     @public
@@ -725,7 +759,10 @@ class CacheManager:
         ``src_batch_index`` (cut into ``dst_block_memory_size``-byte blocks
         for a blocks destination). ``transfer_id`` (our extension; int or
         str, default "<cluster>:<n>"): the id the destinations' wait_layers
-        take. Returns a CacheTask at once. Raises LLM_PARAM_INVALID (bad
+        take. A DEVICE cache on either side moves staged (each layer D2H
+        into pinned slots, written, H2D on a DEVICE destination), the layer
+        announced once it is in device memory. Returns a CacheTask at
+        once. Raises LLM_PARAM_INVALID (bad
         ranges, ids, sizes, counts), LLM_NOT_YET_LINK (a destination not
         linked), LLM_KV_CACHE_NOT_EXIST (src_cache not ours, or a key the
         destination does not know); failures while sending are the task's
@@ -757,15 +794,23 @@ class CacheManager:
                                                      fresh=True)
                 legs.append(plan_keyed(geometry, index, config, peer, remote))
         desc = src_cache.cache_desc
+        addrs = np.asarray(src_cache.tensor_addrs, dtype=np.uint64)
+        lengths = np.full(addrs.size, desc.tensor_bytes, dtype=np.uint64)
         try:
-            _, pinned = self._engine.registry.pin_local(
-                np.asarray(src_cache.tensor_addrs, dtype=np.uint64),
-                np.full(len(src_cache.tensor_addrs), desc.tensor_bytes, dtype=np.uint64))
+            if _on_device(src_cache):
+                for leg in legs:
+                    leg.local_regions = {layer: regions_of(src_cache, plan[1])
+                                         for layer, plan in leg.layers.items()}
+                table = self._device.regions
+                pinned = table.pin(addrs, lengths, src_cache.region_ids, False)
+            else:
+                table = self._engine.registry
+                pinned = table.pin_local(addrs, lengths)[1]
         except LLMException:
             raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                f"src_cache {src_cache!r} is being freed") from None
         return self._layerwise.start(geometry, legs, layer_synchronizer, transfer_id,
-                                     lambda: self._engine.registry.unpin(pinned))
+                                     lambda: table.unpin(pinned))
 
     @public
     def wait_layers(self, transfer_id, layer_index=None, timeout_in_millis=None):
@@ -787,6 +832,19 @@ class CacheManager:
                                              timeout)
 
     @public
+    def transfer_path(self, cluster_id):
+        """The path the last transfer on the link to ``cluster_id`` took:
+        'host' (host memory both sides, the transport moves it), 'staged'
+        (a device cache on either side, copied through pinned host slots);
+        None before the first. A cache's own is ``Cache.transfer_path``.
+        LLM_NOT_YET_LINK when the cluster is not linked."""
+        peer = self._engine.find_peer(checks.integer(cluster_id, "cluster_id", 0))
+        if peer is None:
+            raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK, f"cluster {cluster_id} is not "
+                               "linked")
+        return self._device.stager.path(peer.name)
+
+    @public
     def close(self):
         self._layerwise.close()
         with self._lock:
@@ -796,6 +854,7 @@ class CacheManager:
                 self._free(cache)          # keys or not: the manager is going away
             except LLMException:
                 pass
+        self._device.close()
 
 
 def _request_keys(cache):

@@ -7,8 +7,10 @@ Everything is checked and planned when the task is submitted (remote
 caches looked up, block ids and layer ranges checked, descriptor arrays
 built per layer), so a bad input raises at once and the worker only waits
 for layers and moves bytes. Each layer is a one-sided write into the
-destination named by the config; once the write completed (the destination
-holds the bytes), the destination is told with a ``cache.layers`` control
+destination named by the config (with a DEVICE cache on either side, a
+staged write through pinned host slots, kvcache.device.staging); once the
+write completed (the destination holds the bytes, in device memory for a
+DEVICE destination), the destination is told with a ``cache.layers`` control
 call on the same link (kvcache.layer_notifications), the last layer's call
 marked final. Tasks run on a bounded pool of workers, one task per worker:
 a task waiting for its synchronizer holds only its own worker."""
@@ -26,7 +28,7 @@ from kvcache.checks import public
 from kvcache.descriptors import block_descriptors, checked_block_ids
 from kvcache.layer_notifications import NOTIFY_METHOD, checked_transfer_id
 from kvcache.status import LLMException, LLMStatusCode
-from kvcache.values import BlocksCacheKey, CacheKeyByIdAndIndex
+from kvcache.values import BlocksCacheKey, CacheKeyByIdAndIndex, Placement
 
 log = logging.getLogger(__name__)
 
@@ -167,12 +169,18 @@ class CacheTask:
 
 class _Leg:
     """One config's plan: the peer, and per source layer its destination
-    layer and descriptor arrays (local, remote, lengths, remote regions)."""
+    layer and descriptor arrays (local, remote, lengths, remote regions).
+    ``remote_device``: the destination is a DEVICE cache (its regions are
+    device regions, reached through the peer's staging slots);
+    ``local_regions``: for a DEVICE source, per layer the device region of
+    each local piece (set by the cache manager), else None."""
 
-    def __init__(self, index, peer, layers):
+    def __init__(self, index, peer, layers, remote_device=False):
         self.index = index
         self.peer = peer
         self.layers = layers      # src layer -> (dst layer, local, remote, lengths, regions)
+        self.remote_device = remote_device
+        self.local_regions = None
         self.last = max(layers)
         self.active = True
         self.started = False               # a layer of it was sent
@@ -257,9 +265,18 @@ def _check_row(geometry, config):
 
 
 def _dst_block_ids(geometry, limit, block_bytes):
-    """The destination block ids checked (no repeats, within ``limit``),
-    and, for a contiguous source, as many as its row has blocks."""
-    ids = checked_block_ids(geometry.dst_blocks, limit, "dst", True)
+    """The destination block ids checked (no repeats, within ``limit``;
+    None: raw addresses, which the peer's region table bounds), and, for a
+    contiguous source, as many as its row has blocks."""
+    if limit is None:
+        # No bitmap as large as the id space: repeats found by sorting.
+        ids = checked_block_ids(geometry.dst_blocks, _ANY_BLOCK, "dst", False)
+        values, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise checks.invalid(f"destination block ids repeat: dst block "
+                                 f"{int(values[counts > 1][0])}")
+    else:
+        ids = checked_block_ids(geometry.dst_blocks, limit, "dst", True)
     if geometry.src_ids is None:
         chunks = -(-geometry.row_bytes // block_bytes)
         if ids.size != chunks:
@@ -289,7 +306,7 @@ def plan_raw(geometry, index, config, peer):
                 raise checks.invalid("dst_block_memory_size is required to send a contiguous "
                                      "cache into blocks")
             block_bytes = geometry.row_bytes
-        ids = _dst_block_ids(geometry, _ANY_BLOCK, block_bytes)
+        ids = _dst_block_ids(geometry, None, block_bytes)
     addrs = np.asarray(config.dst_addrs, dtype=np.uint64)
     plan = {}
     for i, layer in enumerate(layers):
@@ -347,17 +364,19 @@ def plan_keyed(geometry, index, config, peer, remote):
             layer, config.src_batch_index, bases[dst_t], ids, block_bytes)
         plan[layer] = (dst_layer, local, remote_addrs, lengths,
                        np.repeat(regions[dst_t], per_tensor))
-    return _Leg(index, peer, plan)
+    return _Leg(index, peer, plan, desc.placement == Placement.DEVICE)
 
 
 class LayerwiseSender:
     """Runs a cache manager's layer-wise tasks on at most MAX_WORKERS
     workers. ``engine``: the TransferEngine; ``timeout_ms``: the deadline
     of each layer's write and notification, and the timeout handed to the
-    synchronizer per layer."""
+    synchronizer per layer; ``stager``: the device Stager, which moves a
+    layer with a DEVICE cache on either side."""
 
-    def __init__(self, engine, cluster_id, timeout_ms):
+    def __init__(self, engine, cluster_id, timeout_ms, stager):
         self._engine = engine
+        self._stager = stager
         self._cluster_id = cluster_id
         self.timeout_ms = timeout_ms
         self._ids = itertools.count(1)
@@ -443,8 +462,19 @@ class LayerwiseSender:
         final = last and not any(other.active and other.peer is leg.peer
                                  for other in legs if other is not leg)
         try:
-            self._engine.transfer_sync(leg.peer, "write", local, remote, lengths,
-                                       self.timeout_ms, remote_regions=regions)
+            if leg.local_regions is None and not leg.remote_device:
+                self._engine.transfer_sync(leg.peer, "write", local, remote, lengths,
+                                           self.timeout_ms, remote_regions=regions)
+            else:
+                # Staged: D2H into our slots, the move, and on a DEVICE
+                # destination its H2D, synchronised before its stage_in
+                # answered; so this returns with the layer in device memory.
+                self._stager.transfer(
+                    leg.peer, "write", local, remote, lengths, self.timeout_ms,
+                    local_regions=(None if leg.local_regions is None
+                                   else leg.local_regions[layer]),
+                    remote_regions=None if leg.remote_device else regions,
+                    remote_device_regions=regions if leg.remote_device else None)
             # Only now, the write complete, may the destination hear of it.
             self._engine.call(leg.peer, NOTIFY_METHOD,
                               {"transfer_id": task.transfer_id, "layer": dst_layer,

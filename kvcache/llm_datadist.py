@@ -7,6 +7,7 @@ import time
 
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache_manager import CacheManager
+from kvcache.device.caches import DeviceConfig
 from kvcache.engine import TRANSPORTS, LinkState, TransferEngine, discovery, parse_address
 from kvcache.engine.address import format_address
 from kvcache.rank_table import DEFAULT_BASE_PORT, RankTableLinks
@@ -51,6 +52,9 @@ OPT_RANK_TABLE_PORT = "llm.RankTablePort"
 OPT_TLS_CERT = "llm.TlsCert"
 OPT_TLS_KEY = "llm.TlsKey"
 OPT_TLS_CA = "llm.TlsCa"
+OPT_DEVICE_TYPE = "llm.DeviceType"
+OPT_DEVICE_POOL = "llm.DeviceMemPoolSize"
+OPT_DEVICE_CHUNK = "llm.DeviceChunkSize"
 
 # llm_datadist options that mean nothing here, and why (logged once each).
 NO_EFFECT = {
@@ -71,7 +75,8 @@ _KNOWN = {OPT_LISTEN, OPT_LISTEN_OURS, OPT_DEVICE_ID, OPT_DEVICE_ID_OURS, OPT_BU
           OPT_LINK_TOTAL_TIME, OPT_LINK_RETRY_COUNT, OPT_ENABLE_SWITCH_ROLE,
           OPT_ENABLE_CACHE_MANAGER, OPT_REMOTE_CACHE_ACCESSIBLE, OPT_RDMA_TRAFFIC_CLASS,
           OPT_RDMA_SERVICE_LEVEL, OPT_AUTH_KEY, OPT_METADATA_SERVER, OPT_RANK_TABLE_PORT,
-          OPT_TLS_CERT, OPT_TLS_KEY, OPT_TLS_CA}
+          OPT_TLS_CERT, OPT_TLS_KEY, OPT_TLS_CA, OPT_DEVICE_TYPE, OPT_DEVICE_POOL,
+          OPT_DEVICE_CHUNK}
 _told = set()
 _told_lock = threading.Lock()
 
@@ -114,7 +119,13 @@ class LLMConfig:
     device_ip, port base + rank_id; default 26000), tls_cert, tls_key,
     tls_ca (PEM file paths for TLS on the control channel and the TCP data
     lanes; "": KVCACHE_TLS_CERT / KVCACHE_TLS_KEY / KVCACHE_TLS_CA, or no
-    TLS; with a CA the other end must present a certificate it signed)."""
+    TLS; with a CA the other end must present a certificate it signed),
+    device_type ('npu' or 'cuda': where Placement.DEVICE caches live; "":
+    KVCACHE_DEVICE_TYPE, or none), device_mem_pool_size (bytes of device
+    memory allocate_cache takes DEVICE caches from; None:
+    KVCACHE_DEVICE_POOL_SIZE, default 256 MiB), device_chunk_size (bytes of
+    each pinned staging slot device caches move through; None:
+    KVCACHE_DEVICE_CHUNK_BYTES, default 4 MiB); see kvcache.device."""
 
     def __init__(self):
         self.device_id = 0
@@ -140,6 +151,9 @@ class LLMConfig:
         self.metadata_server = ""
         self.rank_table_port = DEFAULT_BASE_PORT
         self.tls_cert = self.tls_key = self.tls_ca = ""
+        self.device_type = ""
+        self.device_mem_pool_size = None
+        self.device_chunk_size = None
 
     def generate_options(self):
         options = {str(k): str(v) for k, v in dict(self.ge_options).items()}
@@ -164,7 +178,10 @@ class LLMConfig:
                     OPT_RDMA_SERVICE_LEVEL: self.rdma_service_level,
                     "llm.LocalCommRes": self.local_comm_res,
                     "llm.TransferBackend": self.transfer_backend,
-                    "llm.MemoryUtilization": self.mem_utilization}
+                    "llm.MemoryUtilization": self.mem_utilization,
+                    OPT_DEVICE_TYPE: self.device_type or None,
+                    OPT_DEVICE_POOL: self.device_mem_pool_size,
+                    OPT_DEVICE_CHUNK: self.device_chunk_size}
         options.update({k: str(v) for k, v in optional.items() if v is not None})
         return options
 
@@ -319,7 +336,10 @@ class LLMDataDist:
             self._cache_manager = CacheManager(
                 self._engine, pool, self.cluster_id, self.sync_timeout_ms,
                 pool_configured=pool_configured,
-                remote_cache_accessible=options.get(OPT_REMOTE_CACHE_ACCESSIBLE) == "1")
+                remote_cache_accessible=options.get(OPT_REMOTE_CACHE_ACCESSIBLE) == "1",
+                device=DeviceConfig(options.get(OPT_DEVICE_TYPE, ""), self.device_id,
+                                    _int_option(options, OPT_DEVICE_POOL, 0, 0) or None,
+                                    _int_option(options, OPT_DEVICE_CHUNK, 0, 0) or None))
             if listen:
                 self._engine.start_listening(listen)
             self._publish()

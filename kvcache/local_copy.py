@@ -10,9 +10,12 @@ mapped right before the copy. The sources of a copy are read before any
 destination is written, so maps whose sources and destinations overlap copy
 what the sources held when the call began.
 
-Copies between host caches run here (numpy over the tensors' memory); the
-copier is chosen per (source placement, destination placement), which is
-where a device copy will slot in."""
+Copies between host caches run here (numpy over the tensors' memory); a
+copy with a DEVICE cache on either side (llm_datadist's swap between a CPU
+cache and an NPU cache, copies within a device cache) runs through the
+device runtime: D2H, H2D or D2D copies of contiguous runs of blocks on one
+stream, synchronised before the call returns. Device caches are pinned in
+the device region table as host caches are in the engine's."""
 import contextlib
 import ctypes
 
@@ -20,6 +23,7 @@ import numpy as np
 
 from kvcache.cache import CPU_CACHE_ID, Cache
 from kvcache.descriptors import checked_block_ids
+from kvcache.device.runtime import D2D, D2H, H2D
 from kvcache.engine.regions import check_host_mapped
 from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import Placement
@@ -59,24 +63,57 @@ def _host_row_copy(src, dst, src_row, dst_row, start, stop):
         _rows(dst, i)[dst_row, start:stop] = _rows(src, i)[src_row, start:stop]
 
 
-def _placements(src, dst):
-    """LLM_FEATURE_NOT_ENABLED unless both caches are host memory (the only
-    copier there is yet)."""
-    pair = (src.cache_desc.placement, dst.cache_desc.placement)
-    if pair != (Placement.HOST, Placement.HOST):
-        raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
-                           f"local copy {pair[0].name} -> {pair[1].name}: only host caches "
-                           "can be copied here yet")
+# Copies queued on a stream before it is synchronised (runtimes bound the
+# queue; the ACL and CUDA doubles at 1024).
+COPY_BATCH = 512
+_KINDS = {(Placement.HOST, Placement.DEVICE): H2D, (Placement.DEVICE, Placement.HOST): D2H,
+          (Placement.DEVICE, Placement.DEVICE): D2D}
+
+
+def _on_host(src, dst):
+    return (src.cache_desc.placement, dst.cache_desc.placement) == (Placement.HOST,
+                                                                   Placement.HOST)
+
+
+def _runs(src_ids, dst_ids):
+    """{src: dst} block pairs -> (src start, dst start, blocks) runs where
+    both sides are consecutive, so a run is one copy per tensor."""
+    order = np.argsort(src_ids, kind="stable")
+    s, d = np.asarray(src_ids)[order], np.asarray(dst_ids)[order]
+    cuts = np.flatnonzero((np.diff(s) != 1) | (np.diff(d) != 1)) + 1
+    starts = np.concatenate(([0], cuts)).astype(np.int64)
+    ends = np.concatenate((cuts, [s.size])).astype(np.int64)
+    return s[starts], d[starts], ends - starts
+
+
+def _device_copies(runtime, pieces):
+    """Run (dst, src, bytes, kind) copies on one stream, synchronised every
+    COPY_BATCH copies and before returning; on a failure the copies already
+    queued are drained before the error is raised (they use the caches)."""
+    stream = runtime.stream()
+    try:
+        for at in range(0, len(pieces), COPY_BATCH):
+            for dst, src, nbytes, kind in pieces[at:at + COPY_BATCH]:
+                runtime.copy(dst, src, nbytes, kind, stream)
+            runtime.synchronize(stream)
+    except BaseException:
+        with contextlib.suppress(LLMException):
+            runtime.synchronize(stream)
+        raise
+    finally:
+        stream.close()
 
 
 class LocalCopies:
     """The copies of one CacheManager: ``lookup(cache_id)`` is its cache
     table (LLM_KV_CACHE_NOT_EXIST for an unknown id), ``registry`` the
-    engine's region registry whose pins keep caches alive."""
+    engine's region registry whose pins keep host caches alive, ``device``
+    the DeviceCaches (runtime and device regions) of device caches."""
 
-    def __init__(self, lookup, registry):
+    def __init__(self, lookup, registry, device):
         self._lookup = lookup
         self._registry = registry
+        self._device = device
 
     @contextlib.contextmanager
     def _held(self, *caches):
@@ -97,14 +134,20 @@ class LocalCopies:
                 addrs = np.asarray(cache.tensor_addrs, dtype=np.uint64)
                 lengths = np.full(addrs.size, desc.tensor_bytes, dtype=np.uint64)
                 try:
-                    pinned.append(self._registry.pin_local(addrs, lengths)[1])
+                    if desc.placement == Placement.DEVICE:
+                        regions = self._device.regions
+                        pinned.append((regions, regions.pin(addrs, lengths, cache.region_ids,
+                                                            False)))
+                    else:
+                        pinned.append((self._registry,
+                                       self._registry.pin_local(addrs, lengths)[1]))
                 except LLMException:
                     raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                        f"cache {cache.cache_id} is being freed") from None
             yield
         finally:
-            for ids in pinned:
-                self._registry.unpin(ids)
+            for table, ids in pinned:
+                table.unpin(ids)
 
     def swap_blocks(self, src_cache, dst_cache, src_to_dst):
         """Copy block s of ``src_cache`` to block d of ``dst_cache`` for each
@@ -148,11 +191,46 @@ class LocalCopies:
         self._blocks(cache, cache, src_ids, dst_ids)
 
     def _blocks(self, src_cache, dst_cache, src_ids, dst_ids):
-        _placements(src_cache, dst_cache)
         if not src_ids.size:
             return
         with self._held(src_cache, dst_cache):
-            _host_block_copy(src_cache, dst_cache, src_ids, dst_ids)
+            if _on_host(src_cache, dst_cache):
+                _host_block_copy(src_cache, dst_cache, src_ids, dst_ids)
+                return
+            row = src_cache.cache_desc.row_bytes
+            src_starts, dst_starts, counts = _runs(src_ids, dst_ids)
+            self._device_copy(src_cache, dst_cache, src_starts * row, dst_starts * row,
+                              counts * row,
+                              src_cache is dst_cache and bool(np.isin(src_ids, dst_ids).any()))
+
+    def _device_copy(self, src_cache, dst_cache, src_offsets, dst_offsets, lengths, overlap):
+        """Copy byte ranges (offsets into every tensor) with the device
+        runtime. ``overlap``: the same cache with sources among the
+        destinations; the sources then go to scratch device memory first,
+        so they are read before any destination is written."""
+        runtime = self._device.runtime()
+        kind = _KINDS[src_cache.cache_desc.placement, dst_cache.cache_desc.placement]
+        pieces = []
+        scratch = None
+        try:
+            if overlap:
+                total = int(np.sum(lengths)) * src_cache.cache_desc.num_tensors
+                scratch = runtime.alloc(total)
+                at, back = scratch.ptr, []
+                for src, dst in zip(src_cache.tensor_addrs, dst_cache.tensor_addrs):
+                    for s, d, n in zip(src_offsets, dst_offsets, lengths):
+                        pieces.append((at, src + int(s), int(n), D2D))
+                        back.append((dst + int(d), at, int(n), D2D))
+                        at += int(n)
+                pieces += back
+            else:
+                for src, dst in zip(src_cache.tensor_addrs, dst_cache.tensor_addrs):
+                    pieces += [(dst + int(d), src + int(s), int(n), kind)
+                               for s, d, n in zip(src_offsets, dst_offsets, lengths)]
+            _device_copies(runtime, pieces)
+        finally:
+            if scratch is not None:
+                scratch.close()
 
     def copy_cache(self, dst, src, dst_batch_index=0, src_batch_index=0, offset=0, size=-1,
                    req_id=None):
@@ -186,6 +264,11 @@ class LocalCopies:
                            "bytes")
         if req_id is not None and (isinstance(req_id, bool) or not isinstance(req_id, int)):
             raise _invalid(f"req_id must be an int or None, got {req_id!r}")
-        _placements(src, dst)
         with self._held(src, dst):
-            _host_row_copy(src, dst, src_batch_index, dst_batch_index, offset, stop)
+            if _on_host(src, dst):
+                _host_row_copy(src, dst, src_batch_index, dst_batch_index, offset, stop)
+                return
+            row = s.row_bytes
+            self._device_copy(src, dst, [src_batch_index * row + offset],
+                              [dst_batch_index * row + offset], [stop - offset],
+                              src is dst and src_batch_index == dst_batch_index)

@@ -80,7 +80,7 @@ INVALID_ID = 2 ** 64 - 1          # llm_datadist's "no id" (req_id / prefix_id)
 def default_placement():
     """Where a CacheDesc without a placement lives: DEVICE once a device
     runtime is configured for caches (as llm_datadist, whose default is
-    DEVICE), HOST until then; no transport here reaches device memory yet."""
+    DEVICE), HOST until then (a DEVICE cache needs LLMConfig.device_type)."""
     return Placement.HOST
 
 

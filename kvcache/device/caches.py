@@ -1,0 +1,145 @@
+"""Caches with Placement.DEVICE, for the cache manager: allocation from a
+device memory pool, registration of caller-owned device memory, release, key
+renewal and the transfers of a device cache, which go through the stager.
+
+The device type and pool come from DeviceConfig (LLMConfig.device_type /
+device_mem_pool_size / device_chunk_size, else KVCACHE_DEVICE_TYPE,
+KVCACHE_DEVICE_POOL_SIZE, KVCACHE_DEVICE_CHUNK_BYTES). Nothing here opens
+the runtime before a device cache is made or a peer asks for staging."""
+import threading
+
+import numpy as np
+
+from kvcache.bufpool import BufPoolConfig, BufferPool
+from kvcache.config import env_int, env_str
+from kvcache.device.regions import DeviceRegions
+from kvcache.device.runtime import DEVICE_TYPES, DeviceRuntime
+from kvcache.device.staging import DEFAULT_CHUNK_BYTES, Stager
+from kvcache.status import LLMException, LLMStatusCode
+from kvcache.values import Placement
+
+DEFAULT_POOL_BYTES = 256 << 20
+
+
+def _invalid(message):
+    return LLMException(LLMStatusCode.LLM_PARAM_INVALID, message)
+
+
+class DeviceConfig:
+    """``device_type``: 'npu', 'cuda' or '' (no device caches);
+    ``device_id``; ``pool_bytes``: the device memory pool caches are
+    allocated from (allocated at the first device allocation);
+    ``chunk_bytes``: the size of each pinned staging slot."""
+
+    def __init__(self, device_type="", device_id=0, pool_bytes=None, chunk_bytes=None):
+        device_type = (device_type or env_str("KVCACHE_DEVICE_TYPE")).lower()
+        if device_type not in ("",) + DEVICE_TYPES:
+            raise _invalid(f"device type must be one of {DEVICE_TYPES} or empty, got "
+                           f"{device_type!r}")
+        self.device_type = device_type
+        self.device_id = device_id
+        self.pool_bytes = pool_bytes or env_int("KVCACHE_DEVICE_POOL_SIZE", DEFAULT_POOL_BYTES)
+        self.chunk_bytes = chunk_bytes or env_int("KVCACHE_DEVICE_CHUNK_BYTES",
+                                                  DEFAULT_CHUNK_BYTES)
+        for name, value in (("device pool size", self.pool_bytes),
+                            ("device chunk size", self.chunk_bytes)):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise _invalid(f"{name} must be a positive number of bytes, got {value!r}")
+
+
+def regions_of(cache, addrs):
+    """The region id of the tensor of ``cache`` each address lies in."""
+    starts = np.asarray(cache.tensor_addrs, dtype=np.uint64)
+    order = np.argsort(starts)
+    at = np.searchsorted(starts[order], np.asarray(addrs, dtype=np.uint64), side="right") - 1
+    if (at < 0).any():
+        raise _invalid(f"an address below every tensor of {cache!r}")
+    return np.asarray(cache.region_ids, dtype=np.uint64)[order[at]]
+
+
+class _DeviceMemory:
+    """The device pool's memory as BufferPool takes it (addr, close)."""
+
+    def __init__(self, buffer):
+        self.buffer, self.addr = buffer, buffer.ptr
+
+    def close(self):
+        self.buffer.close()
+
+
+class DeviceCaches:
+    def __init__(self, engine, config):
+        self.config = config
+        self._runtime = None
+        self._pool = None
+        self._lock = threading.Lock()
+        self.regions = DeviceRegions()
+        self.stager = Stager(engine, self.regions, self.runtime, config.chunk_bytes)
+
+    def runtime(self):
+        """The configured DeviceRuntime; LLM_FEATURE_NOT_ENABLED without one."""
+        with self._lock:
+            if self._runtime is None:
+                if not self.config.device_type:
+                    raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED,
+                                       "no device type is configured: set LLMConfig."
+                                       "device_type ('npu' or 'cuda') or KVCACHE_DEVICE_TYPE "
+                                       "for DEVICE placement")
+                self._runtime = DeviceRuntime(self.config.device_type, self.config.device_id)
+            return self._runtime
+
+    def _device_pool(self):
+        runtime = self.runtime()
+        with self._lock:
+            if self._pool is None:
+                memory = _DeviceMemory(runtime.alloc(self.config.pool_bytes))
+                self._pool = BufferPool(BufPoolConfig(pool_size=self.config.pool_bytes),
+                                        memory)
+            return self._pool
+
+    def allocate(self, nbytes):
+        """(base address, region id) of ``nbytes`` from the device pool;
+        LLM_OUT_OF_MEMORY when it is full. Device memory is not zeroed."""
+        pool = self._device_pool()
+        base = pool.alloc(nbytes)
+        return base, self.regions.register(base, nbytes, True)
+
+    def free(self, base):
+        self._pool.free(base)
+
+    def register(self, addrs, nbytes, remote):
+        """One device region per tensor of caller-owned device memory
+        (CUDA: each address checked to be device memory)."""
+        runtime = self.runtime()
+        for addr in addrs:
+            runtime.check_device_pointer(addr, nbytes)
+        return [self.regions.register(addr, nbytes, remote) for addr in addrs]
+
+    def release(self, region_ids, timeout_ms):
+        self.regions.release(sorted(set(region_ids)), timeout_ms / 1000)
+
+    def renew(self, region_id):
+        return self.regions.renew(region_id)
+
+    def transfer(self, peer, op, local_cache, remote_cache, local, remote, lengths, timeout_ms,
+                 remote_region_ids):
+        """A transfer the cache manager planned between ``local_cache`` and
+        the peer's ``remote_cache`` (a RemoteCache); ``remote_region_ids``:
+        the peer's region of each piece. Returns the path taken."""
+        local_device = local_cache.cache_desc.placement == Placement.DEVICE
+        remote_device = remote_cache.cache_desc.placement == Placement.DEVICE
+        return self.stager.transfer(
+            peer, op, local, remote, lengths, timeout_ms,
+            local_regions=regions_of(local_cache, local) if local_device else None,
+            remote_regions=None if remote_device else remote_region_ids,
+            remote_device_regions=remote_region_ids if remote_device else None)
+
+    def close(self):
+        self.stager.close()
+        with self._lock:
+            pool, self._pool = self._pool, None
+            runtime, self._runtime = self._runtime, None
+        if pool is not None:
+            pool.close()
+        if runtime is not None:
+            runtime.close()
