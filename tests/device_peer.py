@@ -3,11 +3,8 @@ double (KVCACHE_ACL_LIB / KVCACHE_CUDA_LIB in the environment it is spawned
 with): device caches are filled and read back through the runtime's own
 synchronous H2D / D2H copies, so what a test compares is what device memory
 holds."""
-import multiprocessing as mp
-
 import numpy as np
 
-import kv_peer
 from kv_peer import Actions, PeerProcess, pattern
 from kvcache import BlocksCacheKey, CacheDesc, CacheKey, DataType, Placement
 from kvcache.device.runtime import D2H, H2D
@@ -145,17 +142,5 @@ class DeviceActions(Actions):
                 self.caches[cache_id].transfer_path)
 
 
-def _main(conn, role, cluster_id, listen, options):
-    kv_peer.Actions = DeviceActions
-    kv_peer._main(conn, role, cluster_id, listen, options)
-
-
 class DevicePeer(PeerProcess):
-    def __init__(self, role, cluster_id, listen="127.0.0.1:0", **options):
-        ctx = mp.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_main, args=(child, role, cluster_id, listen, options),
-                                   daemon=True)
-        self.process.start()
-        self.cluster_id = cluster_id
-        self.address = self._reply()
+    actions = DeviceActions
