@@ -11,6 +11,8 @@ APT_TEST := etcd-server
 APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest iproute2 \
           busybox-static util-linux
 PIP_BUILD := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.24"
+# The disaggregated demo's servers, proxy and client (kvcache.demo); its model needs torch.
+PIP_DEMO := aiohttp==3.14.5 torch==2.13.0
 PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0 etcd3gw==2.7.0 \
             transformers==4.57.6
 # Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
@@ -26,7 +28,7 @@ $(VENV)/.installed: setup.py pyproject.toml $(wildcard pyverbs_kv/*.pyx pyverbs_
 	scripts/apt-ensure $(APT_BUILD) $(APT_TEST)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_TEST)
+	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_DEMO) $(PIP_TEST)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -36,10 +38,11 @@ setup-vm: setup
 build: setup
 	$(PY) setup.py -q build_ext --inplace
 
-# The main job on the embedded default (no RDMA needed): a prefill and a
-# decode process exchanging KV blocks.
+# The main job on the embedded default (no RDMA needed): a model served by a
+# prefill and a decode server behind an OpenAI-style proxy, the KV cache pushed
+# layer by layer over shared memory, every token checked against one process.
 demo: build
-	$(PY) examples/pull_blocks.py
+	$(PY) -m kvcache demo
 
 demo-rdma: setup-vm build
 	scripts/rdma-vm --timeout 600 -- python examples/verbs_demo.py

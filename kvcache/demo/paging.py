@@ -35,7 +35,7 @@ class BlockAllocator:
                                f"{n} blocks asked, {len(self._free)} of {self.num_blocks} "
                                "free (raise num_blocks)")
         free = sorted(self._free)
-        ids = (free[len(free) - n:] if self.highest else free[:n]) if n else []
+        ids = free[len(free) - n:] if self.highest else free[:n]
         self._free.difference_update(ids)
         return ids
 

@@ -8,7 +8,8 @@ they do not).
     kvcache demo [same options]
 
 ``Cluster`` (the servers as children of this process) and ``complete`` (one
-request through the proxy) are what tests use."""
+request through the proxy) are what tests use. Importing this module loads
+neither torch nor aiohttp (the ``kvcache`` command builds its parser from it)."""
 import argparse
 import asyncio
 import json
@@ -18,15 +19,10 @@ import sys
 import tempfile
 import time
 
-import aiohttp
-import torch
-
 from kvcache.demo.children import Child, ChildFailed
-from kvcache.demo.model import TinyLlama
-from kvcache.demo.serving import TRANSPORTS, model_config
-from kvcache.demo.tokenizer import EOS_ID, ByteTokenizer
 from kvcache.status import LLMException, LLMStatusCode
 
+TRANSPORTS = ("auto", "tcp", "shm", "rdma")
 PROMPTS = ["The capital of France is", "Disaggregated serving moves the KV cache",
            "def fibonacci(n):", "Once upon a time, in a data center far away,"]
 PREFILL_CLUSTERS, DECODE_CLUSTERS = 100, 200
@@ -171,6 +167,11 @@ async def complete(session, url, prompt, max_tokens, stream=False):
 
 def reference(config_json, seed, prompts, max_tokens, threads=1):
     """The same model in this one process: the tokens each prompt gets."""
+    import torch
+
+    from kvcache.demo.model import TinyLlama
+    from kvcache.demo.serving import model_config
+    from kvcache.demo.tokenizer import EOS_ID, ByteTokenizer
     torch.set_num_threads(threads)
     model = TinyLlama(model_config(config_json), seed=seed)
     tokenizer = ByteTokenizer()
@@ -214,14 +215,21 @@ def describe(index, prompt, answer, expected):
 
 
 async def _send_all(url, prompts, max_tokens, timeout_s):
+    import aiohttp
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
         return [await complete(s, url, prompt, max_tokens, stream=i % 2 == 1)
                 for i, prompt in enumerate(prompts)]
 
 
-def build_parser(parser=None):
-    parser = parser or argparse.ArgumentParser(prog="python -m kvcache.demo.run")
-    parser.description = __doc__.split("\n\n")[0]
+def build_parser():
+    parser = argparse.ArgumentParser(prog="python -m kvcache.demo.run",
+                                     description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser):
+    """The demo's options (this module's and ``kvcache demo``'s)."""
     parser.add_argument("--prefill", type=int, default=1, metavar="N",
                         help="prefill instances (default 1)")
     parser.add_argument("--decode", type=int, default=1, metavar="M",
@@ -239,15 +247,25 @@ def build_parser(parser=None):
                         help="KV blocks per instance (default 256)")
     parser.add_argument("--timeout-s", type=float, default=60.0,
                         help="deadline of start-up and of each request (s, default 60)")
-    return parser
 
 
 def run(args):
-    """The demo; returns the exit status (0: every completion matched)."""
+    """The demo; returns the exit status (0: every completion matched).
+    LLMException: bad options (LLM_PARAM_INVALID), aiohttp missing
+    (LLM_FEATURE_NOT_ENABLED)."""
+    try:
+        import aiohttp  # noqa: F401
+    except ImportError:
+        raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "the demo needs aiohttp: "
+                           "pip install 'pyverbs-kv[demo]'") from None
+    from kvcache.demo.serving import model_config
     if args.prefill < 1 or args.decode < 1 or args.max_tokens < 1:
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                            "--prefill, --decode and --max-tokens must be at least 1")
-    model_config(args.model_config)
+    try:
+        model_config(args.model_config)
+    except ValueError as exc:
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, str(exc)) from None
     prompts = args.prompt or PROMPTS
     started = time.monotonic()
     expected = reference(args.model_config, args.seed, prompts, args.max_tokens)
