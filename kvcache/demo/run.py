@@ -172,16 +172,20 @@ def reference(config_json, seed, prompts, max_tokens, threads=1):
     from kvcache.demo.model import TinyLlama
     from kvcache.demo.serving import model_config
     from kvcache.demo.tokenizer import EOS_ID, ByteTokenizer
-    torch.set_num_threads(threads)
-    model = TinyLlama(model_config(config_json), seed=seed)
-    tokenizer = ByteTokenizer()
-    answers = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt)
-        table = list(range(model.blocks_needed(len(ids) + max_tokens)))
-        kv = model.new_kv(len(table))
-        answers.append(model.generate(ids, max_tokens, kv, table, eos_id=EOS_ID))
-    return answers
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)          # as the servers run (bit-equal GEMMs)
+    try:
+        model = TinyLlama(model_config(config_json), seed=seed)
+        tokenizer = ByteTokenizer()
+        answers = []
+        for prompt in prompts:
+            ids = tokenizer.encode(prompt)
+            table = list(range(model.blocks_needed(len(ids) + max_tokens)))
+            kv = model.new_kv(len(table))
+            answers.append(model.generate(ids, max_tokens, kv, table, eos_id=EOS_ID))
+        return answers
+    finally:
+        torch.set_num_threads(before)
 
 
 def describe(index, prompt, answer, expected):

@@ -33,6 +33,14 @@ def model_config(text):
         raise ValueError(f"bad model config {text!r}: {exc}") from None
 
 
+def positive(text):
+    """argparse type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"{value} is not positive")
+    return value
+
+
 def add_server_arguments(parser, role):
     parser.add_argument("--host", default="127.0.0.1",
                         help="HTTP address to listen on (default 127.0.0.1)")
@@ -48,11 +56,11 @@ def add_server_arguments(parser, role):
                         metavar="JSON", help="ModelConfig fields as a JSON object "
                         "(default {}: 4 layers, hidden 128)")
     parser.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
-    parser.add_argument("--num-blocks", type=int, default=256,
+    parser.add_argument("--num-blocks", type=positive, default=256,
                         help="KV blocks of this instance's blocks cache (default 256)")
-    parser.add_argument("--timeout-ms", type=int, default=10000,
+    parser.add_argument("--timeout-ms", type=positive, default=10000,
                         help="deadline of each transfer, layer wait and link (ms, default 10000)")
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--threads", type=positive, default=1,
                         help="torch threads (default 1; processes compared bit for bit must "
                         "use the same)")
     parser.add_argument("--parent-pid", type=int, default=None,
