@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from aiohttp import web
 
 from kvcache import LLMException, LLMRole
-from kvcache.demo import serving
+from kvcache.demo import instance, serving
 from kvcache.demo.tokenizer import EOS_ID, ByteTokenizer
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class Decode:
 
     def __init__(self, args):
         self.args = args
-        self.instance = serving.Instance(LLMRole.DECODER, args, f"{args.kv_host}:0")
+        self.instance = instance.Instance(LLMRole.DECODER, args, f"{args.kv_host}:0")
         self.tokenizer = ByteTokenizer()
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="decode")
         self.waits = ThreadPoolExecutor(8, thread_name_prefix="decode-wait")
@@ -215,7 +215,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m kvcache.demo.decode_server", description=__doc__.split("\n\n")[0],
         epilog="Prints 'READY {json}' on stdout once it listens; SIGTERM or Ctrl-C stops it.")
-    serving.add_server_arguments(parser, "decode")
+    instance.add_server_arguments(parser, "decode")
     parser.add_argument("--reserve-timeout-s", type=float, default=60.0,
                         help="free reserved slots not claimed within this (s, default 60)")
     return parser
@@ -244,7 +244,7 @@ async def amain(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    serving.setup_process(args)
+    instance.setup_process(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s decode %(message)s")
     try:
         asyncio.run(amain(args))

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from kvcache import (BlocksCacheKey, LinkState, LLMClusterInfo, LLMException, LLMRole,
                      LLMStatusCode, TransferWithCacheKeyConfig)
-from kvcache.demo import serving
+from kvcache.demo import instance, serving
 from kvcache.demo.timeline import LayerClock
 from kvcache.demo.tokenizer import ByteTokenizer
 
@@ -35,7 +35,7 @@ class Prefill:
 
     def __init__(self, args):
         self.args = args
-        self.instance = serving.Instance(LLMRole.PROMPT, args, "")
+        self.instance = instance.Instance(LLMRole.PROMPT, args, "")
         self.tokenizer = ByteTokenizer()
         self.compute = ThreadPoolExecutor(1, thread_name_prefix="prefill")
         self.links = {}                          # decode cluster id -> its kv address
@@ -163,7 +163,7 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m kvcache.demo.prefill_server", description=__doc__.split("\n\n")[0],
         epilog="Prints 'READY {json}' on stdout once it listens; SIGTERM or Ctrl-C stops it.")
-    serving.add_server_arguments(parser, "prefill")
+    instance.add_server_arguments(parser, "prefill")
     return parser
 
 
@@ -183,7 +183,7 @@ async def amain(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    serving.setup_process(args)
+    instance.setup_process(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s prefill %(message)s")
     try:
         asyncio.run(amain(args))

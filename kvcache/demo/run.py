@@ -170,7 +170,7 @@ def reference(config_json, seed, prompts, max_tokens, threads=1):
     import torch
 
     from kvcache.demo.model import TinyLlama
-    from kvcache.demo.serving import model_config
+    from kvcache.demo.instance import model_config
     from kvcache.demo.tokenizer import EOS_ID, ByteTokenizer
     before = torch.get_num_threads()
     torch.set_num_threads(threads)          # as the servers run (bit-equal GEMMs)
@@ -262,7 +262,7 @@ def run(args):
     except ImportError:
         raise LLMException(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "the demo needs aiohttp: "
                            "pip install 'pyverbs-kv[demo]'") from None
-    from kvcache.demo.serving import model_config
+    from kvcache.demo.instance import model_config
     if args.prefill < 1 or args.decode < 1 or args.max_tokens < 1:
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                            "--prefill, --decode and --max-tokens must be at least 1")
