@@ -36,7 +36,11 @@ def _bench(args, rest):
 
 def _demo(args, rest):
     from kvcache.demo.run import run
-    return run(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:            # the servers were stopped on the way out
+        print("kvcache demo: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser():

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,6 +176,42 @@ def test_a_server_failing_at_start_up_is_reported_at_once():
     for child in c.prefills + c.decodes:
         wait_until(lambda: child.process.poll() is not None, 10, "children stopped")
     c.remove_logs()
+
+
+ORPHAN_PARENT = """
+import sys, time
+from kvcache.demo.run import Cluster
+c = Cluster(transport="tcp", model_config_json="{}", timeout_s=60).start()
+print(c.logs, *[x.process.pid for x in [c.proxy, *c.prefills, *c.decodes]], flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def test_servers_die_with_their_parent():
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN_PARENT], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    try:
+        with watchdog(90):
+            logs, *pids = parent.stdout.readline().split()
+        pids = [int(p) for p in pids]
+        assert len(pids) == 3
+        assert not any(_gone(pid) for pid in pids)
+        parent.kill()                     # SIGKILL: no clean-up of its own runs
+        parent.wait(10)
+        for pid in pids:
+            wait_until(lambda: _gone(pid), 20, f"server {pid} gone after its parent")
+        shutil.rmtree(logs)
+    finally:
+        parent.kill()
+        parent.wait(10)
 
 
 def test_every_entry_point_has_help():

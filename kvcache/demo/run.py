@@ -313,6 +313,9 @@ def main(argv=None):
     except LLMException as exc:
         print(f"kvcache demo: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:            # the servers were stopped on the way out
+        print("kvcache demo: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
