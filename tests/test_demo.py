@@ -166,8 +166,7 @@ def test_a_decode_killed_mid_request_is_named_and_a_restarted_one_serves(cluster
 
 
 def test_a_server_failing_at_start_up_is_reported_at_once():
-    c = Cluster(transport="shm", model_config_json='{"num_layers": 2}', num_blocks=0,
-                timeout_s=60)
+    c = Cluster(prefills=1, decodes=0, transport="shm", num_blocks=0, timeout_s=60)
     started = time.monotonic()
     with pytest.raises(ChildFailed) as err:
         c.start()
