@@ -227,5 +227,6 @@ def test_every_entry_point_has_help():
 def test_demo_over_rdma():
     # Soft-RoCE under emulation: importing torch alone takes a while there.
     out = demo("--transport", "rdma", "--prompt", PROMPTS[0], "--timeout-s", "400", timeout=800)
+    print(out.stdout)                     # the figures over verbs, in the lane's log
     assert out.returncode == 0, out.stdout + out.stderr
     assert "over rdma (new link)" in out.stdout and "OK: 1 requests" in out.stdout
