@@ -13,7 +13,9 @@ APT_VM := qemu-system-x86 linux-image-amd64 ibverbs-utils rdmacm-utils perftest 
 PIP_BUILD := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.24"
 # What running the package needs (pyproject's dependencies, pinned to the tested versions).
 PIP_RUN := tqdm==4.70.1
-PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng torch==2.13.0 etcd3gw==2.7.0 \
+# The disaggregated demo's servers, proxy and client (kvcache.demo); its model needs torch.
+PIP_DEMO := aiohttp==3.14.5 torch==2.13.0
+PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng etcd3gw==2.7.0 \
             transformers==4.57.6
 # Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
 RUFF_VERSION := 0.17.5
@@ -37,7 +39,7 @@ $(VENV)/.installed-run: setup.py pyproject.toml $(wildcard pyverbs_kv/*.pyx pyve
 	scripts/apt-ensure $(APT_BUILD)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_RUN)
+	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_RUN) $(PIP_DEMO)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -54,10 +56,11 @@ setup-vm: setup
 build: setup-run
 	$(PY) setup.py -q build_ext --inplace
 
-# The main job on the embedded default (no RDMA needed): a prefill and a
-# decode process exchanging KV blocks.
+# The main job on the embedded default (no RDMA needed): a model served by a
+# prefill and a decode server behind an OpenAI-style proxy, the KV cache pushed
+# layer by layer over shared memory, every token checked against one process.
 demo: build
-	$(PY) examples/pull_blocks.py
+	$(PY) -m kvcache demo
 
 demo-rdma: setup-vm build
 	scripts/rdma-vm --timeout 600 -- python examples/verbs_demo.py

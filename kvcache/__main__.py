@@ -3,6 +3,7 @@
     kvcache info [--json]      what this host offers: RDMA devices, ports, GIDs,
                                memlock, usable transports, accelerator runtimes
     kvcache bench [options]    the transfer benchmark (``kvcache bench --help``)
+    kvcache demo [options]     a model served disaggregated (``kvcache demo --help``)
     kvcache --version
 
 KVCACHE_DEBUG on prints the ``kvcache`` loggers' DEBUG lines on stderr."""
@@ -32,13 +33,22 @@ def _bench(args, rest):
     return 0
 
 
+def _demo(args, rest):
+    from kvcache.demo.run import run
+    try:
+        return run(args)
+    except KeyboardInterrupt:            # the servers were stopped on the way out
+        print("kvcache demo: interrupted", file=sys.stderr)
+        return 130
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="kvcache", description="Move LLM KV cache between prefill and decode "
         "processes over RDMA, TCP or shared memory.",
         epilog="KVCACHE_DEBUG=1 prints the kvcache loggers' debug lines on stderr.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", metavar="{info,bench}", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="{info,bench,demo}", required=True)
     info = commands.add_parser("info", help="RDMA devices, ports, GIDs, memlock, usable "
                                "transports and accelerator runtimes on this host",
                                description="What this host offers kvcache.")
@@ -50,6 +60,12 @@ def build_parser():
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(bench)
     bench.set_defaults(run=_bench)
+    from kvcache.demo.run import __doc__ as demo_doc, add_arguments as demo_arguments
+    demo = commands.add_parser("demo", help="prefill and decode servers behind a proxy, "
+                               "checked against a single-process run",
+                               description=demo_doc.split("\n\n")[0])
+    demo_arguments(demo)
+    demo.set_defaults(run=_demo)
     return parser
 
 

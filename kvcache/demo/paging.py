@@ -13,11 +13,13 @@ from kvcache.status import LLMException, LLMStatusCode
 
 class BlockAllocator:
     """Free block ids of one blocks cache. ``allocate(n)`` hands out the
-    lowest free ids (a block table, in token order); ``free(ids)`` returns
-    them. Not thread-safe: one owner (a server's request loop) uses it."""
+    lowest free ids (``highest=True``: the highest), ascending (a block
+    table, in token order); ``free(ids)`` returns them. Not thread-safe: one
+    owner (a server's request loop) uses it."""
 
-    def __init__(self, num_blocks):
+    def __init__(self, num_blocks, highest=False):
         self.num_blocks = integer(num_blocks, "num_blocks", 1)
+        self.highest = bool(highest)
         self._free = set(range(self.num_blocks))
 
     @property
@@ -32,7 +34,8 @@ class BlockAllocator:
             raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
                                f"{n} blocks asked, {len(self._free)} of {self.num_blocks} "
                                "free (raise num_blocks)")
-        ids = sorted(self._free)[:n]
+        free = sorted(self._free)
+        ids = free[len(free) - n:] if self.highest else free[:n]
         self._free.difference_update(ids)
         return ids
 
