@@ -14,7 +14,11 @@ PIP_BUILD := "setuptools>=77" wheel "Cython>=3.0" "numpy>=1.24"
 # What running the package needs (pyproject's dependencies, pinned to the tested versions).
 PIP_RUN := tqdm==4.70.1
 # The disaggregated demo's servers, proxy and client (kvcache.demo); its model needs torch.
-PIP_DEMO := aiohttp==3.14.5 torch==2.13.0
+PIP_DEMO := aiohttp==3.14.5
+# torch on its own line: PyPI's x86_64 wheel is the multi-GB CUDA build; e.g.
+# TORCH_PIP_OPTS="--index-url https://download.pytorch.org/whl/cpu" takes the CPU one.
+PIP_TORCH := torch==2.13.0
+TORCH_PIP_OPTS ?=
 PIP_TEST := "pytest>=7" "hypothesis>=6" virtme-ng etcd3gw==2.7.0 \
             transformers==4.57.6
 # Pinned: a new ruff release must not fail CI by itself. Rules: [tool.ruff] in pyproject.toml.
@@ -40,6 +44,7 @@ $(VENV)/.installed-run: setup.py pyproject.toml $(wildcard pyverbs_kv/*.pyx pyve
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(PIP_BUILD) $(PIP_RUN) $(PIP_DEMO)
+	$(PY) -m pip install -q $(TORCH_PIP_OPTS) $(PIP_TORCH)
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 
@@ -90,7 +95,7 @@ test-host: setup build
 
 # The VM lane: every test marked rdma, inside Soft-RoCE. Fails (never skips)
 # when the VM does not boot or rxe0 does not appear.
-test-rdma:
+test-rdma: setup-vm build
 	scripts/rdma-vm --timeout 2400 -- python -m pytest -p no:cacheprovider -m rdma -v \
 	    --junitxml=.ci-out/rdma-junit.xml tests
 
