@@ -707,3 +707,48 @@ def test_own_device_pieces_are_found_by_address_and_regions_do_not_overlap():
         table.register(base + 4095, 10, True)
     assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
     assert "overlaps" in str(err.value)
+
+
+RELEASING = """
+import threading, time
+from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException,
+                     LLMRole, LLMStatusCode, Placement)
+cfg = LLMConfig()
+cfg.buf_pool_cfg = '{"buf_pool_size": 4194304}'
+cfg.device_type = "npu"
+cfg.device_mem_pool_size = 1 << 20
+dd = LLMDataDist(LLMRole.PROMPT, 1)
+dd.init(cfg.generate_options())
+cm = dd.cache_manager
+cache = cm.allocate_blocks_cache(CacheDesc(1, [4, 16], DataType.DT_UINT8, Placement.DEVICE),
+                                 BlocksCacheKey(1))
+table = cm._device.regions
+addr = cache.tensor_addrs[0]
+copying = table.pin([addr], [8], cache.region_ids[:1])          # a peer's copy running
+freeing = threading.Thread(target=cm.deallocate_cache, args=(cache,))
+freeing.start()
+deadline = time.monotonic() + 30
+while cache.cache_id not in cm._releasing:
+    assert time.monotonic() < deadline, "the release never started"
+    time.sleep(0.01)
+cm.remove_cache_key(BlocksCacheKey(1))                          # while it waits for the copy
+table.unpin(copying)
+freeing.join(30)
+assert not freeing.is_alive()
+for named in (cache.region_ids[:1], None):
+    try:
+        table.pin([addr], [8], named)
+    except LLMException:
+        continue
+    raise AssertionError(f"freed device memory still pinnable by {named}")
+dd.finalize()
+print("ok")
+"""
+
+
+def test_a_key_removed_while_its_device_cache_is_released_leaves_nothing_reachable(libraries):
+    """remove_cache_key during a release waiting for a copy: the cache
+    being released counts as gone (no renewal that would outlive the
+    release), and once the copy ends nothing of it stays in the table."""
+    done = run_python(RELEASING, {"KVCACHE_ACL_LIB": libraries["npu"]})
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
