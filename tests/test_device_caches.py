@@ -651,7 +651,8 @@ def test_a_key_removed_during_a_layer_wise_push_of_a_device_cache_fails_nothing(
 
 def test_a_host_range_past_a_cuda_allocation_is_refused(libraries):
     """Both ends of registered CUDA memory are checked: a tensor longer
-    than the allocation at its address is refused."""
+    than the allocation at its address is refused; so are tensors
+    overlapping each other, and nothing of a refused cache stays."""
     code = HOST_ONLY.split("cm = dd.cache_manager")[0] + textwrap.dedent("""
         owned = dd.cache_manager._device.runtime().alloc(64)
         desc = CacheDesc(1, [4, 32], DataType.DT_UINT8, Placement.DEVICE)   # 128 bytes
@@ -659,6 +660,12 @@ def test_a_host_range_past_a_cuda_allocation_is_refused(libraries):
             dd.cache_manager.register_blocks_cache(desc, [owned.ptr])
         except LLMException as exc:
             print(exc.status_code.name, "|", exc)
+        twice = CacheDesc(2, [4, 16], DataType.DT_UINT8, Placement.DEVICE)
+        try:
+            dd.cache_manager.register_blocks_cache(twice, [owned.ptr, owned.ptr])
+        except LLMException as exc:
+            print(exc.status_code.name, "|", exc)
+        # Nothing of the refused ones stayed registered: the range is free.
         fits = CacheDesc(1, [4, 16], DataType.DT_UINT8, Placement.DEVICE)
         dd.cache_manager.unregister_cache(
             dd.cache_manager.register_blocks_cache(fits, [owned.ptr]).cache_id)
@@ -667,7 +674,9 @@ def test_a_host_range_past_a_cuda_allocation_is_refused(libraries):
         """)
     out = run_python(code.format(device_type="cuda"), {"KVCACHE_CUDA_LIB": libraries["cuda"]})
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith("LLM_PARAM_INVALID") and "not CUDA device memory" in out.stdout
+    past, twice = out.stdout.splitlines()
+    assert past.startswith("LLM_PARAM_INVALID") and "not CUDA device memory" in past
+    assert twice.startswith("LLM_PARAM_INVALID") and "overlaps" in twice
 
 
 def test_releasing_a_renewed_device_region_waits_for_copies_under_its_earlier_ids():
