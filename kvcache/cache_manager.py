@@ -441,7 +441,10 @@ class CacheManager:
         keys removed together. Peers (one-sided transports) are told once
         for all the regions renewed, after this manager's lock is released,
         so a slow peer delays only this call. A cache freed while keyed is
-        released with its last key."""
+        released with its last key; a cache being released keeps its ids
+        (they are going). Should a renewal fail part-way, the keys before
+        it stay removed, their old ids are revoked and their caches freed
+        all the same, and the failure is raised."""
         keys = list(cache_key) if isinstance(cache_key, (list, tuple)) else [cache_key]
         old, free = [], []
         try:
