@@ -25,7 +25,7 @@ class Cache:
         self.region_ids = list(region_ids)     # one per tensor
         self.owned = owned                     # allocated from the pool (vs registered)
         self.keys = list(keys)
-        self.containers = []                   # top-level regions of registered memory
+        self.containers = []                   # top-level regions of registered host memory
         self.remote = True                     # offered to linked peers
         self.segment = None                    # the memfd of a pool cache of its own
 

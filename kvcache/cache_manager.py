@@ -293,7 +293,7 @@ class CacheManager:
         if desc.placement == Placement.DEVICE:
             regions = self._device.register(addrs, desc.tensor_bytes, remote)
             cache = Cache(next(self._ids), desc, addrs, kind, regions, owned=False, keys=keys)
-            cache.containers, cache.remote = regions, remote
+            cache.remote = remote
             try:
                 return self._add(cache, keys)
             except LLMException:
@@ -351,8 +351,8 @@ class CacheManager:
             raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, f"no cache {cache_id}")
         return cache
 
-    def _release(self, cache, regions):
-        """Release ``regions`` of ``cache`` once no transfer uses them, then
+    def _release(self, cache):
+        """Release the regions of ``cache`` once no transfer uses them, then
         forget the cache. LLM_LINK_BUSY leaves the cache as it was (a later
         call can free it); peers cannot look it up meanwhile."""
         with self._lock:
@@ -363,6 +363,15 @@ class CacheManager:
                 raise LLMException(LLMStatusCode.LLM_REPEAT_REQUEST,
                                    f"cache {cache.cache_id} is already being freed")
             self._releasing.add(cache.cache_id)
+            # Read under the lock: from here on remove_cache_key renews none
+            # of them. A device cache's current ids (their earlier ones go
+            # with them); registered host memory's top-level containers
+            # (every sub-region and generation goes with them); a pool
+            # cache's one region.
+            if _on_device(cache):
+                regions = list(cache.region_ids)
+            else:
+                regions = cache.containers if not cache.owned else cache.region_ids[:1]
         try:
             if _on_device(cache):
                 self._device.release(regions, self.release_timeout_ms)
@@ -404,10 +413,9 @@ class CacheManager:
         self._free(cache)
 
     def _free(self, cache):
+        self._release(cache)
         if not cache.owned:
-            self._release(cache, cache.containers)
             return
-        self._release(cache, [cache.region_ids[0]])
         # A pool cache starts at its first tensor.
         if _on_device(cache):
             self._device.free(cache.tensor_addrs[0])
@@ -433,31 +441,60 @@ class CacheManager:
         keys removed together. Peers (one-sided transports) are told once
         for all the regions renewed, after this manager's lock is released,
         so a slow peer delays only this call. A cache freed while keyed is
-        released with its last key."""
+        released with its last key; a cache being released keeps its ids
+        (they are going). Should a renewal fail part-way, the keys before
+        it stay removed, their old ids are revoked and their caches freed
+        all the same, and the failure is raised."""
         keys = list(cache_key) if isinstance(cache_key, (list, tuple)) else [cache_key]
         old, free = [], []
-        with self._lock:
-            for key in keys:
-                found = self._by_key.pop(key, None)
-                if found is None:
-                    continue
-                cache = self._caches[found[0]]
-                cache.keys.remove(key)
-                regions = list(dict.fromkeys(cache.region_ids))
-                if _on_device(cache):
-                    # Peers reach device regions only through staging calls
-                    # that look the id up each time: nothing to revoke.
-                    renewed = {r: self._device.renew(r) for r in regions}
-                else:
-                    renewed = dict(zip(regions,
-                                       self._engine.renew_regions(regions, revoke=False)))
-                    old += regions
-                cache.region_ids = [renewed[r] for r in cache.region_ids]
-                if not _request_keys(cache) and cache.cache_id in self._free_when_unkeyed:
-                    free.append(cache)
-        self._engine.revoke_regions(old)
-        for cache in free:
-            self._free(cache)
+        try:
+            with self._lock:
+                for key in keys:
+                    found = self._by_key.pop(key, None)
+                    if found is None:
+                        continue
+                    cache = self._caches[found[0]]
+                    cache.keys.remove(key)
+                    if not _request_keys(cache) and cache.cache_id in self._free_when_unkeyed:
+                        free.append(cache)
+                    if cache.cache_id in self._releasing:
+                        continue            # its regions are going: nothing reaches them
+                    old += self._renew(cache)
+        finally:
+            # Whatever was renewed before a failure is revoked, and what was
+            # unkeyed freed, all the same.
+            try:
+                self._engine.revoke_regions(old)
+            finally:
+                self._free_all(free)
+
+    def _renew(self, cache):
+        """New ids for the regions of ``cache`` (under the lock), one at a
+        time, so a failure leaves it naming ids that exist. Returns the
+        earlier host ids, for peers to revoke."""
+        old = []
+        for region in dict.fromkeys(cache.region_ids):
+            if _on_device(cache):
+                # Peers reach device regions only through staging calls that
+                # look the id up each time: nothing to revoke.
+                new = self._device.renew(region)
+            else:
+                new = self._engine.renew_regions([region], revoke=False)[0]
+                old.append(region)
+            cache.region_ids = [new if r == region else r for r in cache.region_ids]
+        return old
+
+    def _free_all(self, caches):
+        """Free each of ``caches``; the first failure is raised once every
+        one was tried."""
+        failure = None
+        for cache in caches:
+            try:
+                self._free(cache)
+            except LLMException as exc:
+                failure = failure or exc
+        if failure is not None:
+            raise failure
 
     def _rpc_lookup(self, peer, params):
         by = params.get("by")
@@ -802,7 +839,7 @@ class CacheManager:
                     leg.local_regions = {layer: regions_of(src_cache, plan[1])
                                          for layer, plan in leg.layers.items()}
                 table = self._device.regions
-                pinned = table.pin(addrs, lengths, src_cache.region_ids, False)
+                pinned = table.pin(addrs, lengths)
             else:
                 table = self._engine.registry
                 pinned = table.pin_local(addrs, lengths)[1]

@@ -136,8 +136,7 @@ class LocalCopies:
                 try:
                     if desc.placement == Placement.DEVICE:
                         regions = self._device.regions
-                        pinned.append((regions, regions.pin(addrs, lengths, cache.region_ids,
-                                                            False)))
+                        pinned.append((regions, regions.pin(addrs, lengths)))
                     else:
                         pinned.append((self._registry,
                                        self._registry.pin_local(addrs, lengths)[1]))

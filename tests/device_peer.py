@@ -38,6 +38,9 @@ class DeviceActions(Actions):
         self.caches[cache.cache_id] = cache
         return cache.cache_id
 
+    def remove_blocks_key(self, cluster, model_id=0):
+        self.dd.cache_manager.remove_cache_key(BlocksCacheKey(cluster, model_id))
+
     def fill(self, cache_id, seed):
         cache = self.caches[cache_id]
         if cache.cache_desc.placement != Placement.DEVICE:

@@ -8,6 +8,7 @@ The doubles run an asynchronous copy only when its stream is synchronised,
 so a byte found in place proves the side that received it synchronised its
 stream before the call returned."""
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -15,8 +16,9 @@ import pytest
 from accel_doubles import build, run_python
 from device_peer import DevicePeer
 from kv_peer import PeerError, pattern
+from kvcache.device.regions import DeviceRegions
 from kvcache.device.staging import chunked
-from kvcache.status import LLMStatusCode
+from kvcache.status import LLMException, LLMStatusCode
 
 BLOCKS, BLOCK = 24, 1000          # 1000-byte blocks: chunks of 2300 bytes split them
 TENSORS = 4
@@ -594,4 +596,168 @@ def test_local_copies_with_device_caches_are_byte_exact(device_type, libraries):
     lib_var = DOUBLES[device_type][2]
     done = run_python(LOCAL_COPIES.format(device_type=device_type),
                       {lib_var: libraries[device_type]})
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]
+
+
+def test_registered_device_memory_is_unreachable_once_unregistered_after_a_key_removal(
+        libraries, monkeypatch):
+    """remove_cache_key renews the device region ids; unregistering then
+    withdraws the renewed ids, so a peer's staging call naming them is
+    refused and writes nothing into the memory handed back."""
+    monkeypatch.setenv("KVCACHE_ACL_LIB", libraries["npu"])
+    prompt, decoder = peers("tcp", "npu")
+    try:
+        cache = prompt.call("register_device_blocks", 1, [BLOCKS, BLOCK], key=1)
+        before = prompt.call("describe", cache)["region_ids"]
+        prompt.call("remove_blocks_key", 1)
+        info = prompt.call("describe", cache)
+        assert info["region_ids"] != before
+        prompt.call("deallocate", cache)
+        for region in (info["region_ids"][0], before[0]):
+            with pytest.raises(PeerError) as err:
+                decoder.call("stage_raw", 1, "cache.stage_in",
+                             dict(slot=0, addrs=[info["tensor_addrs"][0]], lengths=[8],
+                                  regions=[region]))
+            assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, region
+    finally:
+        decoder.close()
+        prompt.close()
+
+
+def test_a_key_removed_during_a_layer_wise_push_of_a_device_cache_fails_nothing(device_type):
+    """Our own device pieces are pinned by address: the source's key
+    removed (its region ids renewed) while its layers are still being
+    staged, the task succeeds, every layer lands, and freeing the source
+    afterwards works."""
+    prompt, decoder = peers("tcp", device_type)
+    try:
+        layers, shape = 3, [BLOCKS, BLOCK]
+        src = prompt.call("alloc", "blocks", 2 * layers, shape, "DEVICE", key=1, model_id=3)
+        dst = decoder.call("alloc", "blocks", 2 * layers, shape, "HOST", key=2)
+        src_ids, dst_ids = [4, 5, 20], [10, 11, 1]
+        prompt.call("push_layers", "t", src, 2, 0, layers, 31, src_ids, dst_ids, "renewed",
+                    0.4)
+        prompt.call("remove_blocks_key", 1, 3)        # before the first layer is computed
+        assert prompt.call("task_code", "t") == (LLMStatusCode.LLM_SUCCESS,
+                                                 [LLMStatusCode.LLM_SUCCESS])
+        got = decoder.call("tensors", dst)
+        for t in range(2 * layers):
+            assert np.array_equal(got[t][dst_ids], expected(31, t, src_ids)), t
+        prompt.call("deallocate", src)
+    finally:
+        decoder.close()
+        prompt.close()
+
+
+def test_a_host_range_past_a_cuda_allocation_is_refused(libraries):
+    """Both ends of registered CUDA memory are checked: a tensor longer
+    than the allocation at its address is refused; so are tensors
+    overlapping each other, and nothing of a refused cache stays."""
+    code = HOST_ONLY.split("cm = dd.cache_manager")[0] + textwrap.dedent("""
+        owned = dd.cache_manager._device.runtime().alloc(64)
+        desc = CacheDesc(1, [4, 32], DataType.DT_UINT8, Placement.DEVICE)   # 128 bytes
+        try:
+            dd.cache_manager.register_blocks_cache(desc, [owned.ptr])
+        except LLMException as exc:
+            print(exc.status_code.name, "|", exc)
+        twice = CacheDesc(2, [4, 16], DataType.DT_UINT8, Placement.DEVICE)
+        try:
+            dd.cache_manager.register_blocks_cache(twice, [owned.ptr, owned.ptr])
+        except LLMException as exc:
+            print(exc.status_code.name, "|", exc)
+        # Nothing of the refused ones stayed registered: the range is free.
+        fits = CacheDesc(1, [4, 16], DataType.DT_UINT8, Placement.DEVICE)
+        dd.cache_manager.unregister_cache(
+            dd.cache_manager.register_blocks_cache(fits, [owned.ptr]).cache_id)
+        owned.close()
+        dd.finalize()
+        """)
+    out = run_python(code.format(device_type="cuda"), {"KVCACHE_CUDA_LIB": libraries["cuda"]})
+    assert out.returncode == 0, out.stderr
+    past, twice = out.stdout.splitlines()
+    assert past.startswith("LLM_PARAM_INVALID") and "not CUDA device memory" in past
+    assert twice.startswith("LLM_PARAM_INVALID") and "overlaps" in twice
+
+
+def test_releasing_a_renewed_device_region_waits_for_copies_under_its_earlier_ids():
+    """A copy pinned the region under an id since renewed (a key removed
+    mid-copy): the release waits for it, LLM_LINK_BUSY (the region kept,
+    still reachable by its new id) until it is unpinned."""
+    table = DeviceRegions()
+    base = 1 << 20
+    first = table.register(base, 4096, True)
+    copying = table.pin([base + 8], [100], [first])            # a peer's stage_in
+    renewed = table.renew(table.renew(first))
+    with pytest.raises(LLMException) as err:
+        table.release([renewed], 0.2)
+    assert err.value.status_code == LLMStatusCode.LLM_LINK_BUSY
+    table.unpin(table.pin([base], [8], [renewed]))
+    threading.Timer(0.3, table.unpin, [copying]).start()
+    table.release([renewed], 30)
+    for named in (None, [renewed]):
+        with pytest.raises(LLMException):
+            table.pin([base], [8], named)
+
+
+def test_own_device_pieces_are_found_by_address_and_regions_do_not_overlap():
+    table = DeviceRegions()
+    base = 1 << 20
+    first = table.register(base, 4096, False)
+    other = table.register(base + 8192, 4096, True)
+    renewed = table.renew(first)
+    assert table.pin([base + 4000, base + 8192], [96, 4096]) == sorted([renewed, other])
+    for named, status in (([first], LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),      # renewed away
+                          ([renewed], LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),    # not offered
+                          (None, LLMStatusCode.LLM_PARAM_INVALID)):
+        with pytest.raises(LLMException) as err:
+            table.pin([base + 4000], [97], named)
+        assert err.value.status_code == status, named
+    with pytest.raises(LLMException) as err:
+        table.register(base + 4095, 10, True)
+    assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
+    assert "overlaps" in str(err.value)
+
+
+RELEASING = """
+import threading, time
+from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException,
+                     LLMRole, LLMStatusCode, Placement)
+cfg = LLMConfig()
+cfg.buf_pool_cfg = '{"buf_pool_size": 4194304}'
+cfg.device_type = "npu"
+cfg.device_mem_pool_size = 1 << 20
+dd = LLMDataDist(LLMRole.PROMPT, 1)
+dd.init(cfg.generate_options())
+cm = dd.cache_manager
+cache = cm.allocate_blocks_cache(CacheDesc(1, [4, 16], DataType.DT_UINT8, Placement.DEVICE),
+                                 BlocksCacheKey(1))
+table = cm._device.regions
+addr = cache.tensor_addrs[0]
+copying = table.pin([addr], [8], cache.region_ids[:1])          # a peer's copy running
+freeing = threading.Thread(target=cm.deallocate_cache, args=(cache,))
+freeing.start()
+deadline = time.monotonic() + 30
+while cache.cache_id not in cm._releasing:
+    assert time.monotonic() < deadline, "the release never started"
+    time.sleep(0.01)
+cm.remove_cache_key(BlocksCacheKey(1))                          # while it waits for the copy
+table.unpin(copying)
+freeing.join(30)
+assert not freeing.is_alive()
+for named in (cache.region_ids[:1], None):
+    try:
+        table.pin([addr], [8], named)
+    except LLMException:
+        continue
+    raise AssertionError(f"freed device memory still pinnable by {named}")
+dd.finalize()
+print("ok")
+"""
+
+
+def test_a_key_removed_while_its_device_cache_is_released_leaves_nothing_reachable(libraries):
+    """remove_cache_key during a release waiting for a copy: the cache
+    being released counts as gone (no renewal that would outlive the
+    release), and once the copy ends nothing of it stays in the table."""
+    done = run_python(RELEASING, {"KVCACHE_ACL_LIB": libraries["npu"]})
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]

@@ -16,6 +16,7 @@ from helpers import watchdog
 from kvcache import BufferPool, BufPoolConfig, CacheDesc, CacheKey, DataType, TransferEngine
 from kvcache.cache_manager import CacheManager
 from kvcache.engine import TRANSPORTS
+from kvcache.status import LLMException, LLMStatusCode
 from kvcache.transports.tcp.transport import TcpTransport
 
 TENSORS, ROWS, ELEMS = 8, 4, 256
@@ -145,6 +146,37 @@ def test_a_pull_consuming_a_key_costs_one_revocation_round_per_peer(world, trans
     assert [len(c.calls) for c in counters] == [1, 1]
     assert sorted(counters[1].calls[0]) == sorted(set(counters[0].calls[0]))
     assert all((t[0] == i + 1).all() for i, t in enumerate(dst.tensors()))
+
+def test_keys_removed_together_are_revoked_and_freed_when_one_renewal_fails(world,
+                                                                         monkeypatch):
+    """remove_cache_key of a list failing part-way (the third cache's
+    renewal): the regions renewed before the failure are still revoked at
+    the peers in one round, and a cache freed while keyed is still freed."""
+    owner, cm, counters = world("tcp-one-sided", peers=1)
+    pool_key, first_key, failing_key = (CacheKey(1, req_id=i) for i in (1, 2, 3))
+    pooled = cm.allocate_cache(CacheDesc(1, DataType.DT_FLOAT16, [ROWS, ELEMS]), [pool_key])
+    cm.deallocate_cache(pooled)                  # released with its last key
+    first, _a = registered(cm, [first_key])
+    failing, _b = registered(cm, [failing_key])
+    old = list(dict.fromkeys(pooled.region_ids + first.region_ids))
+    renew = owner.renew_regions
+
+    def fail_on_third(ids, revoke=True):
+        if set(ids) & set(failing.region_ids):
+            raise LLMException(LLMStatusCode.LLM_FAILED, "renewal failed")
+        return renew(ids, revoke)
+
+    monkeypatch.setattr(owner, "renew_regions", fail_on_third)
+    with watchdog(60), pytest.raises(LLMException) as err:
+        cm.remove_cache_key([pool_key, first_key, failing_key])
+    assert err.value.status_code == LLMStatusCode.LLM_FAILED
+    # One round for the renewed ids, then the freed cache's release.
+    assert sorted(counters[0].calls[0]) == sorted(old)
+    assert len(counters[0].calls) == 2
+    with pytest.raises(LLMException):
+        cm.get_cache(pooled.cache_id)
+    assert all(r in owner.registry for r in first.region_ids + failing.region_ids)
+
 
 def _live_mrs():
     out = subprocess.run(["rdma", "resource", "show"], capture_output=True, text=True,

@@ -109,11 +109,20 @@ class DeviceCaches:
 
     def register(self, addrs, nbytes, remote):
         """One device region per tensor of caller-owned device memory
-        (CUDA: each address checked to be device memory)."""
+        (CUDA: each range checked to be device memory); LLM_PARAM_INVALID
+        for tensors overlapping each other or memory registered already,
+        nothing registered then."""
         runtime = self.runtime()
         for addr in addrs:
             runtime.check_device_pointer(addr, nbytes)
-        return [self.regions.register(addr, nbytes, remote) for addr in addrs]
+        regions = []
+        try:
+            for addr in addrs:
+                regions.append(self.regions.register(addr, nbytes, remote))
+        except LLMException:
+            self.regions.release(regions, 0)
+            raise
+        return regions
 
     def release(self, region_ids, timeout_ms):
         self.regions.release(sorted(set(region_ids)), timeout_ms / 1000)

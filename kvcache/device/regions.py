@@ -2,9 +2,16 @@
 with pins. The engine's region registry holds host memory its transports
 reach; device memory is no such memory, so it is listed here instead, and
 only the staging layer copies from or into it, after checking every piece
-against the region it names (as the engine's owner-side check does)."""
+against the region it names (as the engine's owner-side check does).
+
+As in the engine's registry, a renewed region keeps its earlier ids
+(``retired``) until it is released: copies pinned under an earlier id may
+still run, and releasing the region waits for them too. Releasing first
+withdraws the regions (no new pin, no renewal reaches them), then waits."""
 import itertools
 import threading
+
+import numpy as np
 
 from kvcache.engine.pins import Pins
 from kvcache.status import LLMException, LLMStatusCode
@@ -14,55 +21,113 @@ from kvcache.status import LLMException, LLMStatusCode
 FIRST_ID = 1 << 40
 
 
+class _Region:
+    __slots__ = ("addr", "length", "remote", "retired")
+
+    def __init__(self, addr, length, remote, retired=()):
+        self.addr, self.length, self.remote = addr, length, remote
+        self.retired = list(retired)
+
+
 class DeviceRegions:
     def __init__(self):
         self._lock = threading.Lock()
         self._pins = Pins(self._lock)
-        self._regions = {}                  # id -> (addr, length, offered to peers)
+        self._regions = {}                  # id -> _Region (live: pieces may name it)
+        self._withdrawn = {}                # id -> _Region being released
         self._ids = itertools.count(FIRST_ID)
+        self._starts = self._order = np.zeros(0, dtype=np.uint64)
 
     def register(self, addr, length, remote):
+        """A new region's id; LLM_PARAM_INVALID for a range overlapping one
+        registered already (a piece of ours is found by its address, so it
+        must lie in one region only)."""
+        addr, length = int(addr), int(length)
         with self._lock:
+            for other_id, other in {**self._regions, **self._withdrawn}.items():
+                if addr < other.addr + other.length and other.addr < addr + length:
+                    raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                       f"device range [{addr:#x}, +{length}) overlaps device "
+                                       f"region {other_id} [{other.addr:#x}, +{other.length})")
             region_id = next(self._ids)
-            self._regions[region_id] = (int(addr), int(length), bool(remote))
+            self._regions[region_id] = _Region(addr, length, bool(remote))
+            self._index()
             return region_id
 
     def renew(self, region_id):
-        """A new id for the same range; pieces naming the old one are refused."""
+        """A new id for the same range; pieces naming the old one are refused,
+        copies already pinned under it finish (``release`` waits for them).
+        A region being released (or gone) keeps its id: nothing reaches it
+        any more anyway."""
         with self._lock:
-            entry = self._regions.pop(region_id)
+            old = self._regions.pop(region_id, None)
+            if old is None:
+                return region_id
             new_id = next(self._ids)
-            self._regions[new_id] = entry
+            self._regions[new_id] = _Region(old.addr, old.length, old.remote,
+                                            old.retired + [region_id])
+            self._index()
             return new_id
 
     def release(self, region_ids, timeout_s):
-        """Forget ``region_ids`` once no copy uses them; LLM_LINK_BUSY (they
-        stay) when one still does after ``timeout_s``."""
+        """Forget ``region_ids`` (with their earlier ids) once no copy uses
+        them; LLM_LINK_BUSY (they stay) when one still does after
+        ``timeout_s``. Ids not registered are left alone."""
         with self._lock:
-            if not self._pins.wait_clear(region_ids, timeout_s):
+            gone = {i: self._regions.pop(i) for i in region_ids if i in self._regions}
+            self._withdrawn.update(gone)
+            self._index()
+            every = [g for i, region in gone.items() for g in [i] + region.retired]
+            clear = self._pins.wait_clear(every, timeout_s)
+            for i in gone:
+                del self._withdrawn[i]
+            if not clear:
+                self._regions.update(gone)
+                self._index()
                 raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
-                                   f"device regions {region_ids} are still being copied after "
-                                   f"{timeout_s:.1f} s")
-            for region_id in region_ids:
-                self._regions.pop(region_id, None)
+                                   f"device regions {sorted(gone)} are still being copied "
+                                   f"after {timeout_s:.1f} s")
 
-    def pin(self, addrs, lengths, region_ids, peer_side):
-        """Check that piece i lies in region region_ids[i] (and, for a
-        peer's request, that the region is offered) and pin those regions;
-        returns the pinned ids for ``unpin``. LLM_KV_CACHE_NOT_EXIST for a
-        region that is gone, LLM_PARAM_INVALID for a piece outside it."""
+    def _index(self):
+        """Sort the live regions by start (under the lock), for ``_locate``."""
+        ids = np.fromiter(self._regions, dtype=np.uint64, count=len(self._regions))
+        starts = np.fromiter((r.addr for r in self._regions.values()), dtype=np.uint64,
+                             count=len(self._regions))
+        order = np.argsort(starts)
+        self._starts, self._order = starts[order], ids[order]
+
+    def _locate(self, addrs):
+        """The live region each address lies in (its start at or below it;
+        the caller checks the piece's end), 0 where none starts below it."""
+        at = np.searchsorted(self._starts, np.asarray(addrs, dtype=np.uint64), side="right") - 1
+        return np.where(at >= 0, self._order[np.maximum(at, 0)] if self._order.size else 0, 0)
+
+    def pin(self, addrs, lengths, region_ids=None):
+        """Pin the regions of device pieces; returns the pinned ids for
+        ``unpin``. A peer's pieces name their region (``region_ids[i]``),
+        which must be offered to peers; our own (``region_ids`` None) are
+        found by address, as the engine's pin_local: a key removed since
+        the copy was planned renews the id, not the memory.
+        LLM_KV_CACHE_NOT_EXIST for a named region that is gone (freed or
+        renewed), LLM_PARAM_INVALID for a piece outside its region."""
         with self._lock:
+            peer_side = region_ids is not None
+            if not peer_side:
+                region_ids = self._locate(addrs)
             for i, (addr, length, region_id) in enumerate(zip(addrs, lengths, region_ids)):
-                entry = self._regions.get(int(region_id))
-                if entry is None or (peer_side and not entry[2]):
+                region = self._regions.get(int(region_id))
+                if peer_side and (region is None or not region.remote):
                     raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                        f"device region {int(region_id)} does not exist (freed "
                                        "or renewed)")
-                base, size, _ = entry
-                if not (base <= int(addr) and int(addr) + int(length) <= base + size):
+                if region is None or not (region.addr <= int(addr)
+                                          and int(addr) + int(length)
+                                          <= region.addr + region.length):
+                    where = (f"region {int(region_id)}" if peer_side
+                             else "a device region of this process (freed?)")
                     raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                        f"device piece {i} [{int(addr):#x}, +{int(length)}) is "
-                                       f"not inside region {int(region_id)}")
+                                       f"not inside {where}")
             pinned = sorted({int(r) for r in region_ids})
             self._pins.add(pinned)
             return pinned

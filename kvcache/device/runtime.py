@@ -91,17 +91,22 @@ class DeviceRuntime:
             stream.synchronize()
 
     def check_device_pointer(self, addr, nbytes):
-        """LLM_PARAM_INVALID when the runtime knows ``addr`` is no device
-        memory (CUDA's cudaPointerGetAttributes; ACL has no such query, so
-        an NPU address is checked by the runtime at its first copy)."""
+        """LLM_PARAM_INVALID when the runtime knows the first or the last
+        byte of [addr, addr + nbytes) is no device memory (CUDA's
+        cudaPointerGetAttributes; ACL has no such query, so an NPU address
+        is checked by the runtime at its first copy). The CUDA runtime does
+        not tell an allocation's size (the driver's cuMemGetAddressRange
+        does, in a library we do not load), so a range over two adjacent
+        allocations passes."""
         if self.device_type != "cuda":
             return
-        with device_errors(f"address {addr:#x}"):
-            kind = _module("cuda").pointer_attributes(addr).type
-        if kind not in ("device", "managed"):
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               f"[{addr:#x}, +{nbytes}) is not CUDA device memory "
-                               f"(cudaPointerGetAttributes says {kind})")
+        for at in (addr, addr + nbytes - 1):
+            with device_errors(f"address {at:#x}"):
+                kind = _module("cuda").pointer_attributes(at).type
+            if kind not in ("device", "managed"):
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"[{addr:#x}, +{nbytes}) is not CUDA device memory "
+                                   f"(cudaPointerGetAttributes says {kind} at {at:#x})")
 
     def close(self):
         with self._lock:

@@ -165,7 +165,7 @@ class Stager:
         order, on the slot's stream; ``wait``: synchronise it before
         returning (else ``slot.pending`` is the stream to synchronise)."""
         runtime = self._runtime()
-        pinned = self._regions.pin(addrs, lengths, regions, peer_side)
+        pinned = self._regions.pin(addrs, lengths, regions if peer_side else None)
         try:
             offset = 0
             for addr, length in zip(addrs, lengths):
