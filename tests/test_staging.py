@@ -316,3 +316,35 @@ def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch)
         opener.cancel()
         first.join(30)
     assert np.array_equal(dst, memory)
+
+
+def test_a_real_link_ending_frees_what_was_lent_to_it():
+    """Two engines over tcp: the holder's engine tells the stager when each
+    link ends (either side unlinking), and a closed stager refuses calls."""
+    from kvcache.engine.engine import TransferEngine
+    holder = TransferEngine("holder", transport="tcp")
+    caller = TransferEngine("caller", transport="tcp")
+    runtime = Runtime()
+    stager = staging.Stager(holder, DeviceRegions(), lambda: runtime, CHUNK)
+    try:
+        # One pair, two links at once (one made each way), one name.
+        first = caller.connect(holder.address, timeout_ms=5000)
+        back = holder.connect(caller.address, timeout_ms=5000)
+        second = [p for p in caller.peers() if p.inbound][0]
+        lent = [caller.call(p, "cache.stage_slots", {}, 5000)["slots"] for p in (first, second)]
+        assert lent[0] != lent[1] and len(runtime.open_slots()) == 2 * staging.DEPTH
+        offered = {r for r, _, _ in holder.regions()}
+        assert {r for _, r in lent[0] + lent[1]} <= offered
+        caller.disconnect(first)
+        wait_until(lambda: len(runtime.open_slots()) == staging.DEPTH, 10, "one pair freed")
+        assert not {r for _, r in lent[0]} & {r for r, _, _ in holder.regions()}
+        holder.disconnect(back)
+        wait_until(lambda: not runtime.open_slots(), 10, "the other pair freed")
+        third = caller.connect(holder.address, timeout_ms=5000)
+        assert stager.close(5000) is True
+        code, message = code_of(caller.call, third, "cache.stage_slots", {}, 5000)
+        assert code == LLMStatusCode.LLM_ENGINE_FINALIZED, message
+        assert not runtime.open_slots()
+    finally:
+        caller.close()
+        holder.close()
