@@ -886,12 +886,13 @@ class CacheManager:
         self._layerwise.close()
         with self._lock:
             caches = list(self._caches.values())
+        in_use = False
         for cache in caches:
             try:
                 self._free(cache)          # keys or not: the manager is going away
             except LLMException:
-                pass
-        self._device.close()
+                in_use = in_use or _on_device(cache)
+        self._device.close(in_use)
 
 
 def _request_keys(cache):

@@ -17,8 +17,9 @@ import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
 
-from kvcache.demo.children import ChildFailed  # noqa: E402
+from kvcache.demo.children import Child, ChildFailed  # noqa: E402
 from kvcache.demo.run import Cluster, complete, reference  # noqa: E402
+from kvcache.status import LLMStatusCode  # noqa: E402
 from tests.helpers import wait_until, watchdog  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -230,3 +231,30 @@ def test_demo_over_rdma():
     print(out.stdout)                     # the figures over verbs, in the lane's log
     assert out.returncode == 0, out.stdout + out.stderr
     assert "over rdma (new link)" in out.stdout and "OK: 1 requests" in out.stdout
+
+
+BROKEN_CHILD = """
+import os, sys, time
+if sys.argv[1] == "silent":
+    os.close(1)                           # stdout ends, the process stays
+else:
+    print("READY {not json", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode, says", [("silent", "closed its stdout"),
+                                        ("garbled", "not a JSON object")])
+def test_a_child_ending_stdout_alive_or_garbling_ready_is_a_start_up_error(tmp_path, monkeypatch,
+                                                                          mode, says):
+    (tmp_path / "broken_child.py").write_text(BROKEN_CHILD)
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    child = Child("broken", ["broken_child", mode], str(tmp_path / "log")).start()
+    try:
+        with pytest.raises(ChildFailed) as err:
+            child.wait_ready(30)
+        assert err.value.status_code == LLMStatusCode.LLM_FAILED and says in str(err.value)
+        assert child.process.wait(10) is not None          # killed, not left running
+    finally:
+        child.kill()
+        child.process.wait(10)

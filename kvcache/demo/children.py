@@ -19,6 +19,7 @@ from kvcache.status import LLMException, LLMStatusCode
 PR_SET_PDEATHSIG = 1                 # <sys/prctl.h>
 READY_PREFIX = "READY "
 LOG_TAIL_BYTES = 4000
+EXIT_GRACE_S = 2.0                   # for a child whose stdout ended to exit
 
 
 def die_with_parent(parent_pid):
@@ -93,10 +94,7 @@ class Child:
                 readable, _, _ = select.select([out], [], [], min(left, 0.5))
                 chunk = os.read(out.fileno(), 65536) if readable else None
                 if chunk == b"":
-                    code = self.process.wait(timeout=max(1.0, left))
-                    raise ChildFailed(LLMStatusCode.LLM_FAILED,
-                                      f"{self.name} exited with {code} before it was ready; "
-                                      f"its log:\n{self.log_tail()}")
+                    raise self._ended_early(left)
                 buffer += chunk or b""
         finally:
             out.close()
@@ -105,8 +103,32 @@ class Child:
             self.kill()
             raise ChildFailed(LLMStatusCode.LLM_FAILED,
                               f"{self.name} printed {line[:200]!r} instead of its READY line")
-        self.info = json.loads(line[len(READY_PREFIX):])
+        try:
+            info = json.loads(line[len(READY_PREFIX):])
+        except ValueError:
+            info = None
+        if not isinstance(info, dict):
+            self.kill()
+            raise ChildFailed(LLMStatusCode.LLM_FAILED,
+                              f"{self.name} printed a READY line whose info is not a JSON "
+                              f"object: {line[:200]!r}")
+        self.info = info
         return self.info
+
+    def _ended_early(self, left):
+        """The ChildFailed for a child whose stdout ended before its READY
+        line: it exited, or (still running after a grace of at most
+        ``left`` s) it closed stdout and is killed."""
+        try:
+            code = self.process.wait(timeout=min(max(left, 0.1), EXIT_GRACE_S))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            return ChildFailed(LLMStatusCode.LLM_FAILED,
+                               f"{self.name} closed its stdout without a READY line and kept "
+                               f"running (killed); its log:\n{self.log_tail()}")
+        return ChildFailed(LLMStatusCode.LLM_FAILED,
+                           f"{self.name} exited with {code} before it was ready; "
+                           f"its log:\n{self.log_tail()}")
 
     def kill(self, sig=signal.SIGKILL):
         if self.process is not None and self.process.poll() is None:

@@ -6,6 +6,7 @@ The device type and pool come from DeviceConfig (LLMConfig.device_type /
 device_mem_pool_size / device_chunk_size, else KVCACHE_DEVICE_TYPE,
 KVCACHE_DEVICE_POOL_SIZE, KVCACHE_DEVICE_CHUNK_BYTES). Nothing here opens
 the runtime before a device cache is made or a peer asks for staging."""
+import logging
 import threading
 
 import numpy as np
@@ -19,6 +20,8 @@ from kvcache.status import LLMException, LLMStatusCode
 from kvcache.values import Placement
 
 DEFAULT_POOL_BYTES = 256 << 20
+
+log = logging.getLogger(__name__)
 
 
 def _invalid(message):
@@ -74,6 +77,7 @@ class DeviceCaches:
         self._pool = None
         self._lock = threading.Lock()
         self.regions = DeviceRegions()
+        self._timeout_ms = engine.timeout_ms
         self.stager = Stager(engine, self.regions, self.runtime, config.chunk_bytes)
 
     def runtime(self):
@@ -143,8 +147,14 @@ class DeviceCaches:
             remote_regions=None if remote_device else remote_region_ids,
             remote_device_regions=remote_region_ids if remote_device else None)
 
-    def close(self):
-        self.stager.close()
+    def close(self, in_use=False):
+        """Stop staging, then free the pool and close the runtime, unless
+        ``in_use`` (a cache could not be freed) or a staging call or slot
+        outlived the wait: then they stay, as memory a transfer may use."""
+        freed = self.stager.close(self._timeout_ms)
+        if in_use or not freed:
+            log.warning("device memory stays allocated: a transfer may still use it")
+            return
         with self._lock:
             pool, self._pool = self._pool, None
             runtime, self._runtime = self._runtime, None

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 import weakref
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 DEPTH = 2                           # slots per side: one moving, one being copied
 DEFAULT_CHUNK_BYTES = 4 << 20
 MAX_PIECES = 4096                   # per chunk: what one control call names
+# Links we lend a slot pair to at once (2 x chunk bytes of pinned, registered
+# memory each, freed when the link ends); one more is LLM_OUT_OF_MEMORY.
+MAX_SERVED_LINKS = 32
+MAX_LOCAL_PAIRS = 4                 # our own staged transfers running at once
 PATH_HOST, PATH_STAGED = "host", "staged"
 
 
@@ -81,6 +86,15 @@ class Slot:
         self.pending = None                 # a stream to synchronise or a Future to wait on
 
 
+class _Served:
+    """The slots we lend one link, and how many of its stage calls run."""
+
+    def __init__(self, slots):
+        self.slots = slots
+        self.busy = 0
+        self.ended = False                  # the link ended: free once no call runs
+
+
 class Stager:
     """``engine``: the TransferEngine; ``regions``: DeviceRegions;
     ``runtime()``: the DeviceRuntime (opened at first call; raises
@@ -92,13 +106,14 @@ class Stager:
         self._regions = regions
         self._runtime = runtime
         self.chunk_bytes = chunk_bytes
-        self._lock = threading.Lock()
-        self._local = None                  # our slots for our own transfers
-        self._local_lock = threading.Lock()  # one staged transfer at a time uses them
-        self._served = {}                   # peer name -> slots we lend it
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = 0                      # stage calls served and our transfers running
+        self._local_free = []               # our idle slot pairs for our own transfers
+        self._local_pairs = 0               # our slot pairs, idle or in use
+        self._served = {}                   # Peer (a link) -> _Served: slots we lend it
         self._peer_slots = weakref.WeakKeyDictionary()   # Peer (a link) -> its slots for us
         self._paths = {}                    # peer name -> the path its last transfer took
-        self._helper = None
         pieces = list_of(is_int, MAX_PIECES)
         engine.rpc.serve("cache.stage_slots", self._rpc_slots, {})
         engine.rpc.serve("cache.stage_out", self._rpc_out,
@@ -107,6 +122,7 @@ class Stager:
         engine.rpc.serve("cache.stage_in", self._rpc_in,
                          {"slot": is_int, "addrs": pieces, "lengths": pieces,
                           "regions": pieces})
+        engine.on_link_closed(self._link_closed)
 
     # --- what path a link took -----------------------------------------------------
 
@@ -122,43 +138,95 @@ class Stager:
 
     # --- the side that holds the device memory, for a peer ----------------------------
 
-    def _slots_for(self, peer):
-        with self._lock:
-            slots = self._served.get(peer.name)
-            if slots is None:
+    def _enter(self, peer):
+        """A stage call of the link ``peer`` begins: its _Served (slots made
+        at its first call). LLM_ENGINE_FINALIZED once closing (the slots may
+        be freed), LLM_LINK_FAILED for a link that ended, LLM_OUT_OF_MEMORY
+        beyond MAX_SERVED_LINKS links."""
+        with self._cond:
+            if self._closing:
+                raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED,
+                                   "the cache manager is closing: no more staging")
+            served = self._served.get(peer)
+            if served is None:
+                if not peer.linked:
+                    raise LLMException(LLMStatusCode.LLM_LINK_FAILED,
+                                       f"the link to {peer.name} has ended")
+                if len(self._served) >= MAX_SERVED_LINKS:
+                    raise LLMException(LLMStatusCode.LLM_OUT_OF_MEMORY,
+                                       f"staging slots are lent to {len(self._served)} links "
+                                       f"already (MAX_SERVED_LINKS = {MAX_SERVED_LINKS}); "
+                                       f"{peer.name} gets none until one ends")
                 runtime = self._runtime()
-                slots = [Slot(runtime, self._engine, self.chunk_bytes, True)
-                         for _ in range(DEPTH)]
-                self._served[peer.name] = slots
-            return slots
+                slots = []
+                try:
+                    for _ in range(DEPTH):
+                        slots.append(Slot(runtime, self._engine, self.chunk_bytes, True))
+                except BaseException:
+                    for slot in slots:
+                        self._close_slot(slot)
+                    raise
+                served = self._served[peer] = _Served(slots)
+            served.busy += 1
+            self._busy += 1
+            return served
+
+    def _leave(self, served):
+        with self._cond:
+            served.busy -= 1
+            free = served.ended and not served.busy
+        try:
+            if free:
+                self._close_slots(served.slots)
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
+
+    def _link_closed(self, peer):
+        """The link ended: free the slots we lent it (once its calls ran)."""
+        with self._cond:
+            served = self._served.pop(peer, None)
+            if served is None:
+                return
+            served.ended = True
+            if served.busy:
+                return                      # its last call frees them
+        self._close_slots(served.slots)
 
     def _rpc_slots(self, peer, params):
-        slots = self._slots_for(peer)
-        return {"slots": [[s.addr, s.region_id] for s in slots], "bytes": self.chunk_bytes}
+        served = self._enter(peer)
+        try:
+            return {"slots": [[s.addr, s.region_id] for s in served.slots],
+                    "bytes": self.chunk_bytes}
+        finally:
+            self._leave(served)
 
-    def _peer_pieces(self, peer, params):
-        slots = self._slots_for(peer)
-        if not 0 <= params["slot"] < len(slots):
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"no staging slot {params['slot']}")
-        addrs, lengths, regions = params["addrs"], params["lengths"], params["regions"]
-        if (not len(addrs) == len(lengths) == len(regions) or sum(lengths) > self.chunk_bytes
-                or min(addrs + lengths, default=1) <= 0):
-            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                               f"staging request: {len(addrs)} addresses, {len(lengths)} "
-                               f"lengths, {len(regions)} regions, {sum(lengths)} bytes for a "
-                               f"{self.chunk_bytes}-byte slot (addresses and lengths must be "
-                               "positive)")
-        return slots[params["slot"]], addrs, lengths, regions
+    def _serve_copy(self, peer, params, kind):
+        served = self._enter(peer)
+        try:
+            slots = served.slots
+            if not 0 <= params["slot"] < len(slots):
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"no staging slot {params['slot']}")
+            addrs, lengths, regions = params["addrs"], params["lengths"], params["regions"]
+            if (not len(addrs) == len(lengths) == len(regions) or sum(lengths) > self.chunk_bytes
+                    or min(addrs + lengths, default=1) <= 0):
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"staging request: {len(addrs)} addresses, {len(lengths)} "
+                                   f"lengths, {len(regions)} regions, {sum(lengths)} bytes for "
+                                   f"a {self.chunk_bytes}-byte slot (addresses and lengths "
+                                   "must be positive)")
+            self._copy_pieces(slots[params["slot"]], addrs, lengths, regions, kind, True)
+            return {}
+        finally:
+            self._leave(served)
 
     def _rpc_out(self, peer, params):
-        slot, addrs, lengths, regions = self._peer_pieces(peer, params)
-        self._copy_pieces(slot, addrs, lengths, regions, D2H, True)
-        return {}
+        return self._serve_copy(peer, params, D2H)
 
     def _rpc_in(self, peer, params):
-        slot, addrs, lengths, regions = self._peer_pieces(peer, params)
-        self._copy_pieces(slot, addrs, lengths, regions, H2D, True)
-        return {}
+        return self._serve_copy(peer, params, H2D)
 
     def _copy_pieces(self, slot, addrs, lengths, regions, kind, peer_side, wait=True):
         """Copy device pieces into (D2H) or out of (H2D) ``slot``, packed in
@@ -188,9 +256,10 @@ class Stager:
             # The regions stay pinned until the stream is synchronised.
             slot.pending = (slot.stream, pinned)
 
-    def _settle(self, slot, quiet=False):
-        """Wait for what ``slot`` still has running (a stream's copies, a
-        peer's call); its error, unless ``quiet``."""
+    def _settle(self, slot, deadline=None, quiet=False):
+        """Wait for what ``slot`` still has running (a stream's copies, or a
+        peer's call until ``deadline``); its error, unless ``quiet`` (which
+        leaves a peer's call to the helper that runs it)."""
         pending, slot.pending = slot.pending, None
         if pending is None:
             return
@@ -201,27 +270,51 @@ class Stager:
                     self._runtime().synchronize(stream)
                 finally:
                     self._regions.unpin(pinned)
-            else:
-                pending.result()
+            elif not quiet:
+                try:
+                    pending.result(timeout=deadline.seconds())
+                except futures.TimeoutError:
+                    raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                                       f"{deadline.what}: deadline passed") from None
         except LLMException:
             if not quiet:
                 raise
 
     # --- our transfers ---------------------------------------------------------------
 
-    def _local_slots(self):
-        with self._lock:
-            if self._local is None:
-                runtime = self._runtime()
-                self._local = [Slot(runtime, self._engine, self.chunk_bytes, False)
-                               for _ in range(DEPTH)]
-            return self._local
+    def _take_local(self, deadline):
+        """An idle pair of our slots (a new one while fewer than
+        MAX_LOCAL_PAIRS exist), waiting until ``deadline`` for one."""
+        with self._cond:
+            while not self._local_free and self._local_pairs >= MAX_LOCAL_PAIRS:
+                self._cond.wait(deadline.left() / 1000)
+            if self._local_free:
+                return self._local_free.pop()
+            self._local_pairs += 1
+        slots = []
+        try:
+            runtime = self._runtime()
+            for _ in range(DEPTH):
+                slots.append(Slot(runtime, self._engine, self.chunk_bytes, False))
+        except BaseException:
+            for slot in slots:
+                self._close_slot(slot)
+            with self._cond:
+                self._local_pairs -= 1
+                self._cond.notify_all()
+            raise
+        return slots
 
-    def _remote_slots(self, peer, timeout_ms):
-        with self._lock:
+    def _give_local(self, slots):
+        with self._cond:
+            self._local_free.append(slots)
+            self._cond.notify_all()
+
+    def _remote_slots(self, peer, deadline):
+        with self._cond:
             known = self._peer_slots.get(peer)
         if known is None:
-            reply = self._engine.call(peer, "cache.stage_slots", {}, timeout_ms)
+            reply = self._engine.call(peer, "cache.stage_slots", {}, deadline.left())
             try:
                 slots = [RemoteSlot(int(a), int(r)) for a, r in reply["slots"]]
                 size = int(reply["bytes"])
@@ -230,15 +323,9 @@ class Stager:
             if len(slots) != DEPTH or size <= 0:
                 raise LLMException(LLMStatusCode.LLM_FAILED,
                                    f"{peer.name} described its staging slots badly: {reply}")
-            with self._lock:
+            with self._cond:
                 known = self._peer_slots.setdefault(peer, (slots, size, threading.Lock()))
         return known
-
-    def _calls(self):
-        with self._lock:
-            if self._helper is None:
-                self._helper = ThreadPoolExecutor(1, thread_name_prefix="kv-stage")
-            return self._helper
 
     def transfer(self, peer, op, local, remote, lengths, timeout_ms, local_regions=None,
                  remote_regions=None, remote_device_regions=None):
@@ -249,38 +336,76 @@ class Stager:
         registered); ``remote_regions``: the peer's host region of each
         piece, or ``remote_device_regions``: its device region of each
         piece. Returns the path taken ('host' or 'staged'). When it
-        returns, every byte is in place, in device memory included."""
+        returns, every byte is in place, in device memory included.
+        Every step of a staged transfer, the peer's description of its
+        slots and the wait for slots included, shares one deadline of
+        ``timeout_ms`` (LLM_TIMEOUT)."""
         if local_regions is None and remote_device_regions is None:
             self._engine.transfer_sync(peer, op, local, remote, lengths, timeout_ms,
                                        remote_regions=remote_regions)
             self._record(peer, PATH_HOST)
             return PATH_HOST
-        chunk = self.chunk_bytes
-        remote_slots = lock = None
-        if remote_device_regions is not None:
-            remote_slots, remote_bytes, lock = self._remote_slots(peer, timeout_ms)
-            chunk = min(chunk, remote_bytes)
-        local_slots = self._local_slots() if local_regions is not None else None
-        if local_slots is not None:
-            chunk = min(chunk, local_slots[0].nbytes)
-        chunks = chunked(local, remote, lengths, chunk)
         deadline = Deadline(timeout_ms, f"staged {op} with {peer.name}")
-        with _maybe(self._local_lock if local_slots is not None else None), _maybe(lock):
-            self._pipeline(peer, op, chunks, deadline, local_slots, remote_slots,
-                           None if local_regions is None else np.asarray(local_regions),
-                           None if remote_regions is None else np.asarray(remote_regions),
-                           None if remote_device_regions is None
-                           else np.asarray(remote_device_regions))
+        with self._cond:
+            if self._closing:
+                raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED,
+                                   "the cache manager is closing")
+            self._busy += 1
+        try:
+            self._staged(peer, op, local, remote, lengths, deadline, local_regions,
+                         remote_regions, remote_device_regions)
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
         self._record(peer, PATH_STAGED)
         return PATH_STAGED
 
-    def _pipeline(self, peer, op, chunks, deadline, local_slots, remote_slots,
+    def _staged(self, peer, op, local, remote, lengths, deadline, local_regions,
+                remote_regions, remote_device_regions):
+        chunk = self.chunk_bytes
+        remote_slots = lock = None
+        if remote_device_regions is not None:
+            remote_slots, remote_bytes, lock = self._remote_slots(peer, deadline)
+            chunk = min(chunk, remote_bytes)
+            # Our transfers with this link take its slots in turn.
+            if not lock.acquire(timeout=deadline.left() / 1000):
+                raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                                   f"{deadline.what}: its staging slots stayed busy")
+        try:
+            local_slots = self._take_local(deadline) if local_regions is not None else None
+            try:
+                if local_slots is not None:
+                    chunk = min(chunk, local_slots[0].nbytes)
+                # Each transfer has its own helper for the peer's calls, so a
+                # slow peer holds up no other.
+                helper = (ThreadPoolExecutor(1, thread_name_prefix="kv-stage")
+                          if remote_slots is not None else None)
+                try:
+                    self._pipeline(peer, op, chunked(local, remote, lengths, chunk), deadline,
+                                   local_slots, remote_slots, helper,
+                                   None if local_regions is None else np.asarray(local_regions),
+                                   None if remote_regions is None
+                                   else np.asarray(remote_regions),
+                                   None if remote_device_regions is None
+                                   else np.asarray(remote_device_regions))
+                finally:
+                    if helper is not None:
+                        helper.shutdown(wait=True)   # the peer's calls end by the deadline
+            finally:
+                if local_slots is not None:
+                    self._give_local(local_slots)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _pipeline(self, peer, op, chunks, deadline, local_slots, remote_slots, helper,
                   local_regions, remote_regions, remote_device_regions):
         """Per chunk: produce (the side bytes come from copies device ->
         its slot), move (engine transfer), consume (the side bytes go to
         copies its slot -> device). Chunk i+1 is produced while chunk i
-        is waited for, moved and consumed (the peer's calls run in a helper
-        thread, our copies on the slots' streams)."""
+        is waited for, moved and consumed (the peer's calls run in
+        ``helper``, our copies on the slots' streams)."""
         reading = op == "read"
         slots_of = [remote_slots, local_slots] if reading else [local_slots, remote_slots]
         producer_slots, consumer_slots = slots_of
@@ -290,9 +415,8 @@ class Stager:
             k = i % DEPTH
             if reading and remote_slots is not None:
                 slot = remote_slots[k]
-                slot.pending = self._calls().submit(self._peer_call, peer, "cache.stage_out", k,
-                                                    rem, lens, remote_device_regions[idx],
-                                                    deadline)
+                slot.pending = helper.submit(self._peer_call, peer, "cache.stage_out", k,
+                                             rem, lens, remote_device_regions[idx], deadline)
             elif not reading and local_slots is not None:
                 self._copy_pieces(local_slots[k], loc, lens, local_regions[idx], D2H, False,
                                   wait=False)
@@ -304,7 +428,7 @@ class Stager:
                 self._copy_pieces(local_slots[k], loc, lens, local_regions[idx], H2D, False,
                                   wait=False)
             elif not reading and remote_slots is not None:
-                remote_slots[k].pending = self._calls().submit(
+                remote_slots[k].pending = helper.submit(
                     self._peer_call, peer, "cache.stage_in", k, rem, lens,
                     remote_device_regions[idx], deadline)
 
@@ -322,7 +446,7 @@ class Stager:
 
         def settle(slots, k):
             if slots is not None:
-                self._settle(slots[k])
+                self._settle(slots[k], deadline)
 
         used = [s for s in (local_slots, remote_slots) if s is not None]
         try:
@@ -339,7 +463,7 @@ class Stager:
                 consume(i)
             for slots in used:
                 for k in range(DEPTH):
-                    self._settle(slots[k])
+                    self._settle(slots[k], deadline)
         except BaseException:
             for slots in used:
                 for slot in slots:
@@ -352,25 +476,37 @@ class Stager:
                                          "regions": [int(r) for r in regions]}, deadline.left())
 
     def _close_slot(self, slot):
+        """Free ``slot``; False when its registration stays (a transfer may
+        still use it), and with it the memory."""
         self._settle(slot, quiet=True)
         try:
             self._engine.unregister_memory(slot.region_id)
         except LLMException as exc:
             log.warning("staging slot %s stays registered: %s", slot.region_id, exc)
-            return
+            return False
         slot.stream.close()
         slot.buffer.close()
+        return True
 
-    def close(self):
-        with self._lock:
-            helper, self._helper = self._helper, None
-            slots = [s for group in self._served.values() for s in group] + (self._local or [])
+    def _close_slots(self, slots):
+        return all([self._close_slot(slot) for slot in slots])
+
+    def close(self, timeout_ms):
+        """Stop serving stage calls and starting transfers, wait up to
+        ``timeout_ms`` for those running, then free every slot. Whether all
+        of it was freed: False keeps what a call may still use (slots, and
+        the caller keeps the runtime and device memory)."""
+        with self._cond:
+            self._closing = True
+            if not self._cond.wait_for(lambda: not self._busy, timeout_ms / 1000):
+                log.warning("%d staging calls or transfers still run at close: their slots "
+                            "stay allocated", self._busy)
+                return False
+            slots = ([s for served in self._served.values() for s in served.slots]
+                     + [s for pair in self._local_free for s in pair])
             self._served.clear()
-            self._local = None
-        if helper is not None:
-            helper.shutdown(wait=True)
-        for slot in slots:
-            self._close_slot(slot)
+            self._local_free = []
+        return self._close_slots(slots)
 
 
 class Deadline:
@@ -387,23 +523,12 @@ class Deadline:
             raise LLMException(LLMStatusCode.LLM_TIMEOUT, f"{self.what}: deadline passed")
         return left
 
+    def seconds(self):
+        """The seconds left (0 once none are)."""
+        return max(0.0, self.end - time.monotonic())
+
 
 class RemoteSlot:
     def __init__(self, addr, region_id):
         self.addr, self.region_id = addr, region_id
         self.pending = None
-
-
-class _maybe:
-    """``with _maybe(lock)``: the lock, or nothing for None."""
-
-    def __init__(self, lock):
-        self.lock = lock
-
-    def __enter__(self):
-        if self.lock is not None:
-            self.lock.acquire()
-
-    def __exit__(self, *exc):
-        if self.lock is not None:
-            self.lock.release()

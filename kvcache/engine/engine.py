@@ -304,6 +304,11 @@ class TransferEngine:
                 self.transport.cut(peer)
         return True
 
+    def on_link_closed(self, hook):
+        """Call ``hook(peer)`` once each link has ended, in whichever thread
+        closed it (the layers above drop their per-link state there)."""
+        self.links.on_link_closed(hook)
+
     # --- control calls -----------------------------------------------------------------
 
     @public

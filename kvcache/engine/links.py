@@ -150,6 +150,7 @@ class LinkManager:
         self._failures = collections.OrderedDict()     # cluster id -> reason
         self.listener = None
         self.closed = False
+        self._closed_hooks = []
 
     # --- listening ------------------------------------------------------------------
 
@@ -472,6 +473,12 @@ class LinkManager:
                 peer.link.transition(LinkState.IDLE, "unlinked")
             peer.channel.close("unlinked")
 
+    def on_link_closed(self, hook):
+        """Call ``hook(peer)`` once each link has ended (after the peer
+        table forgot it), in whichever thread closed it: a layer above
+        drops what it keeps per link there."""
+        self._closed_hooks.append(hook)
+
     def _channel_closed(self, channel, reason):
         """The link's connection ended (any thread): the state first (a
         transfer waiting on the data path watches it), then the data path,
@@ -500,6 +507,11 @@ class LinkManager:
                 self._failures[peer.cluster_id] = reason
                 while len(self._failures) > KEPT_FAILURES:
                     self._failures.popitem(last=False)
+        for hook in self._closed_hooks:
+            try:
+                hook(peer)
+            except Exception:
+                log.exception("dropping what was kept for the link to %s", peer.name)
 
     def close(self):
         """Refuse new links, close every link (forced), stop listening."""
