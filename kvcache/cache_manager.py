@@ -32,7 +32,7 @@ import numpy as np
 from kvcache.bufpool import populate
 from kvcache.cache import Cache, RemoteCache
 from kvcache.descriptors import block_descriptors, checked_block_ids
-from kvcache.device.caches import DeviceCaches, DeviceConfig, regions_of
+from kvcache.device.caches import DeviceCaches, DeviceConfig
 from kvcache.engine.rpc import is_int
 from kvcache.local_copy import LocalCopies
 from kvcache.layer_notifications import (NOTIFY_METHOD, SCHEMA, LayerNotifications,
@@ -836,8 +836,7 @@ class CacheManager:
         try:
             if _on_device(src_cache):
                 for leg in legs:
-                    leg.local_regions = {layer: regions_of(src_cache, plan[1])
-                                         for layer, plan in leg.layers.items()}
+                    leg.local_device = True
                 table = self._device.regions
                 pinned = table.pin(addrs, lengths)
             else:

@@ -9,8 +9,6 @@ the runtime before a device cache is made or a peer asks for staging."""
 import logging
 import threading
 
-import numpy as np
-
 from kvcache.bufpool import BufPoolConfig, BufferPool
 from kvcache.config import env_int, env_str
 from kvcache.device.regions import DeviceRegions
@@ -48,16 +46,6 @@ class DeviceConfig:
                             ("device chunk size", self.chunk_bytes)):
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise _invalid(f"{name} must be a positive number of bytes, got {value!r}")
-
-
-def regions_of(cache, addrs):
-    """The region id of the tensor of ``cache`` each address lies in."""
-    starts = np.asarray(cache.tensor_addrs, dtype=np.uint64)
-    order = np.argsort(starts)
-    at = np.searchsorted(starts[order], np.asarray(addrs, dtype=np.uint64), side="right") - 1
-    if (at < 0).any():
-        raise _invalid(f"an address below every tensor of {cache!r}")
-    return np.asarray(cache.region_ids, dtype=np.uint64)[order[at]]
 
 
 class _DeviceMemory:
@@ -143,7 +131,7 @@ class DeviceCaches:
         remote_device = remote_cache.cache_desc.placement == Placement.DEVICE
         return self.stager.transfer(
             peer, op, local, remote, lengths, timeout_ms,
-            local_regions=regions_of(local_cache, local) if local_device else None,
+            local_device=local_device,
             remote_regions=None if remote_device else remote_region_ids,
             remote_device_regions=remote_region_ids if remote_device else None)
 

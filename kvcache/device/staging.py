@@ -217,7 +217,7 @@ class Stager:
                                    f"lengths, {len(regions)} regions, {sum(lengths)} bytes for "
                                    f"a {self.chunk_bytes}-byte slot (addresses and lengths "
                                    "must be positive)")
-            self._copy_pieces(slots[params["slot"]], addrs, lengths, regions, kind, True)
+            self._copy_pieces(slots[params["slot"]], addrs, lengths, regions, kind)
             return {}
         finally:
             self._leave(served)
@@ -228,12 +228,14 @@ class Stager:
     def _rpc_in(self, peer, params):
         return self._serve_copy(peer, params, H2D)
 
-    def _copy_pieces(self, slot, addrs, lengths, regions, kind, peer_side, wait=True):
+    def _copy_pieces(self, slot, addrs, lengths, regions, kind, wait=True):
         """Copy device pieces into (D2H) or out of (H2D) ``slot``, packed in
-        order, on the slot's stream; ``wait``: synchronise it before
-        returning (else ``slot.pending`` is the stream to synchronise)."""
+        order, on the slot's stream; ``regions``: the region a peer named
+        for each piece (checked), or None for our own pieces (found by
+        address); ``wait``: synchronise it before returning (else
+        ``slot.pending`` is the stream to synchronise)."""
         runtime = self._runtime()
-        pinned = self._regions.pin(addrs, lengths, regions if peer_side else None)
+        pinned = self._regions.pin(addrs, lengths, regions)
         try:
             offset = 0
             for addr, length in zip(addrs, lengths):
@@ -327,20 +329,20 @@ class Stager:
                 known = self._peer_slots.setdefault(peer, (slots, size, threading.Lock()))
         return known
 
-    def transfer(self, peer, op, local, remote, lengths, timeout_ms, local_regions=None,
+    def transfer(self, peer, op, local, remote, lengths, timeout_ms, local_device=False,
                  remote_regions=None, remote_device_regions=None):
         """Move pieces between our memory and the peer's as the engine's
         transfer_sync (op 'read': remote -> local, 'write': local ->
-        remote). ``local_regions``: our device region of each piece when
-        our side is device memory (else None: host memory the engine has
-        registered); ``remote_regions``: the peer's host region of each
+        remote). ``local_device``: our pieces are in device memory (found
+        in our device region table by address), else in host memory the
+        engine has registered; ``remote_regions``: the peer's host region of each
         piece, or ``remote_device_regions``: its device region of each
         piece. Returns the path taken ('host' or 'staged'). When it
         returns, every byte is in place, in device memory included.
         Every step of a staged transfer, the peer's description of its
         slots and the wait for slots included, shares one deadline of
         ``timeout_ms`` (LLM_TIMEOUT)."""
-        if local_regions is None and remote_device_regions is None:
+        if not local_device and remote_device_regions is None:
             self._engine.transfer_sync(peer, op, local, remote, lengths, timeout_ms,
                                        remote_regions=remote_regions)
             self._record(peer, PATH_HOST)
@@ -352,7 +354,7 @@ class Stager:
                                    "the cache manager is closing")
             self._busy += 1
         try:
-            self._staged(peer, op, local, remote, lengths, deadline, local_regions,
+            self._staged(peer, op, local, remote, lengths, deadline, local_device,
                          remote_regions, remote_device_regions)
         finally:
             with self._cond:
@@ -361,7 +363,7 @@ class Stager:
         self._record(peer, PATH_STAGED)
         return PATH_STAGED
 
-    def _staged(self, peer, op, local, remote, lengths, deadline, local_regions,
+    def _staged(self, peer, op, local, remote, lengths, deadline, local_device,
                 remote_regions, remote_device_regions):
         chunk = self.chunk_bytes
         remote_slots = lock = None
@@ -373,7 +375,7 @@ class Stager:
                 raise LLMException(LLMStatusCode.LLM_TIMEOUT,
                                    f"{deadline.what}: its staging slots stayed busy")
         try:
-            local_slots = self._take_local(deadline) if local_regions is not None else None
+            local_slots = self._take_local(deadline) if local_device else None
             try:
                 if local_slots is not None:
                     chunk = min(chunk, local_slots[0].nbytes)
@@ -384,7 +386,6 @@ class Stager:
                 try:
                     self._pipeline(peer, op, chunked(local, remote, lengths, chunk), deadline,
                                    local_slots, remote_slots, helper,
-                                   None if local_regions is None else np.asarray(local_regions),
                                    None if remote_regions is None
                                    else np.asarray(remote_regions),
                                    None if remote_device_regions is None
@@ -400,7 +401,7 @@ class Stager:
                 lock.release()
 
     def _pipeline(self, peer, op, chunks, deadline, local_slots, remote_slots, helper,
-                  local_regions, remote_regions, remote_device_regions):
+                  remote_regions, remote_device_regions):
         """Per chunk: produce (the side bytes come from copies device ->
         its slot), move (engine transfer), consume (the side bytes go to
         copies its slot -> device). Chunk i+1 is produced while chunk i
@@ -418,15 +419,13 @@ class Stager:
                 slot.pending = helper.submit(self._peer_call, peer, "cache.stage_out", k,
                                              rem, lens, remote_device_regions[idx], deadline)
             elif not reading and local_slots is not None:
-                self._copy_pieces(local_slots[k], loc, lens, local_regions[idx], D2H, False,
-                                  wait=False)
+                self._copy_pieces(local_slots[k], loc, lens, None, D2H, wait=False)
 
         def consume(i):
             loc, rem, lens, _, idx = chunks[i]
             k = i % DEPTH
             if reading and local_slots is not None:
-                self._copy_pieces(local_slots[k], loc, lens, local_regions[idx], H2D, False,
-                                  wait=False)
+                self._copy_pieces(local_slots[k], loc, lens, None, H2D, wait=False)
             elif not reading and remote_slots is not None:
                 remote_slots[k].pending = helper.submit(
                     self._peer_call, peer, "cache.stage_in", k, rem, lens,
