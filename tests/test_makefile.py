@@ -17,8 +17,11 @@ needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 def dry_run(target, tmp_path):
     # A venv that does not exist: every set-up step shows; its path named neutrally.
     venv = tmp_path / "fresh"
-    out = subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
+    # Run under `make test` too: a parent make's flags would make this one
+    # print "Entering/Leaving directory" lines around the commands.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", target, f"VENV={venv}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 0, out.stderr
     return out.stdout.replace(str(venv), "VENV")
 
