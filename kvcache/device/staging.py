@@ -112,6 +112,7 @@ class Stager:
         self._local_free = []               # our idle slot pairs for our own transfers
         self._local_pairs = 0               # our slot pairs, idle or in use
         self._served = {}                   # Peer (a link) -> _Served: slots we lend it
+        self._stranded = []                 # slots still registered when freed: close retries
         self._peer_slots = weakref.WeakKeyDictionary()   # Peer (a link) -> its slots for us
         self._paths = {}                    # peer name -> the path its last transfer took
         pieces = list_of(is_int, MAX_PIECES)
@@ -163,8 +164,7 @@ class Stager:
                     for _ in range(DEPTH):
                         slots.append(Slot(runtime, self._engine, self.chunk_bytes, True))
                 except BaseException:
-                    for slot in slots:
-                        self._close_slot(slot)
+                    self._close_slots(slots)
                     raise
                 served = self._served[peer] = _Served(slots)
             served.busy += 1
@@ -192,7 +192,14 @@ class Stager:
             served.ended = True
             if served.busy:
                 return                      # its last call frees them
-        self._close_slots(served.slots)
+            # Counted as a call, so that close waits for this freeing.
+            self._busy += 1
+        try:
+            self._close_slots(served.slots)
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
 
     def _rpc_slots(self, peer, params):
         served = self._enter(peer)
@@ -286,9 +293,13 @@ class Stager:
 
     def _take_local(self, deadline):
         """An idle pair of our slots (a new one while fewer than
-        MAX_LOCAL_PAIRS exist), waiting until ``deadline`` for one."""
+        MAX_LOCAL_PAIRS exist), waiting until ``deadline`` for one;
+        LLM_ENGINE_FINALIZED once closing began (close waits for us)."""
         with self._cond:
             while not self._local_free and self._local_pairs >= MAX_LOCAL_PAIRS:
+                if self._closing:
+                    raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED,
+                                       "the cache manager is closing")
                 self._cond.wait(deadline.left() / 1000)
             if self._local_free:
                 return self._local_free.pop()
@@ -299,8 +310,7 @@ class Stager:
             for _ in range(DEPTH):
                 slots.append(Slot(runtime, self._engine, self.chunk_bytes, False))
         except BaseException:
-            for slot in slots:
-                self._close_slot(slot)
+            self._close_slots(slots)
             with self._cond:
                 self._local_pairs -= 1
                 self._cond.notify_all()
@@ -390,9 +400,14 @@ class Stager:
                                    else np.asarray(remote_regions),
                                    None if remote_device_regions is None
                                    else np.asarray(remote_device_regions))
-                finally:
+                except BaseException:
                     if helper is not None:
-                        helper.shutdown(wait=True)   # the peer's calls end by the deadline
+                        # The transfer failed: the peer's calls not begun yet are
+                        # dropped, the one running ends by the deadline.
+                        helper.shutdown(wait=True, cancel_futures=True)
+                    raise
+                if helper is not None:
+                    helper.shutdown(wait=True)
             finally:
                 if local_slots is not None:
                     self._give_local(local_slots)
@@ -488,23 +503,32 @@ class Stager:
         return True
 
     def _close_slots(self, slots):
-        return all([self._close_slot(slot) for slot in slots])
+        """Free ``slots``; those that stay registered are kept for close to
+        retry. Whether all were freed."""
+        kept = [slot for slot in slots if not self._close_slot(slot)]
+        if kept:
+            with self._cond:
+                self._stranded.extend(kept)
+        return not kept
 
     def close(self, timeout_ms):
         """Stop serving stage calls and starting transfers, wait up to
-        ``timeout_ms`` for those running, then free every slot. Whether all
-        of it was freed: False keeps what a call may still use (slots, and
-        the caller keeps the runtime and device memory)."""
+        ``timeout_ms`` for those running, then free every slot (slots that
+        stayed registered when their link ended included: retried here).
+        Whether all of it was freed: False keeps what a call may still use
+        (slots, and the caller keeps the runtime and device memory); a
+        later close retries."""
         with self._cond:
             self._closing = True
+            self._cond.notify_all()         # transfers waiting for our slots give up
             if not self._cond.wait_for(lambda: not self._busy, timeout_ms / 1000):
                 log.warning("%d staging calls or transfers still run at close: their slots "
                             "stay allocated", self._busy)
                 return False
             slots = ([s for served in self._served.values() for s in served.slots]
-                     + [s for pair in self._local_free for s in pair])
+                     + [s for pair in self._local_free for s in pair] + self._stranded)
             self._served.clear()
-            self._local_free = []
+            self._local_free, self._stranded = [], []
         return self._close_slots(slots)
 
 
