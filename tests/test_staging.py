@@ -131,6 +131,13 @@ def device_memory(stager, nbytes, remote=True):
     return memory, stager._regions.register(memory.ctypes.data, nbytes, remote)
 
 
+class Own:
+    """Our device cache as the stager takes it: its region ids."""
+
+    def __init__(self, region_ids):
+        self.region_ids = region_ids
+
+
 def stage_out(stager, link, memory, region, slot=0):
     return stager._engine.rpc.dispatch(link, "cache.stage_out", {
         "slot": slot, "addrs": [memory.ctypes.data], "lengths": [100], "regions": [region]})
@@ -299,7 +306,7 @@ def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch)
     dst = np.zeros(4 * CHUNK, np.uint8)
     args = (Link("decoder"), "write", [memory.ctypes.data], [dst.ctypes.data], [4 * CHUNK])
     engine.transfer_gate.clear()
-    first = threading.Thread(target=stager.transfer, args=args + (30_000, [region]))
+    first = threading.Thread(target=stager.transfer, args=args + (30_000, Own([region])))
     first.start()
     # Whatever happens, the first transfer ends in a few seconds.
     opener = threading.Timer(6, engine.transfer_gate.set)
@@ -308,7 +315,7 @@ def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch)
         wait_until(lambda: stager._local_pairs == 1 and not stager._local_free, 10,
                    "the first transfer holding our slots")
         started = time.monotonic()
-        code, message = code_of(stager.transfer, *args, 300, [region])
+        code, message = code_of(stager.transfer, *args, 300, Own([region]))
         assert code == LLMStatusCode.LLM_TIMEOUT, message
         assert time.monotonic() - started < 3
     finally:
@@ -427,7 +434,7 @@ def test_a_transfer_waiting_for_our_slots_gives_up_when_closing_begins(monkeypat
     dst = np.zeros(4 * CHUNK, np.uint8)
     args = (Link("decoder"), "write", [memory.ctypes.data], [dst.ctypes.data], [4 * CHUNK])
     engine.transfer_gate.clear()
-    first = threading.Thread(target=stager.transfer, args=args + (30_000, True))
+    first = threading.Thread(target=stager.transfer, args=args + (30_000, Own([region])))
     first.start()
     opener = threading.Timer(6, engine.transfer_gate.set)
     opener.start()
@@ -435,7 +442,7 @@ def test_a_transfer_waiting_for_our_slots_gives_up_when_closing_begins(monkeypat
 
     def second():
         try:
-            results.append(stager.transfer(*args, 30_000, True))
+            results.append(stager.transfer(*args, 30_000, Own([region])))
         except LLMException as exc:
             results.append(exc.status_code)
 
@@ -462,10 +469,23 @@ def test_a_failed_transfer_drops_the_peer_calls_not_begun():
     holder = Holder(delay=1.0)
     stager, engine, _ = stager_with(Engine(lambda peer, method, params, timeout_ms:
                                            holder.answer(method, params, timeout_ms)))
-    memory, _ = device_memory(stager, 3 * CHUNK, remote=False)
+    memory, region = device_memory(stager, 3 * CHUNK, remote=False)
     unregistered = np.zeros(CHUNK, np.uint8)
     code, message = code_of(stager.transfer, Link("decoder"), "write",
                             [memory.ctypes.data, unregistered.ctypes.data], [0x1000, 0x9000],
-                            [3 * CHUNK, CHUNK], 30_000, True, None, [9, 9])
+                            [3 * CHUNK, CHUNK], 30_000, Own([region]), None, [9, 9])
     assert code == LLMStatusCode.LLM_PARAM_INVALID, message
     assert [m for _, m, _ in engine.calls if m == "cache.stage_in"] == ["cache.stage_in"]
+
+
+def test_a_staged_transfer_of_a_cache_whose_memory_another_cache_took_moves_nothing():
+    stager, engine, _ = stager_with()
+    memory, freed = device_memory(stager, 2 * CHUNK, remote=False)
+    stager._regions.release([freed], 0)
+    device_memory_again = stager._regions.register(memory.ctypes.data, 2 * CHUNK, False)
+    assert device_memory_again != freed
+    dst = np.zeros(2 * CHUNK, np.uint8)
+    code, message = code_of(stager.transfer, Link("decoder"), "write", [memory.ctypes.data],
+                            [dst.ctypes.data], [2 * CHUNK], 5000, Own([freed]))
+    assert code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, message
+    assert not dst.any()
