@@ -836,9 +836,9 @@ class CacheManager:
         try:
             if _on_device(src_cache):
                 for leg in legs:
-                    leg.local_device = True
+                    leg.local_cache = src_cache
                 table = self._device.regions
-                pinned = table.pin(addrs, lengths)
+                pinned = table.pin(addrs, lengths, own=src_cache)
             else:
                 table = self._engine.registry
                 pinned = table.pin_local(addrs, lengths)[1]

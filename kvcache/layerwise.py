@@ -172,15 +172,15 @@ class _Leg:
     layer and descriptor arrays (local, remote, lengths, remote regions).
     ``remote_device``: the destination is a DEVICE cache (its regions are
     device regions, reached through the peer's staging slots);
-    ``local_device``: the source is a DEVICE cache (set by the cache
-    manager): its pieces are staged through our slots."""
+    ``local_cache``: the source when it is a DEVICE cache (set by the
+    cache manager; else None): its pieces are staged through our slots."""
 
     def __init__(self, index, peer, layers, remote_device=False):
         self.index = index
         self.peer = peer
         self.layers = layers      # src layer -> (dst layer, local, remote, lengths, regions)
         self.remote_device = remote_device
-        self.local_device = False
+        self.local_cache = None
         self.last = max(layers)
         self.active = True
         self.started = False               # a layer of it was sent
@@ -462,7 +462,7 @@ class LayerwiseSender:
         final = last and not any(other.active and other.peer is leg.peer
                                  for other in legs if other is not leg)
         try:
-            if not leg.local_device and not leg.remote_device:
+            if leg.local_cache is None and not leg.remote_device:
                 self._engine.transfer_sync(leg.peer, "write", local, remote, lengths,
                                            self.timeout_ms, remote_regions=regions)
             else:
@@ -471,7 +471,7 @@ class LayerwiseSender:
                 # answered; so this returns with the layer in device memory.
                 self._stager.transfer(
                     leg.peer, "write", local, remote, lengths, self.timeout_ms,
-                    local_device=leg.local_device,
+                    local_cache=leg.local_cache,
                     remote_regions=None if leg.remote_device else regions,
                     remote_device_regions=regions if leg.remote_device else None)
             # Only now, the write complete, may the destination hear of it.

@@ -136,7 +136,7 @@ class LocalCopies:
                 try:
                     if desc.placement == Placement.DEVICE:
                         regions = self._device.regions
-                        pinned.append((regions, regions.pin(addrs, lengths)))
+                        pinned.append((regions, regions.pin(addrs, lengths, own=cache)))
                     else:
                         pinned.append((self._registry,
                                        self._registry.pin_local(addrs, lengths)[1]))

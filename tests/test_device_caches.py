@@ -694,9 +694,9 @@ def test_releasing_a_renewed_device_region_waits_for_copies_under_its_earlier_id
     table.unpin(table.pin([base], [8], [renewed]))
     threading.Timer(0.3, table.unpin, [copying]).start()
     table.release([renewed], 30)
-    for named in (None, [renewed]):
+    for named, own in ((None, Own([renewed])), ([renewed], None)):
         with pytest.raises(LLMException):
-            table.pin([base], [8], named)
+            table.pin([base], [8], named, own)
 
 
 def test_own_device_pieces_are_found_by_address_and_regions_do_not_overlap():
@@ -705,17 +705,63 @@ def test_own_device_pieces_are_found_by_address_and_regions_do_not_overlap():
     first = table.register(base, 4096, False)
     other = table.register(base + 8192, 4096, True)
     renewed = table.renew(first)
-    assert table.pin([base + 4000, base + 8192], [96, 4096]) == sorted([renewed, other])
+    own = Own([renewed, other])
+    assert table.pin([base + 4000, base + 8192], [96, 4096], own=own) == sorted([renewed, other])
     for named, status in (([first], LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),      # renewed away
                           ([renewed], LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),    # not offered
                           (None, LLMStatusCode.LLM_PARAM_INVALID)):
         with pytest.raises(LLMException) as err:
-            table.pin([base + 4000], [97], named)
+            table.pin([base + 4000], [97], named, None if named else own)
         assert err.value.status_code == status, named
     with pytest.raises(LLMException) as err:
         table.register(base + 4095, 10, True)
     assert err.value.status_code == LLMStatusCode.LLM_PARAM_INVALID
     assert "overlaps" in str(err.value)
+
+
+class Own:
+    """A cache as the region table reads it: its current region ids."""
+
+    def __init__(self, region_ids):
+        self.region_ids = region_ids
+
+
+def test_a_renewed_device_region_keeps_only_the_earlier_ids_still_pinned():
+    """Renewed once per request for as long as the cache lives, a region
+    keeps only the earlier ids that copies still pin."""
+    table = DeviceRegions()
+    base = 1 << 20
+    region = table.register(base, 4096, True)
+    copying = table.pin([base], [8], [region])
+    pinned_id = region
+    for _ in range(1000):
+        region = table.renew(region)
+    assert table._regions[region].retired == {pinned_id}
+    table.unpin(copying)
+    assert not table._regions[region].retired
+    # Unpinned, the earlier id no longer holds a release up.
+    table.release([region], 0)
+    assert not table._regions
+
+
+def test_own_pieces_in_memory_freed_and_reused_by_another_cache_are_refused():
+    """A copy planned for a cache whose memory was freed and registered
+    again for another cache meanwhile reads or writes nothing of it; a
+    renewal of the planned cache's own region (a key removed) is fine,
+    also in the moment before its cache names the new id."""
+    table = DeviceRegions()
+    base = 1 << 20
+    planned = Own([table.register(base, 4096, True)])
+    renewed = table.renew(planned.region_ids[0])
+    table.unpin(table.pin([base], [8], own=planned))                # cache not updated yet
+    planned.region_ids = [renewed]
+    table.unpin(table.pin([base], [8], own=planned))
+    table.release([renewed], 0)
+    newcomer = Own([table.register(base, 4096, True)])
+    with pytest.raises(LLMException) as err:
+        table.pin([base], [8], own=planned)
+    assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+    assert table.pin([base], [8], own=newcomer) == newcomer.region_ids
 
 
 RELEASING = """
@@ -744,9 +790,9 @@ cm.remove_cache_key(BlocksCacheKey(1))                          # while it waits
 table.unpin(copying)
 freeing.join(30)
 assert not freeing.is_alive()
-for named in (cache.region_ids[:1], None):
+for named, own in ((cache.region_ids[:1], None), (None, cache)):
     try:
-        table.pin([addr], [8], named)
+        table.pin([addr], [8], named, own)
     except LLMException:
         continue
     raise AssertionError(f"freed device memory still pinnable by {named}")

@@ -131,6 +131,13 @@ def device_memory(stager, nbytes, remote=True):
     return memory, stager._regions.register(memory.ctypes.data, nbytes, remote)
 
 
+class Own:
+    """Our device cache as the stager takes it: its region ids."""
+
+    def __init__(self, region_ids):
+        self.region_ids = region_ids
+
+
 def stage_out(stager, link, memory, region, slot=0):
     return stager._engine.rpc.dispatch(link, "cache.stage_out", {
         "slot": slot, "addrs": [memory.ctypes.data], "lengths": [100], "regions": [region]})
@@ -299,7 +306,7 @@ def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch)
     dst = np.zeros(4 * CHUNK, np.uint8)
     args = (Link("decoder"), "write", [memory.ctypes.data], [dst.ctypes.data], [4 * CHUNK])
     engine.transfer_gate.clear()
-    first = threading.Thread(target=stager.transfer, args=args + (30_000, [region]))
+    first = threading.Thread(target=stager.transfer, args=args + (30_000, Own([region])))
     first.start()
     # Whatever happens, the first transfer ends in a few seconds.
     opener = threading.Timer(6, engine.transfer_gate.set)
@@ -308,7 +315,7 @@ def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch)
         wait_until(lambda: stager._local_pairs == 1 and not stager._local_free, 10,
                    "the first transfer holding our slots")
         started = time.monotonic()
-        code, message = code_of(stager.transfer, *args, 300, [region])
+        code, message = code_of(stager.transfer, *args, 300, Own([region]))
         assert code == LLMStatusCode.LLM_TIMEOUT, message
         assert time.monotonic() - started < 3
     finally:
@@ -348,3 +355,137 @@ def test_a_real_link_ending_frees_what_was_lent_to_it():
     finally:
         caller.close()
         holder.close()
+
+
+class HeldEngine(Engine):
+    """Unregistering waits at ``unregister_gate``; regions in ``in_use``
+    stay registered (LLM_LINK_BUSY), as a slot a transfer still uses."""
+
+    def __init__(self, answer=None):
+        super().__init__(answer)
+        self.unregister_gate = threading.Event()
+        self.unregister_gate.set()
+        self.unregistering = threading.Event()
+        self.in_use = set()
+
+    def unregister_memory(self, region):
+        self.unregistering.set()
+        assert self.unregister_gate.wait(30)
+        if region in self.in_use:
+            raise LLMException(LLMStatusCode.LLM_LINK_BUSY, f"region {region} is in use")
+        super().unregister_memory(region)
+
+
+def test_close_waits_for_a_link_ending_to_free_its_slots():
+    stager, engine, runtime = stager_with(HeldEngine())
+    link = Link("decoder")
+    engine.rpc.dispatch(link, "cache.stage_slots", {})
+    engine.unregister_gate.clear()
+    ending = threading.Thread(target=engine.end, args=(link,))
+    ending.start()
+    try:
+        assert engine.unregistering.wait(10)
+        closed = []
+        closer = threading.Thread(target=lambda: closed.append(stager.close(10_000)))
+        closer.start()
+        time.sleep(0.3)
+        # The hook still frees the slots: close must not let the runtime go yet.
+        assert closer.is_alive() and not closed
+    finally:
+        engine.unregister_gate.set()
+        ending.join(10)
+    closer.join(10)
+    assert closed == [True] and not runtime.open_slots() and not engine.registered
+
+
+def test_slots_still_registered_when_their_link_ended_are_retried_at_close():
+    stager, engine, runtime = stager_with(HeldEngine())
+    link = Link("decoder")
+    lent = engine.rpc.dispatch(link, "cache.stage_slots", {})["slots"]
+    engine.in_use = {region for _, region in lent}
+    engine.end(link)
+    assert len(runtime.open_slots()) == staging.DEPTH
+    # Still registered: close reports it, so the runtime and memory stay.
+    assert stager.close(1000) is False
+    assert len(runtime.open_slots()) == staging.DEPTH
+    engine.in_use = set()
+    assert stager.close(1000) is True
+    assert not runtime.open_slots() and not engine.registered
+
+
+def test_device_memory_stays_while_a_slot_stays_registered():
+    engine = HeldEngine()
+    caches = DeviceCaches(engine, DeviceConfig("cuda"))
+    caches._runtime, caches._pool = Runtime(), Pool()
+    caches._runtime.close = lambda: None
+    pool = caches._pool
+    link = Link("decoder")
+    lent = engine.rpc.dispatch(link, "cache.stage_slots", {})["slots"]
+    engine.in_use = {region for _, region in lent}
+    engine.end(link)
+    caches.close()
+    assert not pool.closed
+
+
+def test_a_transfer_waiting_for_our_slots_gives_up_when_closing_begins(monkeypatch):
+    monkeypatch.setattr(staging, "MAX_LOCAL_PAIRS", 1)
+    stager, engine, _ = stager_with()
+    memory, region = device_memory(stager, 4 * CHUNK, remote=False)
+    dst = np.zeros(4 * CHUNK, np.uint8)
+    args = (Link("decoder"), "write", [memory.ctypes.data], [dst.ctypes.data], [4 * CHUNK])
+    engine.transfer_gate.clear()
+    first = threading.Thread(target=stager.transfer, args=args + (30_000, Own([region])))
+    first.start()
+    opener = threading.Timer(6, engine.transfer_gate.set)
+    opener.start()
+    results = []
+
+    def second():
+        try:
+            results.append(stager.transfer(*args, 30_000, Own([region])))
+        except LLMException as exc:
+            results.append(exc.status_code)
+
+    waiter = threading.Thread(target=second)
+    try:
+        wait_until(lambda: stager._local_pairs == 1 and not stager._local_free, 10,
+                   "the first transfer holding our slots")
+        waiter.start()
+        time.sleep(0.3)
+        assert stager.close(100) is False           # the first still runs
+        waiter.join(3)
+        assert results == [LLMStatusCode.LLM_ENGINE_FINALIZED]
+    finally:
+        engine.transfer_gate.set()
+        opener.cancel()
+        first.join(30)
+        waiter.join(30)
+
+
+def test_a_failed_transfer_drops_the_peer_calls_not_begun():
+    """A staged write whose fourth chunk cannot be copied out of our device
+    memory fails while the peer's first stage_in runs and its second waits:
+    the second is never sent."""
+    holder = Holder(delay=1.0)
+    stager, engine, _ = stager_with(Engine(lambda peer, method, params, timeout_ms:
+                                           holder.answer(method, params, timeout_ms)))
+    memory, region = device_memory(stager, 3 * CHUNK, remote=False)
+    unregistered = np.zeros(CHUNK, np.uint8)
+    code, message = code_of(stager.transfer, Link("decoder"), "write",
+                            [memory.ctypes.data, unregistered.ctypes.data], [0x1000, 0x9000],
+                            [3 * CHUNK, CHUNK], 30_000, Own([region]), None, [9, 9])
+    assert code == LLMStatusCode.LLM_PARAM_INVALID, message
+    assert [m for _, m, _ in engine.calls if m == "cache.stage_in"] == ["cache.stage_in"]
+
+
+def test_a_staged_transfer_of_a_cache_whose_memory_another_cache_took_moves_nothing():
+    stager, engine, _ = stager_with()
+    memory, freed = device_memory(stager, 2 * CHUNK, remote=False)
+    stager._regions.release([freed], 0)
+    device_memory_again = stager._regions.register(memory.ctypes.data, 2 * CHUNK, False)
+    assert device_memory_again != freed
+    dst = np.zeros(2 * CHUNK, np.uint8)
+    code, message = code_of(stager.transfer, Link("decoder"), "write", [memory.ctypes.data],
+                            [dst.ctypes.data], [2 * CHUNK], 5000, Own([freed]))
+    assert code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, message
+    assert not dst.any()

@@ -131,7 +131,7 @@ class DeviceCaches:
         remote_device = remote_cache.cache_desc.placement == Placement.DEVICE
         return self.stager.transfer(
             peer, op, local, remote, lengths, timeout_ms,
-            local_device=local_device,
+            local_cache=local_cache if local_device else None,
             remote_regions=None if remote_device else remote_region_ids,
             remote_device_regions=remote_region_ids if remote_device else None)
 

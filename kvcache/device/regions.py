@@ -4,10 +4,16 @@ reach; device memory is no such memory, so it is listed here instead, and
 only the staging layer copies from or into it, after checking every piece
 against the region it names (as the engine's owner-side check does).
 
-As in the engine's registry, a renewed region keeps its earlier ids
-(``retired``) until it is released: copies pinned under an earlier id may
-still run, and releasing the region waits for them too. Releasing first
-withdraws the regions (no new pin, no renewal reaches them), then waits."""
+As in the engine's registry, a renewed region keeps those of its earlier
+ids that copies still pin (``retired``; an id is dropped once unpinned, so
+the list stays as short as the copies running): releasing the region waits
+for them too. Releasing first withdraws the regions (no new pin, no renewal
+reaches them), then waits.
+
+Our own pieces are found by address, and checked to lie in a region of the
+cache the copy was planned for (its current ids, or the one it was renewed
+from while its cache still names that): memory freed and reused by another
+cache since is refused, not copied."""
 import itertools
 import threading
 
@@ -22,11 +28,12 @@ FIRST_ID = 1 << 40
 
 
 class _Region:
-    __slots__ = ("addr", "length", "remote", "retired")
+    __slots__ = ("addr", "length", "remote", "retired", "previous")
 
-    def __init__(self, addr, length, remote, retired=()):
+    def __init__(self, addr, length, remote, retired=(), previous=None):
         self.addr, self.length, self.remote = addr, length, remote
-        self.retired = list(retired)
+        self.retired = set(retired)         # earlier ids copies still pin
+        self.previous = previous            # the id it was last renewed from
 
 
 class DeviceRegions:
@@ -35,6 +42,7 @@ class DeviceRegions:
         self._pins = Pins(self._lock)
         self._regions = {}                  # id -> _Region (live: pieces may name it)
         self._withdrawn = {}                # id -> _Region being released
+        self._retired = {}                  # earlier id still pinned -> its _Region
         self._ids = itertools.count(FIRST_ID)
         self._starts = self._order = np.zeros(0, dtype=np.uint64)
 
@@ -64,8 +72,11 @@ class DeviceRegions:
             if old is None:
                 return region_id
             new_id = next(self._ids)
-            self._regions[new_id] = _Region(old.addr, old.length, old.remote,
-                                            old.retired + [region_id])
+            retired = old.retired | ({region_id} if self._pins.count([region_id]) else set())
+            region = self._regions[new_id] = _Region(old.addr, old.length, old.remote, retired,
+                                                     region_id)
+            for earlier in retired:
+                self._retired[earlier] = region
             self._index()
             return new_id
 
@@ -77,7 +88,7 @@ class DeviceRegions:
             gone = {i: self._regions.pop(i) for i in region_ids if i in self._regions}
             self._withdrawn.update(gone)
             self._index()
-            every = [g for i, region in gone.items() for g in [i] + region.retired]
+            every = [g for i, region in gone.items() for g in [i, *region.retired]]
             clear = self._pins.wait_clear(every, timeout_s)
             for i in gone:
                 del self._withdrawn[i]
@@ -102,24 +113,37 @@ class DeviceRegions:
         at = np.searchsorted(self._starts, np.asarray(addrs, dtype=np.uint64), side="right") - 1
         return np.where(at >= 0, self._order[np.maximum(at, 0)] if self._order.size else 0, 0)
 
-    def pin(self, addrs, lengths, region_ids=None):
+    def pin(self, addrs, lengths, region_ids=None, own=None):
         """Pin the regions of device pieces; returns the pinned ids for
         ``unpin``. A peer's pieces name their region (``region_ids[i]``),
         which must be offered to peers; our own (``region_ids`` None) are
         found by address, as the engine's pin_local: a key removed since
-        the copy was planned renews the id, not the memory.
-        LLM_KV_CACHE_NOT_EXIST for a named region that is gone (freed or
-        renewed), LLM_PARAM_INVALID for a piece outside its region."""
+        the copy was planned renews the id, not the memory. ``own``: for
+        our own pieces, the cache they were planned in (its
+        ``region_ids`` are read here): a piece must lie in one of its
+        regions. LLM_KV_CACHE_NOT_EXIST for a named region that is gone
+        (freed or renewed) and for our piece in a region not of ``own``
+        (the cache freed and its memory reused), LLM_PARAM_INVALID for a
+        piece outside its region."""
         with self._lock:
             peer_side = region_ids is not None
             if not peer_side:
                 region_ids = self._locate(addrs)
+                # Its ids, as its manager renews them: a region renewed a
+                # moment ago may still be named by the one it was renewed from.
+                ids = set(own.region_ids)
             for i, (addr, length, region_id) in enumerate(zip(addrs, lengths, region_ids)):
                 region = self._regions.get(int(region_id))
                 if peer_side and (region is None or not region.remote):
                     raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                        f"device region {int(region_id)} does not exist (freed "
                                        "or renewed)")
+                if (not peer_side and region is not None and int(region_id) not in ids
+                        and region.previous not in ids):
+                    raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                       f"device piece {i} [{int(addr):#x}, +{int(length)}) "
+                                       f"lies in region {int(region_id)}, not in its cache "
+                                       f"(regions {sorted(ids)}): freed meanwhile?")
                 if region is None or not (region.addr <= int(addr)
                                           and int(addr) + int(length)
                                           <= region.addr + region.length):
@@ -134,3 +158,7 @@ class DeviceRegions:
 
     def unpin(self, pinned):
         self._pins.remove(pinned)
+        with self._lock:
+            for i in pinned:
+                if i in self._retired and not self._pins.count([i]):
+                    self._retired.pop(i).retired.discard(i)

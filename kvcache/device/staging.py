@@ -112,6 +112,7 @@ class Stager:
         self._local_free = []               # our idle slot pairs for our own transfers
         self._local_pairs = 0               # our slot pairs, idle or in use
         self._served = {}                   # Peer (a link) -> _Served: slots we lend it
+        self._stranded = []                 # slots still registered when freed: close retries
         self._peer_slots = weakref.WeakKeyDictionary()   # Peer (a link) -> its slots for us
         self._paths = {}                    # peer name -> the path its last transfer took
         pieces = list_of(is_int, MAX_PIECES)
@@ -163,8 +164,7 @@ class Stager:
                     for _ in range(DEPTH):
                         slots.append(Slot(runtime, self._engine, self.chunk_bytes, True))
                 except BaseException:
-                    for slot in slots:
-                        self._close_slot(slot)
+                    self._close_slots(slots)
                     raise
                 served = self._served[peer] = _Served(slots)
             served.busy += 1
@@ -192,7 +192,14 @@ class Stager:
             served.ended = True
             if served.busy:
                 return                      # its last call frees them
-        self._close_slots(served.slots)
+            # Counted as a call, so that close waits for this freeing.
+            self._busy += 1
+        try:
+            self._close_slots(served.slots)
+        finally:
+            with self._cond:
+                self._busy -= 1
+                self._cond.notify_all()
 
     def _rpc_slots(self, peer, params):
         served = self._enter(peer)
@@ -228,14 +235,14 @@ class Stager:
     def _rpc_in(self, peer, params):
         return self._serve_copy(peer, params, H2D)
 
-    def _copy_pieces(self, slot, addrs, lengths, regions, kind, wait=True):
+    def _copy_pieces(self, slot, addrs, lengths, regions, kind, wait=True, own=None):
         """Copy device pieces into (D2H) or out of (H2D) ``slot``, packed in
         order, on the slot's stream; ``regions``: the region a peer named
         for each piece (checked), or None for our own pieces (found by
-        address); ``wait``: synchronise it before returning (else
+        address, in a region of the cache ``own``); ``wait``: synchronise it before returning (else
         ``slot.pending`` is the stream to synchronise)."""
         runtime = self._runtime()
-        pinned = self._regions.pin(addrs, lengths, regions)
+        pinned = self._regions.pin(addrs, lengths, regions, own)
         try:
             offset = 0
             for addr, length in zip(addrs, lengths):
@@ -286,9 +293,13 @@ class Stager:
 
     def _take_local(self, deadline):
         """An idle pair of our slots (a new one while fewer than
-        MAX_LOCAL_PAIRS exist), waiting until ``deadline`` for one."""
+        MAX_LOCAL_PAIRS exist), waiting until ``deadline`` for one;
+        LLM_ENGINE_FINALIZED once closing began (close waits for us)."""
         with self._cond:
             while not self._local_free and self._local_pairs >= MAX_LOCAL_PAIRS:
+                if self._closing:
+                    raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED,
+                                       "the cache manager is closing")
                 self._cond.wait(deadline.left() / 1000)
             if self._local_free:
                 return self._local_free.pop()
@@ -299,8 +310,7 @@ class Stager:
             for _ in range(DEPTH):
                 slots.append(Slot(runtime, self._engine, self.chunk_bytes, False))
         except BaseException:
-            for slot in slots:
-                self._close_slot(slot)
+            self._close_slots(slots)
             with self._cond:
                 self._local_pairs -= 1
                 self._cond.notify_all()
@@ -329,20 +339,21 @@ class Stager:
                 known = self._peer_slots.setdefault(peer, (slots, size, threading.Lock()))
         return known
 
-    def transfer(self, peer, op, local, remote, lengths, timeout_ms, local_device=False,
+    def transfer(self, peer, op, local, remote, lengths, timeout_ms, local_cache=None,
                  remote_regions=None, remote_device_regions=None):
         """Move pieces between our memory and the peer's as the engine's
         transfer_sync (op 'read': remote -> local, 'write': local ->
-        remote). ``local_device``: our pieces are in device memory (found
-        in our device region table by address), else in host memory the
-        engine has registered; ``remote_regions``: the peer's host region of each
+        remote). ``local_cache``: the device cache our pieces lie in (each
+        found in our device region table by address and checked to be in
+        one of its regions, LLM_KV_CACHE_NOT_EXIST otherwise), else None:
+        host memory the engine has registered; ``remote_regions``: the peer's host region of each
         piece, or ``remote_device_regions``: its device region of each
         piece. Returns the path taken ('host' or 'staged'). When it
         returns, every byte is in place, in device memory included.
         Every step of a staged transfer, the peer's description of its
         slots and the wait for slots included, shares one deadline of
         ``timeout_ms`` (LLM_TIMEOUT)."""
-        if not local_device and remote_device_regions is None:
+        if local_cache is None and remote_device_regions is None:
             self._engine.transfer_sync(peer, op, local, remote, lengths, timeout_ms,
                                        remote_regions=remote_regions)
             self._record(peer, PATH_HOST)
@@ -354,7 +365,7 @@ class Stager:
                                    "the cache manager is closing")
             self._busy += 1
         try:
-            self._staged(peer, op, local, remote, lengths, deadline, local_device,
+            self._staged(peer, op, local, remote, lengths, deadline, local_cache,
                          remote_regions, remote_device_regions)
         finally:
             with self._cond:
@@ -363,7 +374,7 @@ class Stager:
         self._record(peer, PATH_STAGED)
         return PATH_STAGED
 
-    def _staged(self, peer, op, local, remote, lengths, deadline, local_device,
+    def _staged(self, peer, op, local, remote, lengths, deadline, local_cache,
                 remote_regions, remote_device_regions):
         chunk = self.chunk_bytes
         remote_slots = lock = None
@@ -375,7 +386,7 @@ class Stager:
                 raise LLMException(LLMStatusCode.LLM_TIMEOUT,
                                    f"{deadline.what}: its staging slots stayed busy")
         try:
-            local_slots = self._take_local(deadline) if local_device else None
+            local_slots = self._take_local(deadline) if local_cache is not None else None
             try:
                 if local_slots is not None:
                     chunk = min(chunk, local_slots[0].nbytes)
@@ -385,14 +396,19 @@ class Stager:
                           if remote_slots is not None else None)
                 try:
                     self._pipeline(peer, op, chunked(local, remote, lengths, chunk), deadline,
-                                   local_slots, remote_slots, helper,
+                                   local_slots, remote_slots, helper, local_cache,
                                    None if remote_regions is None
                                    else np.asarray(remote_regions),
                                    None if remote_device_regions is None
                                    else np.asarray(remote_device_regions))
-                finally:
+                except BaseException:
                     if helper is not None:
-                        helper.shutdown(wait=True)   # the peer's calls end by the deadline
+                        # The transfer failed: the peer's calls not begun yet are
+                        # dropped, the one running ends by the deadline.
+                        helper.shutdown(wait=True, cancel_futures=True)
+                    raise
+                if helper is not None:
+                    helper.shutdown(wait=True)
             finally:
                 if local_slots is not None:
                     self._give_local(local_slots)
@@ -401,7 +417,7 @@ class Stager:
                 lock.release()
 
     def _pipeline(self, peer, op, chunks, deadline, local_slots, remote_slots, helper,
-                  remote_regions, remote_device_regions):
+                  local_cache, remote_regions, remote_device_regions):
         """Per chunk: produce (the side bytes come from copies device ->
         its slot), move (engine transfer), consume (the side bytes go to
         copies its slot -> device). Chunk i+1 is produced while chunk i
@@ -419,13 +435,13 @@ class Stager:
                 slot.pending = helper.submit(self._peer_call, peer, "cache.stage_out", k,
                                              rem, lens, remote_device_regions[idx], deadline)
             elif not reading and local_slots is not None:
-                self._copy_pieces(local_slots[k], loc, lens, None, D2H, wait=False)
+                self._copy_pieces(local_slots[k], loc, lens, None, D2H, False, local_cache)
 
         def consume(i):
             loc, rem, lens, _, idx = chunks[i]
             k = i % DEPTH
             if reading and local_slots is not None:
-                self._copy_pieces(local_slots[k], loc, lens, None, H2D, wait=False)
+                self._copy_pieces(local_slots[k], loc, lens, None, H2D, False, local_cache)
             elif not reading and remote_slots is not None:
                 remote_slots[k].pending = helper.submit(
                     self._peer_call, peer, "cache.stage_in", k, rem, lens,
@@ -488,23 +504,32 @@ class Stager:
         return True
 
     def _close_slots(self, slots):
-        return all([self._close_slot(slot) for slot in slots])
+        """Free ``slots``; those that stay registered are kept for close to
+        retry. Whether all were freed."""
+        kept = [slot for slot in slots if not self._close_slot(slot)]
+        if kept:
+            with self._cond:
+                self._stranded.extend(kept)
+        return not kept
 
     def close(self, timeout_ms):
         """Stop serving stage calls and starting transfers, wait up to
-        ``timeout_ms`` for those running, then free every slot. Whether all
-        of it was freed: False keeps what a call may still use (slots, and
-        the caller keeps the runtime and device memory)."""
+        ``timeout_ms`` for those running, then free every slot (slots that
+        stayed registered when their link ended included: retried here).
+        Whether all of it was freed: False keeps what a call may still use
+        (slots, and the caller keeps the runtime and device memory); a
+        later close retries."""
         with self._cond:
             self._closing = True
+            self._cond.notify_all()         # transfers waiting for our slots give up
             if not self._cond.wait_for(lambda: not self._busy, timeout_ms / 1000):
                 log.warning("%d staging calls or transfers still run at close: their slots "
                             "stay allocated", self._busy)
                 return False
             slots = ([s for served in self._served.values() for s in served.slots]
-                     + [s for pair in self._local_free for s in pair])
+                     + [s for pair in self._local_free for s in pair] + self._stranded)
             self._served.clear()
-            self._local_free = []
+            self._local_free, self._stranded = [], []
         return self._close_slots(slots)
 
 
