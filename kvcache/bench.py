@@ -329,8 +329,8 @@ def add_arguments(parser):
     parser.add_argument("--markdown", default=None, help="write the table here")
     parser.add_argument("--plot", default=None,
                         help="write a PNG of GB/s vs block size here (needs matplotlib)")
-    parser.add_argument("--peers", type=bench_peers.peer_list, nargs="?", default=[],
-                        const=",".join(bench_peers.PEERS),
+    parser.add_argument("--peers", type=_choices(tuple(bench_peers.PEERS)), nargs="?",
+                        default=[], const=",".join(bench_peers.PEERS),
                         help="also run the batches through other engines: "
                              f"{','.join(bench_peers.PEERS)} (all when bare; needs the "
                              "peers extra, `make bench-peers`)")

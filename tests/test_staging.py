@@ -299,7 +299,10 @@ def test_the_peer_describing_its_slots_counts_against_the_transfer_deadline():
     assert stage_outs and max(stage_outs) <= 2000 - 350, engine.calls
 
 
-def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch):
+def first_transfer_holding_our_slots(monkeypatch):
+    """One pair of our slots, held by a staged write stalled at the engine
+    (released after 6 s whatever happens): (stager, engine, memory, region,
+    dst, args of a transfer like it, its thread, the release timer)."""
     monkeypatch.setattr(staging, "MAX_LOCAL_PAIRS", 1)
     stager, engine, _ = stager_with()
     memory, region = device_memory(stager, 4 * CHUNK, remote=False)
@@ -308,12 +311,17 @@ def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch)
     engine.transfer_gate.clear()
     first = threading.Thread(target=stager.transfer, args=args + (30_000, Own([region])))
     first.start()
-    # Whatever happens, the first transfer ends in a few seconds.
     opener = threading.Timer(6, engine.transfer_gate.set)
     opener.start()
+    wait_until(lambda: stager._local_pairs == 1 and not stager._local_free, 10,
+               "the first transfer holding our slots")
+    return stager, engine, memory, region, dst, args, first, opener
+
+
+def test_a_transfer_waiting_for_our_slots_times_out_at_its_deadline(monkeypatch):
+    stager, engine, memory, region, dst, args, first, opener = \
+        first_transfer_holding_our_slots(monkeypatch)
     try:
-        wait_until(lambda: stager._local_pairs == 1 and not stager._local_free, 10,
-                   "the first transfer holding our slots")
         started = time.monotonic()
         code, message = code_of(stager.transfer, *args, 300, Own([region]))
         assert code == LLMStatusCode.LLM_TIMEOUT, message
@@ -428,16 +436,8 @@ def test_device_memory_stays_while_a_slot_stays_registered():
 
 
 def test_a_transfer_waiting_for_our_slots_gives_up_when_closing_begins(monkeypatch):
-    monkeypatch.setattr(staging, "MAX_LOCAL_PAIRS", 1)
-    stager, engine, _ = stager_with()
-    memory, region = device_memory(stager, 4 * CHUNK, remote=False)
-    dst = np.zeros(4 * CHUNK, np.uint8)
-    args = (Link("decoder"), "write", [memory.ctypes.data], [dst.ctypes.data], [4 * CHUNK])
-    engine.transfer_gate.clear()
-    first = threading.Thread(target=stager.transfer, args=args + (30_000, Own([region])))
-    first.start()
-    opener = threading.Timer(6, engine.transfer_gate.set)
-    opener.start()
+    stager, engine, _, region, _, args, first, opener = \
+        first_transfer_holding_our_slots(monkeypatch)
     results = []
 
     def second():
@@ -448,10 +448,10 @@ def test_a_transfer_waiting_for_our_slots_gives_up_when_closing_begins(monkeypat
 
     waiter = threading.Thread(target=second)
     try:
-        wait_until(lambda: stager._local_pairs == 1 and not stager._local_free, 10,
-                   "the first transfer holding our slots")
         waiter.start()
-        time.sleep(0.3)
+        # Counted busy: past the entry check, so only the wait for our
+        # slots can give up.
+        wait_until(lambda: stager._busy == 2, 10, "the second transfer started")
         assert stager.close(100) is False           # the first still runs
         waiter.join(3)
         assert results == [LLMStatusCode.LLM_ENGINE_FINALIZED]

@@ -14,7 +14,6 @@ remote, lengths)`` returns a callable moving one batch, ``close()``).
 
 Peers are an optional extra (``pip install .[peers]`` and ``nixl-cu12``
 without its dependencies; ``make bench-peers``): only ``--peers`` loads them."""
-import argparse
 import contextlib
 import importlib.util
 import multiprocessing as mp
@@ -29,17 +28,6 @@ from . import mooncake_te, nixl_ucx
 PEERS = {m.NAME: m for m in (mooncake_te, nixl_ucx)}
 FILL = 0xA5                        # every block on both sides; a read must bring it back
 HELLO_TIMEOUT_S = 120
-
-
-def peer_list(text):
-    """``mooncake,nixl`` (argparse type: an unknown name is a one-line usage
-    error listing the choices)."""
-    names = [t.strip() for t in text.split(",")]
-    bad = [n for n in names if n not in PEERS]
-    if bad:
-        raise argparse.ArgumentTypeError(f"{', '.join(map(repr, bad))}: choose from "
-                                         f"{','.join(PEERS)}")
-    return names
 
 
 def missing(names):

@@ -243,15 +243,7 @@ async def amain(args):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    instance.setup_process(args)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s decode %(message)s")
-    try:
-        asyncio.run(amain(args))
-    except LLMException as exc:
-        print(f"decode server: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return instance.run_server("decode", build_parser(), amain, argv)
 
 
 if __name__ == "__main__":

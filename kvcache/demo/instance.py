@@ -1,7 +1,10 @@
 """One server instance's model and KV memory: the model, an LLMDataDist and
 its paged blocks cache in kvcache's buffer pool, a block allocator over it,
 and the options of both servers that set them up."""
+import asyncio
 import json
+import logging
+import sys
 
 import torch
 
@@ -64,6 +67,21 @@ def setup_process(args):
     if args.parent_pid is not None:
         die_with_parent(args.parent_pid)
     torch.set_num_threads(args.threads)
+
+
+def run_server(role, parser, amain, argv):
+    """A server process's main: parse ``argv`` with ``parser``, set up the
+    process, run ``amain(args)`` until it stops; 1 (with the error on
+    stderr) when it raised an LLMException, else 0."""
+    args = parser.parse_args(argv)
+    setup_process(args)
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s {role} %(message)s")
+    try:
+        asyncio.run(amain(args))
+    except LLMException as exc:
+        print(f"{role} server: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 class Instance:
