@@ -1,12 +1,15 @@
 """kvcache: move LLM KV cache between prefill and decode processes.
 
 Pure Python over pyverbs_kv. The LLM-DataDist-style API (LLMDataDist and its
-cache_manager) sits on a one-sided TransferEngine with pluggable transports.
+cache_manager) sits on a one-sided TransferEngine with pluggable transports;
+``kvcache.TransferEngine`` is that engine with device memory too
+(kvcache.device.engine).
 Everything but the RDMA transport works where libibverbs is missing:
 ``rdma_status()`` then says why RDMA is off."""
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.cache import Cache
-from kvcache.engine import LinkState, Peer, TransferEngine, TransferRequest
+from kvcache.device.engine import TransferEngine
+from kvcache.engine import LinkState, Peer, TransferRequest
 from kvcache.layer_notifications import LayerArrivals
 from kvcache.layerwise import (CacheTask, LayerSynchronizer, TransferConfig,
                                TransferWithCacheKeyConfig)

@@ -30,10 +30,13 @@ KVCACHE_ACL_LIB        path of libascendcl.so (default: $ASCEND_HOME_PATH/lib64,
 KVCACHE_CUDA_LIB       path of libcudart (default: libcudart.so.13/.12/.so, then torch's
                        bundled copy); read by pyverbs_kv.cuda at its first load
 KVCACHE_DEVICE_TYPE    where Placement.DEVICE caches live when LLMConfig.device_type
-                       is unset: npu (ACL) or cuda (default: none, DEVICE refused)
+                       is unset: npu (ACL) or cuda (default: none, DEVICE refused);
+                       cuda also makes the Mooncake and FastDeploy entry points ask
+                       the CUDA runtime first where registered memory lies
 KVCACHE_DEVICE_POOL_SIZE  bytes of the device memory pool (default 256 MiB)
-KVCACHE_DEVICE_CHUNK_BYTES  bytes of each pinned staging slot device caches move
-                       through (default 4 MiB)
+KVCACHE_DEVICE_CHUNK_BYTES  bytes of each pinned staging slot device caches and
+                       device memory registered with the engine move through
+                       (default 4 MiB)
 KVCACHE_ETCD_TTL_S     lease of the records an engine keeps in etcd, in seconds
                        (default 10; kvcache.engine.discovery)
 KVCACHE_TLS_CERT       PEM certificate of this end: TLS on the control

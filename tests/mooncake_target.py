@@ -9,6 +9,11 @@ line on stdin, with one JSON line on stdout.
     {"cmd": "register", "len": N}             -> {"addr": A, "code": 0}
     {"cmd": "unregister", "addr": A}          -> {"code": 0}
     {"cmd": "notifies"}                       -> {"notifies": [[name, msg], ...]}
+    {"cmd": "register_device", "len": N}      -> {"addr": A, "code": 0, "device_regions": K}
+                                                 (CUDA memory, its location found by
+                                                 register_memory)
+    {"cmd": "read_device", "addr": A, "len": N} -> {"hex": "..."}
+    {"cmd": "fill_device", "addr": A, "hex": "..."} -> {}
     {"cmd": "quit"}                           -> {} (then it exits)
 
 ``Target`` starts and drives one from a test."""
@@ -28,9 +33,9 @@ REPLY_TIMEOUT_S = 60
 class Target:
     """A running target process; ``segment`` and ``first`` from its hello."""
 
-    def __init__(self, protocol, metadata_server="P2PHANDSHAKE", host="127.0.0.1"):
+    def __init__(self, protocol, metadata_server="P2PHANDSHAKE", host="127.0.0.1", env=None):
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=root)
+        env = dict(os.environ, PYTHONPATH=root, **(env or {}))
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), protocol, metadata_server, host],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
@@ -80,6 +85,13 @@ class Target:
 
 def main():
     from kvcache.compat.mooncake import TransferEngine
+    from kvcache.device.runtime import D2H, H2D, DeviceRuntime
+    runtimes = []
+
+    def device():
+        if not runtimes:
+            runtimes.append(DeviceRuntime("cuda", 0))
+        return runtimes[0]
     protocol, metadata_server, host = sys.argv[1:4]
     engine = TransferEngine(managed_pool_bytes=4 << 20)
     code = engine.initialize(host, metadata_server, protocol, "")
@@ -100,6 +112,21 @@ def main():
             owned[buffer.ctypes.data] = buffer
             reply = {"addr": buffer.ctypes.data,
                      "code": engine.register_memory(buffer.ctypes.data, buffer.nbytes)}
+        elif cmd == "register_device":
+            buffer = device().alloc(request["len"])
+            owned[buffer.ptr] = buffer
+            reply = {"addr": buffer.ptr,
+                     "code": engine.register_memory(buffer.ptr, request["len"]),
+                     # Found as device memory, not taken for host memory.
+                     "device_regions": len(engine._engine.device_regions())}
+        elif cmd == "read_device":
+            out = np.zeros(request["len"], dtype=np.uint8)
+            device().copy(out.ctypes.data, request["addr"], out.nbytes, D2H)
+            reply = {"hex": out.tobytes().hex()}
+        elif cmd == "fill_device":
+            data = np.frombuffer(bytes.fromhex(request["hex"]), dtype=np.uint8)
+            device().copy(request["addr"], data.ctypes.data, data.nbytes, H2D)
+            reply = {}
         elif cmd == "unregister":
             reply = {"code": engine.unregister_memory(request["addr"])}
         elif cmd == "notifies":

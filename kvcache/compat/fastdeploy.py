@@ -17,8 +17,10 @@ otherwise; neither raises.
 
 Unlike FastDeploy: it runs without RDMA (``transport`` tcp, shm, rdma or
 auto); an error completion, a dead decoder or a missed deadline is a
-negative result, never success; each cache is registered once, at
-construction, not again per connection; block ids outside ``block_number``
+negative result, never success; caches in CUDA memory are found and their
+blocks staged through pinned host buffers (kvcache.device.engine); each
+cache is registered once, at construction, not again per connection; block
+ids outside ``block_number``
 (the decoder's for remote ids) and layers outside the key list are refused
 before anything moves; every wait has a deadline."""
 import fcntl
@@ -37,7 +39,8 @@ from kvcache import checks
 from kvcache.checks import public
 from kvcache.log import setup as setup_logging
 from kvcache.config import env_str
-from kvcache.engine import TransferEngine
+from kvcache.device.engine import TransferEngine
+from kvcache.device.runtime import locate_memory
 from kvcache.engine.address import format_address
 from kvcache.rdma_support import rdma_status
 from kvcache.status import LLMException, LLMStatusCode
@@ -262,12 +265,14 @@ class RDMACommunicator:
             # Once, here: never again per connection (FastDeploy registers per link).
             # A prefill's caches are sources only: its decoders never see them.
             offered = role == "decode"
-            self._key_regions = [self._engine.register_memory(a, layer_bytes,
-                                                              remote_accessible=offered)
-                                 for a in self._keys]
-            self._value_regions = [self._engine.register_memory(a, layer_bytes,
-                                                                remote_accessible=offered)
-                                   for a in self._values]
+            # FastDeploy's caches are GPU tensors: device memory is found
+            # (CUDA) and its blocks staged; host caches move directly.
+            self._key_regions = [self._engine.register_memory(
+                a, layer_bytes, remote_accessible=offered,
+                device=locate_memory(a, layer_bytes)) for a in self._keys]
+            self._value_regions = [self._engine.register_memory(
+                a, layer_bytes, remote_accessible=offered,
+                device=locate_memory(a, layer_bytes)) for a in self._values]
             if role == "decode":
                 self._engine.add_handler(LAYOUT_METHOD, self._serve_layout)
         except BaseException:

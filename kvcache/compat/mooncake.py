@@ -49,9 +49,10 @@ import numpy as np
 
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.config import env_int, env_list
-from kvcache.descriptors import RegionTable, u64_column
+from kvcache.descriptors import NO_REGION, RegionTable, u64_column
+from kvcache.device.engine import TransferEngine as _Engine, parse_device
+from kvcache.device.runtime import locate_memory
 from kvcache.engine import TRANSPORTS
-from kvcache.engine import TransferEngine as _Engine
 from kvcache.engine import discovery
 from kvcache.engine.address import format_address, parse_address
 from kvcache.rdma_support import rdma_status
@@ -262,7 +263,7 @@ class TransferEngine:
         engine = self._engine
         record = {"name": self._segment, "listen": engine.address,
                   "transport": engine.transport.name,
-                  "regions": [list(r) for r in engine.regions()],
+                  "regions": [list(r) for r in engine.regions() + engine.device_regions()],
                   "cluster_id": engine.cluster_id, "role": engine.role}
         try:
             self._discovery.publish(discovery.segment_key(self._segment), record)
@@ -305,23 +306,33 @@ class TransferEngine:
     # --- memory ----------------------------------------------------------------------
 
     @_returns_code()
-    def register_memory(self, buffer_addr, capacity):
+    def register_memory(self, buffer_addr, capacity, location="*"):
         """Make [buffer_addr, +capacity bytes) reachable by peers. 0, -7
         when it overlaps memory registered before, -1 for memory that is not
-        mapped here."""
-        self._register(buffer_addr, capacity)
+        mapped here. ``location`` (Mooncake's registerLocalMemory location):
+        "*" finds it (CUDA device memory, else host memory; see
+        kvcache.device.runtime.locate_memory), "cpu" or "cpu:N" is host
+        memory, "cuda:N" / "npu:N" device memory, whose transfers are
+        staged through pinned host buffers."""
+        self._register(buffer_addr, capacity, location)
         self._publish()
         return OK
 
-    def _register(self, addr, length):
+    def _register(self, addr, length, location="*"):
         engine = self._started()
         addr, length = int(addr), int(length)
-        for _, start, size in engine.regions():
+        if location == "*":
+            device = locate_memory(addr, length)
+        elif str(location).partition(":")[0] == "cpu":
+            device = None
+        else:
+            device = "{}:{}".format(*parse_device(location))
+        for _, start, size in engine.regions() + engine.device_regions():
             if start < addr + length and addr < start + size:
                 raise _tagged(ERR_ADDRESS_OVERLAPPED, LLMStatusCode.LLM_PARAM_INVALID,
                               f"[{addr:#x}, +{length}) overlaps registered "
                               f"[{start:#x}, +{size})")
-        region_id = engine.register_memory(addr, length)
+        region_id = engine.register_memory(addr, length, device=device)
         with self._lock:
             self._registered[addr] = region_id
 
@@ -398,7 +409,8 @@ class TransferEngine:
 
     def _check_local(self, addrs, lengths):
         """Every piece inside memory registered here, else -3."""
-        table = RegionTable(self._started().regions())
+        engine = self._started()
+        table = RegionTable(engine.regions() + engine.device_regions())
         _, misses = table.locate(u64_column(addrs, "buffers"), u64_column(lengths, "lengths"))
         if misses:
             raise _tagged(ERR_ADDRESS_NOT_REGISTERED, LLMStatusCode.LLM_PARAM_INVALID,
@@ -504,12 +516,21 @@ class TransferEngine:
                           f"{sizes.size} lengths")
         self._check_local(local, sizes)
         peer = self._peer(target)
-        if peer.regions.locate(remote, sizes)[1]:
+        found, misses = peer.regions.locate(remote, sizes)
+        if misses and not self._in_device_memory(peer, remote, sizes, found, False):
             self._engine.refresh_regions(peer)
-            if peer.regions.locate(remote, sizes)[1]:
+            found, misses = peer.regions.locate(remote, sizes)
+            if misses and not self._in_device_memory(peer, remote, sizes, found, True):
                 raise _tagged(ERR_ADDRESS_NOT_REGISTERED, LLMStatusCode.LLM_PARAM_INVALID,
                               f"remote piece(s) not inside memory {target} registered")
         return peer, local, remote, sizes
+
+    def _in_device_memory(self, peer, remote, sizes, found, refresh):
+        """Whether the pieces outside the peer's host memory (``found`` is
+        NO_REGION) all lie in its device memory (its table asked for again
+        with ``refresh``)."""
+        out = np.flatnonzero(found == NO_REGION)
+        return not self._engine.device_table(peer, refresh).locate(remote[out], sizes[out])[1]
 
     def _sync(self, op, target, buffers, peer_addresses, lengths, notify=None):
         peer, local, remote, sizes = self._prepare(target, buffers, peer_addresses, lengths)

@@ -59,14 +59,28 @@ class _DeviceMemory:
 
 
 class DeviceCaches:
-    def __init__(self, engine, config):
+    """``move``: the engine's transfer of host bytes, for the stager."""
+
+    def __init__(self, engine, config, move=None):
         self.config = config
         self._runtime = None
         self._pool = None
         self._lock = threading.Lock()
         self.regions = DeviceRegions()
         self._timeout_ms = engine.timeout_ms
-        self.stager = Stager(engine, self.regions, self.runtime, config.chunk_bytes)
+        self.stager = Stager(engine, self.regions, self.runtime, config.chunk_bytes, move)
+
+    def use(self, device_type, device_id):
+        """Make ``device_type``:``device_id`` this process's device, unless
+        the runtime is open on another (LLM_PARAM_INVALID: one device per
+        engine, as one cache manager)."""
+        with self._lock:
+            if self._runtime is not None and (self.config.device_type,
+                                              self.config.device_id) != (device_type, device_id):
+                raise _invalid(f"device memory of {device_type}:{device_id} given, but this "
+                               f"engine's device is {self.config.device_type}:"
+                               f"{self.config.device_id}")
+            self.config.device_type, self.config.device_id = device_type, device_id
 
     def runtime(self):
         """The configured DeviceRuntime; LLM_FEATURE_NOT_ENABLED without one."""

@@ -19,6 +19,7 @@ import threading
 
 import numpy as np
 
+from kvcache.descriptors import RegionTable
 from kvcache.engine.pins import Pins
 from kvcache.status import LLMException, LLMStatusCode
 
@@ -45,6 +46,7 @@ class DeviceRegions:
         self._retired = {}                  # earlier id still pinned -> its _Region
         self._ids = itertools.count(FIRST_ID)
         self._starts = self._order = np.zeros(0, dtype=np.uint64)
+        self._table = RegionTable()
 
     def register(self, addr, length, remote):
         """A new region's id; LLM_PARAM_INVALID for a range overlapping one
@@ -106,6 +108,24 @@ class DeviceRegions:
                              count=len(self._regions))
         order = np.argsort(starts)
         self._starts, self._order = starts[order], ids[order]
+        self._table = RegionTable((i, r.addr, r.length) for i, r in self._regions.items())
+
+    def find(self, addrs, lengths):
+        """The live region each piece lies wholly in, NO_REGION where none
+        (uint64 array)."""
+        with self._lock:
+            table = self._table
+        return table.locate(np.asarray(addrs, dtype=np.uint64),
+                            np.asarray(lengths, dtype=np.uint64))[0]
+
+    def __contains__(self, region_id):
+        with self._lock:
+            return region_id in self._regions
+
+    def rows(self):
+        """[(region id, addr, length)] of the live regions offered to peers."""
+        with self._lock:
+            return [(i, r.addr, r.length) for i, r in self._regions.items() if r.remote]
 
     def _locate(self, addrs):
         """The live region each address lies in (its start at or below it;

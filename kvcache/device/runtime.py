@@ -4,8 +4,12 @@ process that never places a cache on a device never loads a runtime library;
 every runtime failure becomes an LLMException whose message carries the
 runtime's code and the failing call (``device_code`` holds the code)."""
 import contextlib
+import ctypes
+import os
 import threading
 
+from kvcache.config import env_str
+from kvcache.engine.regions import check_host_mapped
 from kvcache.status import LLMException, LLMStatusCode
 
 DEVICE_TYPES = ("npu", "cuda")
@@ -41,6 +45,46 @@ def device_errors(what):
         raise err from None
     except (ValueError, TypeError, BufferError) as exc:
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"{what}: {exc}") from None
+
+
+def _cuda_in_use():
+    """Whether this process has the CUDA driver library loaded: whoever
+    allocated CUDA memory here (torch, cupy, ...) did load it."""
+    try:
+        ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+    except OSError:
+        return False
+    return True
+
+
+def locate_memory(addr, length):
+    """Where [addr, addr + length) lies, as Mooncake's wildcard location
+    finds it: 'cuda:N' for CUDA device (or managed) memory, None for host
+    memory. cudaPointerGetAttributes is asked first when this process puts
+    its memory on CUDA (KVCACHE_DEVICE_TYPE=cuda), and for a range that is
+    no host memory when the CUDA driver is loaded here already; so a process
+    that never touched CUDA never loads a runtime. NPU memory cannot be
+    found so (ACL has no such query): name it. LLM_PARAM_INVALID when the
+    range is neither."""
+    asked = env_str("KVCACHE_DEVICE_TYPE").lower() == "cuda"
+    if not asked:
+        try:
+            check_host_mapped(addr, length)
+            return None
+        except LLMException:
+            if not _cuda_in_use():
+                raise
+    from pyverbs_kv import cuda
+    from pyverbs_kv.accel import AcceleratorError
+    if cuda.available()[0]:
+        try:
+            attrs = cuda.pointer_attributes(addr)
+        except AcceleratorError:
+            attrs = None                    # a runtime without a GPU: no device memory here
+        if attrs is not None and attrs.type in ("device", "managed"):
+            return f"cuda:{attrs.device}"
+    check_host_mapped(addr, length)
+    return None
 
 
 class DeviceRuntime:

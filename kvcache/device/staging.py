@@ -99,10 +99,13 @@ class Stager:
     """``engine``: the TransferEngine; ``regions``: DeviceRegions;
     ``runtime()``: the DeviceRuntime (opened at first call; raises
     LLM_FEATURE_NOT_ENABLED without a configured device);
-    ``chunk_bytes``: the slot size."""
+    ``chunk_bytes``: the slot size; ``move``: the engine's transfer of
+    host bytes (default ``engine.transfer_sync``; an engine that stages its
+    own transfer_sync passes its host one)."""
 
-    def __init__(self, engine, regions, runtime, chunk_bytes=DEFAULT_CHUNK_BYTES):
+    def __init__(self, engine, regions, runtime, chunk_bytes=DEFAULT_CHUNK_BYTES, move=None):
         self._engine = engine
+        self._move = move or engine.transfer_sync
         self._regions = regions
         self._runtime = runtime
         self.chunk_bytes = chunk_bytes
@@ -354,7 +357,7 @@ class Stager:
         slots and the wait for slots included, shares one deadline of
         ``timeout_ms`` (LLM_TIMEOUT)."""
         if local_cache is None and remote_device_regions is None:
-            self._engine.transfer_sync(peer, op, local, remote, lengths, timeout_ms,
+            self._move(peer, op, local, remote, lengths, timeout_ms,
                                        remote_regions=remote_regions)
             self._record(peer, PATH_HOST)
             return PATH_HOST
@@ -456,7 +459,7 @@ class Stager:
             else:
                 remote_addrs = np.uint64(remote_slots[k].addr) + offsets
                 named = np.full(lens.size, remote_slots[k].region_id, dtype=np.uint64)
-            self._engine.transfer_sync(peer, op, local_addrs, remote_addrs, lens, deadline.left(),
+            self._move(peer, op, local_addrs, remote_addrs, lens, deadline.left(),
                                        remote_regions=named)
 
         def settle(slots, k):

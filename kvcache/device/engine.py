@@ -1,0 +1,232 @@
+"""TransferEngine with device memory: the one-sided engine of
+kvcache.engine, whose memory may also lie on an accelerator.
+
+    engine = TransferEngine("decode-0", listen="127.0.0.1:26001")
+    region = engine.register_memory(tensor.data_ptr(), nbytes, device="cuda:0")
+
+Transports move host bytes only, so a piece of device memory, ours or a
+peer's, takes the staged path (kvcache.device.staging: device -> pinned slot
+-> the move -> pinned slot -> device, the side holding the memory doing its
+copies and checking every piece against its region). Pieces in host memory
+on both sides go straight to the host engine. A peer learns our offered
+device regions by the control call ``engine.device_regions``, asked only
+when a piece lies in none of the regions it knows."""
+import threading
+import time
+import types
+import weakref
+
+import numpy as np
+
+from kvcache import checks
+from kvcache.checks import public
+from kvcache.descriptors import NO_REGION, RegionTable, as_descriptor_arrays, u64_column
+from kvcache.device.caches import DeviceCaches, DeviceConfig
+from kvcache.device.regions import FIRST_ID
+from kvcache.device.runtime import DEVICE_TYPES
+from kvcache.engine.engine import TransferEngine as HostEngine
+from kvcache.status import LLMException, LLMStatusCode
+
+DEVICE_REGIONS = "engine.device_regions"
+
+
+def parse_device(device):
+    """'cuda', 'cuda:1', 'npu:0' -> (device type, device id);
+    LLM_PARAM_INVALID for anything else."""
+    kind, _, index = str(device).partition(":")
+    try:
+        device_id = int(index) if index else 0
+    except ValueError:
+        device_id = -1
+    if kind not in DEVICE_TYPES or device_id < 0:
+        raise checks.invalid(f"device must be one of {DEVICE_TYPES} with an optional ':id' "
+                             f"(e.g. 'cuda:0'), got {device!r}")
+    return kind, device_id
+
+
+class TransferEngine(HostEngine):
+    """kvcache.engine's TransferEngine (same arguments), plus
+    ``device_chunk_size``: bytes of each pinned staging slot (default
+    KVCACHE_DEVICE_CHUNK_BYTES, 4 MiB). The device runtime is opened at
+    the first device registration or the first staging call a peer makes."""
+
+    @public
+    def __init__(self, *args, device_chunk_size=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        try:
+            self.device = DeviceCaches(self, DeviceConfig(chunk_bytes=device_chunk_size),
+                                       move=super().transfer_sync)
+            self.rpc.serve(DEVICE_REGIONS, self._rpc_device_regions, {})
+        except BaseException:
+            super().close()
+            raise
+        self._tables = weakref.WeakKeyDictionary()   # Peer -> RegionTable of its device regions
+        self._tables_lock = threading.Lock()
+
+    # --- memory ----------------------------------------------------------------------
+
+    @public
+    def register_memory(self, addr, length, *, device=None, remote_accessible=True,
+                        **host_options):
+        """Register [addr, addr + length) for transfers; returns its region id.
+        ``device``: None (host memory: every option of the host engine's
+        register_memory applies), or 'cuda[:id]' / 'npu[:id]' for device
+        memory, such as a torch CUDA tensor's ``data_ptr()`` (as NIXL's
+        VRAM descriptors and Mooncake's cuda location). One device per
+        engine. CUDA checks both ends of the range with
+        cudaPointerGetAttributes. ``remote_accessible`` as for host memory.
+        LLM_PARAM_INVALID (a bad device, a range that is no device memory or
+        overlaps device memory registered already),
+        LLM_FEATURE_NOT_ENABLED (the runtime library is missing)."""
+        if device is None:
+            return super().register_memory(addr, length, remote_accessible=remote_accessible,
+                                           **host_options)
+        if host_options:
+            raise checks.invalid(f"device memory takes none of {sorted(host_options)}")
+        device_type, device_id = parse_device(device)
+        addr = checks.integer(addr, "addr", 1)
+        length = checks.integer(length, "length", 1)
+        if self._closed:
+            raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED, "engine closed")
+        self.device.use(device_type, device_id)
+        return self.device.register([addr], length, bool(remote_accessible))[0]
+
+    @public
+    def unregister_memory(self, region_ids, timeout_ms=None):
+        """As the host engine's, for host and device regions alike: each
+        kind is withdrawn once no transfer uses it (LLM_LINK_BUSY after
+        ``timeout_ms``; the regions of that kind then stay). Host regions
+        go first, so a busy host region leaves the device ones registered."""
+        timeout = self._timeout(timeout_ms)
+        many = isinstance(region_ids, (list, tuple))
+        ids = [checks.integer(i, "region id", 1) for i in (region_ids if many else [region_ids])]
+        device = [i for i in ids if i >= FIRST_ID]
+        unknown = [i for i in device if i not in self.device.regions]
+        if unknown:
+            raise checks.invalid(f"device regions {unknown} are not registered")
+        host = [i for i in ids if i < FIRST_ID]
+        if host:
+            super().unregister_memory(host if many else host[0], timeout)
+        if device:
+            self.device.release(device, timeout)
+
+    def device_regions(self):
+        """[(region_id, addr, length)] of the device memory we offer to peers."""
+        return self.device.regions.rows()
+
+    def _rpc_device_regions(self, peer, params):
+        return {"regions": [list(r) for r in self.device.regions.rows()]}
+
+    # --- transfers -------------------------------------------------------------------
+
+    @public
+    def transfer_sync(self, peer, op, local_addrs, remote_addrs, lengths, timeout_ms=None,
+                      remote_regions=None):
+        """As the host engine's transfer_sync (arguments, return value and
+        status codes), where pieces may lie in device memory on either side.
+        Those are staged: when this returns, every byte is in place, in the
+        target's device memory included. Pieces are grouped by where they
+        lie (host or device, here and there) and each group moves under
+        the one deadline of ``timeout_ms``. ``remote_regions``: the peer's
+        region of each piece, host or device ids alike."""
+        peer = self.peer(peer)
+        local, remote, lengths, total = as_descriptor_arrays(local_addrs, remote_addrs, lengths)
+        named = None
+        if remote_regions is not None:
+            named = u64_column(remote_regions, "remote_regions")
+            if named.size != local.size:
+                raise checks.invalid("remote_regions must name one region per piece")
+        timeout = self._timeout(timeout_ms)
+        stager = self.device.stager
+        local_ids = self.device.regions.find(local, lengths)
+        local_device = local_ids != NO_REGION
+        if named is not None:
+            remote_device, remote_ids = named >= FIRST_ID, named
+        else:
+            remote_device, remote_ids = self._remote_device(peer, remote, lengths, timeout)
+        if not (local_device.any() or remote_device.any()):
+            stager.transfer(peer, op, local, remote, lengths, timeout, remote_regions=named)
+            return total
+        deadline = time.monotonic() + timeout / 1000
+        for here in (False, True):
+            for there in (False, True):
+                group = (local_device == here) & (remote_device == there)
+                if not group.any():
+                    continue
+                left = int((deadline - time.monotonic()) * 1000)
+                if left <= 0:
+                    raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                                       f"{op} with {peer.name}: deadline passed")
+                own = types.SimpleNamespace(region_ids=set(local_ids[group].tolist()))
+                try:
+                    stager.transfer(
+                        peer, op, local[group], remote[group], lengths[group], left,
+                        local_cache=own if here else None,
+                        remote_regions=None if there or named is None else named[group],
+                        remote_device_regions=remote_ids[group] if there else None)
+                except LLMException as exc:
+                    if there and exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST:
+                        with self._tables_lock:
+                            self._tables.pop(peer, None)     # look its regions up again
+                    raise
+        return total
+
+    def _remote_device(self, peer, remote, lengths, timeout):
+        """(whether each piece lies in the peer's device memory, its device
+        region id there). Pieces in a host region we know of are host
+        pieces; for the others the peer's device table is looked up (asked
+        again once when it does not cover them: new memory, or a first
+        transfer)."""
+        found, misses = peer.regions.locate(remote, lengths)
+        device = np.zeros(remote.size, dtype=bool)
+        ids = np.zeros(remote.size, dtype=np.uint64)
+        if not misses:
+            return device, ids
+        out = np.flatnonzero(found == NO_REGION)
+        got, missed = self.device_table(peer, False, timeout).locate(remote[out], lengths[out])
+        if missed:
+            got, _ = self.device_table(peer, True, timeout).locate(remote[out], lengths[out])
+        device[out], ids[out] = got != NO_REGION, got
+        return device, ids
+
+    @public
+    def device_table(self, peer, refresh=False, timeout_ms=None):
+        """Our copy of the device memory ``peer`` offers (a RegionTable),
+        asked for at the first call and again with ``refresh``. LLM_FAILED
+        when the peer describes it badly."""
+        peer = self.peer(peer)
+        timeout = self._timeout(timeout_ms)
+        with self._tables_lock:
+            table = self._tables.get(peer)
+        if table is not None and not refresh:
+            return table
+        rows = self._call(peer, DEVICE_REGIONS, {}, timeout).get("regions")
+        try:
+            table = RegionTable((int(i), int(a), int(n)) for i, a, n in rows)
+            if (table.ids < FIRST_ID).any():
+                raise ValueError("a device region id below FIRST_ID")
+        except (TypeError, ValueError, LLMException) as exc:
+            raise LLMException(LLMStatusCode.LLM_FAILED,
+                               f"{peer.name} described its device regions badly: "
+                               f"{exc}") from None
+        with self._tables_lock:
+            self._tables[peer] = table
+        return table
+
+    def transfer_path(self, peer):
+        """'staged' or 'host': the path the last transfer with ``peer``
+        (a Peer or its name) took; None before its first."""
+        return self.device.stager.path(self.peer(peer).name)
+
+    # --- shutdown --------------------------------------------------------------------
+
+    def close(self):
+        """Stop staging (waiting for staged transfers and the peers' stage
+        calls up to the engine's timeout), close the host engine, then the
+        device runtime. Idempotent."""
+        device = getattr(self, "device", None)
+        if device is not None:
+            device.stager.close(self.timeout_ms)
+        super().close()
+        if device is not None:
+            device.close()
