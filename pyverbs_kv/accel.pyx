@@ -7,9 +7,11 @@ accelerator binding must load on a machine without rdma-core."""
 import weakref
 
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_WRITABLE,
-                             PyBUF_ANY_CONTIGUOUS, PyBUF_SIMPLE, PyBUF_FORMAT)
+                             PyBUF_ANY_CONTIGUOUS, PyBUF_SIMPLE)
 from libc.stdint cimport uintptr_t
 from posix.dlfcn cimport dlopen, dlsym, dlerror, dlclose, RTLD_NOW, RTLD_LOCAL
+
+from pyverbs_kv.byteview cimport fill_byte_view
 
 cdef extern from "<dlfcn.h>" nogil:
     int RTLD_NOLOAD
@@ -103,19 +105,7 @@ cdef class PinnedMemory(Memory):
     def __getbuffer__(self, Py_buffer *view, int flags):
         self.check_open()
         self.exports += 1
-        view.buf = self.addr
-        view.obj = self
-        view.len = self.nbytes
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = NULL
-        if flags & PyBUF_FORMAT:
-            view.format = <char *>"B"
-        view.ndim = 1
-        view.shape = NULL
-        view.strides = NULL
-        view.suboffsets = NULL
-        view.internal = NULL
+        fill_byte_view(view, self, self.addr, self.nbytes, flags)
 
     def __releasebuffer__(self, Py_buffer *view):
         self.exports -= 1

@@ -14,7 +14,7 @@ import numpy as np
 
 cimport numpy as cnp
 from pyverbs_kv.arrays cimport as_i64, as_u64, data_of, length_of
-from cpython.buffer cimport PyBUF_FORMAT
+from pyverbs_kv.byteview cimport fill_byte_view
 from libc.stdint cimport int64_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy
@@ -38,25 +38,9 @@ cdef class _Block:
     last view is gone (the GIL serialises both ends)."""
     cdef char *ptr
     cdef Py_ssize_t nbytes
-    cdef Py_ssize_t shape[1]
-    cdef Py_ssize_t strides[1]
 
     def __getbuffer__(self, Py_buffer *view, int flags):
-        self.shape[0] = self.nbytes
-        self.strides[0] = 1
-        view.buf = self.ptr
-        view.obj = self
-        view.len = self.nbytes
-        view.readonly = 0
-        view.itemsize = 1
-        view.format = NULL
-        if flags & PyBUF_FORMAT:
-            view.format = b"B"
-        view.ndim = 1
-        view.shape = self.shape
-        view.strides = self.strides
-        view.suboffsets = NULL
-        view.internal = NULL
+        fill_byte_view(view, self, self.ptr, self.nbytes, flags)
 
     def __releasebuffer__(self, Py_buffer *view):
         pass
