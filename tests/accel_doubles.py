@@ -18,6 +18,17 @@ DOUBLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "doubles")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Device type -> (the double's source, its library name, the variable a
+# process loads the runtime from).
+RUNTIMES = {"npu": ("fake_ascendcl.c", "libascendcl.so", "KVCACHE_ACL_LIB"),
+            "cuda": ("fake_cudart.c", "libcudart.so", "KVCACHE_CUDA_LIB")}
+
+
+def build_runtimes(out_dir):
+    """Every runtime double built into ``out_dir``: {device type: path}."""
+    return {kind: build(src, out_dir, name) for kind, (src, name, _) in RUNTIMES.items()}
+
+
 def build(source, out_dir, lib_name, omit=None):
     """Compile tests/doubles/``source`` into ``out_dir``/``lib_name``;
     ``omit`` names a symbol to leave out (the missing-symbol path). Returns

@@ -48,3 +48,10 @@ def etcd():
     server = start_or_skip(pytest)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory):
+    """The accelerator runtime doubles, built once: {device type: path}."""
+    from accel_doubles import build_runtimes
+    return build_runtimes(tmp_path_factory.mktemp("doubles"))

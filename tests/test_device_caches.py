@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from accel_doubles import build, run_python
+from accel_doubles import RUNTIMES, build, run_python
 from device_peer import DevicePeer
 from kv_peer import PeerError, pattern
 from kvcache.device.regions import DeviceRegions
@@ -23,19 +23,11 @@ from kvcache.status import LLMException, LLMStatusCode
 BLOCKS, BLOCK = 24, 1000          # 1000-byte blocks: chunks of 2300 bytes split them
 TENSORS = 4
 CHUNK = 2300
-DOUBLES = {"npu": ("fake_ascendcl.c", "libascendcl.so", "KVCACHE_ACL_LIB"),
-           "cuda": ("fake_cudart.c", "libcudart.so", "KVCACHE_CUDA_LIB")}
-
-
-@pytest.fixture(scope="module")
-def libraries(tmp_path_factory):
-    out = tmp_path_factory.mktemp("doubles")
-    return {kind: build(src, out, name) for kind, (src, name, _) in DOUBLES.items()}
 
 
 @pytest.fixture(params=["npu", "cuda"])
 def device_type(request, libraries, monkeypatch):
-    monkeypatch.setenv(DOUBLES[request.param][2], libraries[request.param])
+    monkeypatch.setenv(RUNTIMES[request.param][2], libraries[request.param])
     return request.param
 
 
@@ -273,7 +265,7 @@ for name, call in (
 
 @pytest.mark.parametrize("kind", ["npu", "cuda"])
 def test_runtime_errors_surface_as_llm_exceptions_with_the_runtime_code(kind, libraries):
-    out = run_python(ERRORS.format(kind=kind), {DOUBLES[kind][2]: libraries[kind]})
+    out = run_python(ERRORS.format(kind=kind), {RUNTIMES[kind][2]: libraries[kind]})
     assert out.returncode == 0, out.stderr
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
     call = "aclrtMemcpy" if kind == "npu" else "cudaMemcpy"
@@ -593,7 +585,7 @@ def test_local_copies_with_device_caches_are_byte_exact(device_type, libraries):
     copy_blocks within a device cache (overlapping maps read their sources
     first), copy_cache rows device <-> host and within a device cache, every
     result read back from device memory; bad maps move nothing."""
-    lib_var = DOUBLES[device_type][2]
+    lib_var = RUNTIMES[device_type][2]
     done = run_python(LOCAL_COPIES.format(device_type=device_type),
                       {lib_var: libraries[device_type]})
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-4000:]

@@ -10,18 +10,8 @@ import os
 import numpy as np
 import pytest
 
-from accel_doubles import build, run_python
+from accel_doubles import RUNTIMES, run_python
 from mooncake_target import Target
-
-DOUBLES = {"npu": ("fake_ascendcl.c", "libascendcl.so", "KVCACHE_ACL_LIB"),
-           "cuda": ("fake_cudart.c", "libcudart.so", "KVCACHE_CUDA_LIB")}
-
-
-@pytest.fixture(scope="module")
-def libraries(tmp_path_factory):
-    out = tmp_path_factory.mktemp("doubles")
-    return {kind: build(src, out, name) for kind, (src, name, _) in DOUBLES.items()}
-
 
 EVERY_WAY = """
 import numpy as np
@@ -135,7 +125,7 @@ print("ok")
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_engine_device_memory_moves_every_way_and_bad_input_is_refused(kind, transport,
                                                                         libraries):
-    env = {var: libraries[k] for k, (_, _, var) in DOUBLES.items()}
+    env = {var: libraries[k] for k, (_, _, var) in RUNTIMES.items()}
     res = run_python(EVERY_WAY.format(kind=kind, transport=transport), env, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("moved") == 8 and res.stdout.rstrip().endswith("ok"), res.stdout
