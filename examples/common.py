@@ -3,10 +3,8 @@ run a prompt process beside the decoder (every example is two or more real
 processes on 127.0.0.1). A child that fails makes the parent fail at once
 with the child's error; children die with their parent."""
 import argparse
-import ctypes
 import multiprocessing as mp
 import os
-import signal
 import sys
 import time
 from queue import Empty
@@ -14,9 +12,9 @@ from queue import Empty
 import numpy as np
 
 from kvcache import LLMClusterInfo, LLMConfig, LLMDataDist, LLMStatusCode
+from kvcache.lifeline import die_with_parent
 
 TIMEOUT_S = 60
-PR_SET_PDEATHSIG = 1                   # <sys/prctl.h>
 
 
 def start(role, cluster_id, listen="", **config):
@@ -79,17 +77,8 @@ def positive(text):
     return value
 
 
-def _die_with_parent(parent_pid):
-    """The kernel kills this process when the parent dies (Linux
-    PR_SET_PDEATHSIG), so an interrupted example leaves nothing running."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(1)                    # the parent died before prctl took effect
-
-
 def _child_main(parent_pid, errors, target, args):
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     try:
         target(*args)
     except BaseException as exc:       # reported to the parent, which fails with it

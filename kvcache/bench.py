@@ -12,7 +12,6 @@ median batch time, p50/p99 batch latency, and the CPU time this process
 spent per batch (all its threads). With N threads each thread moves its
 own batch at once; GB/s counts all of them."""
 import argparse
-import ctypes
 import functools
 import importlib.util
 import json
@@ -31,13 +30,13 @@ import numpy as np
 from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                      LLMDataDist, LLMRole, bench_peers)
 from kvcache.descriptors import RegionTable, block_descriptors, merge_runs
+from kvcache.lifeline import worker_dies_with_parent
 from pyverbs_kv import sgio
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SIZES = [1 << k for k in range(10, 19)]
 POOL = '{"buf_pool_size": %d}'
-PR_SET_PDEATHSIG = 1                   # <sys/prctl.h>
 
 
 def pool_bytes(size, batch, threads):
@@ -53,7 +52,7 @@ def desc_for(size, batch, threads):
 def target_main(addresses, done, largest, batch, threads, transport):
     """The prompt side: serves one blocks cache at a time ("bench.cache"
     allocates it), so the pool never holds more than the largest."""
-    _die_with_parent()
+    worker_dies_with_parent()
     dd = LLMDataDist(LLMRole.PROMPT, 1)
     cfg = LLMConfig()
     cfg.listen_ip_info = "127.0.0.1:0"
@@ -199,7 +198,7 @@ def memcpy_baseline(size, batch, seconds, warmup=WARMUP):
 
 
 def _sink(port_queue, total):
-    _die_with_parent()
+    worker_dies_with_parent()
     server = socket.create_server(("127.0.0.1", 0))
     port_queue.put(server.getsockname()[1])
     conn, _ = server.accept()
@@ -517,18 +516,6 @@ def plot(path, rows, memcpy, tcp_ref, sizes):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _die_with_parent():
-    """In a bench child: Ctrl-C reaches the whole process group, but only the
-    parent handles it (it ends its children); the kernel kills the child if
-    the parent dies any other way (SIGKILL, a crash)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    parent = mp.parent_process()
-    if parent is not None and os.getppid() != parent.pid:
-        os._exit(1)                      # the parent died before prctl took effect
 
 
 class Stopped(Exception):

@@ -5,6 +5,8 @@ the initiator moves each batch with ``batch_transfer_sync_read/write`` of
 the bench's descriptor lists."""
 import numpy as np
 
+from kvcache.lifeline import worker_dies_with_parent
+
 NAME = "mooncake"
 PIP = "pip install mooncake-transfer-engine-non-cuda==0.3.13.post1"
 MODULE = "mooncake.engine"
@@ -34,8 +36,7 @@ def target_main(conn, nbytes, fill):
     """The serving process: one registered buffer of ``nbytes`` holding
     ``fill``; sends (segment name, buffer address), then serves until the
     initiator closes the pipe."""
-    from kvcache.bench import _die_with_parent
-    _die_with_parent()
+    worker_dies_with_parent()
     engine = _engine()
     buffer = np.full(nbytes, fill, dtype=np.uint8)
     _register(engine, buffer)

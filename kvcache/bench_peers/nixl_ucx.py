@@ -10,6 +10,8 @@ import time
 
 import numpy as np
 
+from kvcache.lifeline import worker_dies_with_parent
+
 NAME = "nixl"
 PIP = "pip install --no-deps nixl-cu12==1.5.1"
 MODULE = "nixl_cu12._api"
@@ -49,8 +51,7 @@ def target_main(conn, nbytes, fill):
     ``nbytes`` holding ``fill``; sends (its metadata, buffer address), adds
     the initiator's metadata, says ready, then serves until the initiator
     closes the pipe."""
-    from kvcache.bench import _die_with_parent
-    _die_with_parent()
+    worker_dies_with_parent()
     agent = _agent(TARGET)
     buffer = np.full(nbytes, fill, dtype=np.uint8)
     registered = _register(agent, buffer)

@@ -5,7 +5,6 @@
 A child that fails before it is ready is reported at once with the end of
 its log (its stderr), not after a timeout: the parent waits for the READY
 line and the child's exit together."""
-import ctypes
 import json
 import os
 import select
@@ -16,21 +15,9 @@ import time
 
 from kvcache.status import LLMException, LLMStatusCode
 
-PR_SET_PDEATHSIG = 1                 # <sys/prctl.h>
 READY_PREFIX = "READY "
 LOG_TAIL_BYTES = 4000
 EXIT_GRACE_S = 2.0                   # for a child whose stdout ended to exit
-
-
-def die_with_parent(parent_pid):
-    """In a child: the kernel sends SIGKILL when the parent dies (any way:
-    SIGKILL, a crash). ``parent_pid``: the pid the parent gave; a child
-    whose parent already died before this call exits at once."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    if os.getppid() != parent_pid:
-        os._exit(1)
 
 
 def announce_ready(info):

@@ -10,7 +10,7 @@ import torch
 
 from kvcache import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMException,
                      LLMRole)
-from kvcache.demo.children import die_with_parent
+from kvcache.lifeline import die_with_parent
 from kvcache.demo.model import ModelConfig, TinyLlama
 from kvcache.demo.paging import BlockAllocator, layer_views
 

@@ -28,7 +28,7 @@ import aiohttp
 from aiohttp import web
 
 from kvcache.demo import serving
-from kvcache.demo.children import die_with_parent
+from kvcache.lifeline import die_with_parent
 
 log = logging.getLogger(__name__)
 
