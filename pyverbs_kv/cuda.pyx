@@ -25,6 +25,10 @@ import weakref
 
 from libc.stdint cimport uintptr_t
 from libc.string cimport memset
+from posix.dlfcn cimport dlopen, dlclose, RTLD_LAZY
+
+cdef extern from "<dlfcn.h>" nogil:
+    int RTLD_NOLOAD
 from pyverbs_kv.accel cimport (AccelObject, Memory, PinnedMemory, Span, span,
                                open_library)
 from pyverbs_kv.accel import AcceleratorError, RuntimeUnavailable
@@ -160,6 +164,17 @@ def available():
 def library_path():
     """The libcudart in use, or None before it loaded."""
     return _library_path
+
+
+def driver_loaded():
+    """Whether this process has the CUDA driver library (libcuda.so.1)
+    loaded already: whoever made CUDA memory here (torch, cupy, ...) did.
+    Loads nothing."""
+    cdef void *handle = dlopen(b"libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD)
+    if handle == NULL:
+        return False
+    dlclose(handle)
+    return True
 
 
 cdef int _check(str call, cudaError_t rc, str args="") except -1:

@@ -14,6 +14,7 @@ line on stdin, with one JSON line on stdout.
                                                  register_memory)
     {"cmd": "read_device", "addr": A, "len": N} -> {"hex": "..."}
     {"cmd": "fill_device", "addr": A, "hex": "..."} -> {}
+    {"cmd": "write_bytes", "addr": A, "hex": "..."} -> {"code": 0}
     {"cmd": "quit"}                           -> {} (then it exits)
 
 ``Target`` starts and drives one from a test."""
@@ -127,6 +128,10 @@ def main():
             data = np.frombuffer(bytes.fromhex(request["hex"]), dtype=np.uint8)
             device().copy(request["addr"], data.ctypes.data, data.nbytes, H2D)
             reply = {}
+        elif cmd == "write_bytes":
+            reply = {"code": engine.write_bytes_to_buffer(request["addr"],
+                                                          bytes.fromhex(request["hex"]),
+                                                          len(request["hex"]) // 2)}
         elif cmd == "unregister":
             reply = {"code": engine.unregister_memory(request["addr"])}
         elif cmd == "notifies":

@@ -181,7 +181,8 @@ def test_the_holder_checks_every_staged_piece_against_its_region(libraries, monk
         for method in ("cache.stage_in", "cache.stage_out"):
             for params, status, text in cases:
                 with pytest.raises(PeerError) as err:
-                    decoder.call("stage_raw", 1, method, dict(params, slot=0))
+                    decoder.call("stage_raw", 1, method, dict(params, slot=0,
+                                                              budget_ms=30_000))
                 assert err.value.status_code == status, (method, params, err.value)
                 assert text in str(err.value)
         got = prompt.call("tensors", cache)[0]
@@ -609,7 +610,7 @@ def test_registered_device_memory_is_unreachable_once_unregistered_after_a_key_r
             with pytest.raises(PeerError) as err:
                 decoder.call("stage_raw", 1, "cache.stage_in",
                              dict(slot=0, addrs=[info["tensor_addrs"][0]], lengths=[8],
-                                  regions=[region]))
+                                  regions=[region], budget_ms=30_000))
             assert err.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, region
     finally:
         decoder.close()
@@ -689,6 +690,31 @@ def test_releasing_a_renewed_device_region_waits_for_copies_under_its_earlier_id
     for named, own in ((None, Own([renewed])), ([renewed], None)):
         with pytest.raises(LLMException):
             table.pin([base], [8], named, own)
+
+
+def test_a_device_release_whose_companion_release_fails_restores_its_regions():
+    """What keeps the engine's unregister of host and device regions all or
+    none: the device regions are withdrawn (nothing pins them meanwhile),
+    and restored when the host release run before they are forgotten fails."""
+    table = DeviceRegions()
+    base = 1 << 20
+    region = table.register(base, 4096, True)
+    seen = []
+
+    def host_release_fails():
+        with pytest.raises(LLMException):
+            table.pin([base], [8], [region])                   # withdrawn meanwhile
+        seen.append(True)
+        raise LLMException(LLMStatusCode.LLM_LINK_BUSY, "host region busy")
+
+    with pytest.raises(LLMException) as err:
+        table.release([region], 1, then=host_release_fails)
+    assert err.value.status_code == LLMStatusCode.LLM_LINK_BUSY and seen
+    table.unpin(table.pin([base], [8], [region]))               # restored, same id
+    table.release([region], 1, then=lambda: None)
+    assert region not in table
+    with pytest.raises(LLMException):
+        table.register((1 << 64) - 100, 1000, True)
 
 
 def test_own_device_pieces_are_found_by_address_and_regions_do_not_overlap():

@@ -162,6 +162,8 @@ def test_mooncake_register_memory_finds_cuda_memory_and_stages_it(protocol, libr
         assert target.read(target.first, 200) == local[100:300].tobytes()
         assert bytes.fromhex(target.ask(cmd="read_device", addr=device + 10, len=100)["hex"]) \
             == local[:100].tobytes()
+        # The CPU never touches device memory: Mooncake's byte helpers refuse it.
+        assert target.ask(cmd="write_bytes", addr=device, hex="ab" * 8)["code"] == -3
         # Past the end of the device memory: refused, the link unharmed.
         assert engine.transfer_sync_write(target.segment, local.ctypes.data, device + 1, n) < 0
         assert engine.transfer_sync_write(target.segment, local.ctypes.data, device, n) == 0
@@ -209,6 +211,99 @@ def test_fastdeploy_caches_in_cuda_memory_are_found_and_written(libraries):
     res = run_python(FASTDEPLOY.format(transport="tcp"), env, timeout=240)
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.rstrip().endswith("ok")
+
+
+LIFETIMES = """
+import ctypes, os, threading, time
+import numpy as np
+from kvcache import LLMException, LLMStatusCode, TransferEngine
+from kvcache.device.runtime import D2H, H2D, DeviceRuntime
+from kvcache.engine import TransferEngine as HostEngine
+
+N = 10_000
+double = ctypes.CDLL(os.environ["KVCACHE_CUDA_LIB"])
+rt = DeviceRuntime("cuda", 0)
+a = TransferEngine("a", transport={transport!r}, device_chunk_size=1000)
+b = TransferEngine("b", transport={transport!r}, device_chunk_size=1000)
+a_dev, b_dev = rt.alloc(N), rt.alloc(N)
+a_host = np.zeros(N, np.uint8)
+a_dev_id = a.register_memory(a_dev.ptr, N, device="cuda")
+a_host_id = a.register_memory(a_host.ctypes.data, N)
+b.register_memory(b_dev.ptr, N, device="cuda")
+data = np.random.default_rng(5).integers(0, 256, N, dtype=np.uint8)
+rt.copy(b_dev.ptr, data.ctypes.data, N, H2D)
+peer = a.connect(b.address, timeout_ms=10_000)
+
+def refused(code, call, *args, **kwargs):
+    try:
+        call(*args, **kwargs)
+    except LLMException as exc:
+        assert exc.status_code == code, exc
+        return
+    raise AssertionError(f"{{call.__name__}} was not refused")
+
+def slowly(target, *args):
+    # Every device copy takes 50 ms: ten chunks keep the transfer going.
+    double.fake_cudart_set_copy_delay_us(ctypes.c_long(50_000))
+    result = {{}}
+    def run():
+        try:
+            result["ret"] = target(*args)
+        except LLMException as exc:
+            result["err"] = exc
+    thread = threading.Thread(target=run)
+    thread.start()
+    time.sleep(0.2)
+    return thread, result
+
+# Our host memory released while a staged read fills it: the release waits
+# until the read stopped touching it (its next chunk is refused), and memory
+# registered there afterwards gets none of its bytes.
+thread, result = slowly(a.transfer_sync, peer, "read", [a_host.ctypes.data], [b_dev.ptr], [N],
+                        30_000)
+a.unregister_memory(a_host_id, timeout_ms=10_000)
+a_host_id = a.register_memory(a_host.ctypes.data, N)
+a_host[:] = 0x11
+thread.join(30)
+double.fake_cudart_set_copy_delay_us(ctypes.c_long(0))
+assert "err" in result and not thread.is_alive(), result
+assert (a_host == 0x11).all(), int((a_host != 0x11).sum())
+print("released under a transfer")
+
+# Host and device regions released together, all or none.
+refused(LLMStatusCode.LLM_PARAM_INVALID, a.unregister_memory, [a_host_id, 1 << 50])
+assert any(r == a_host_id for r, _, _ in a.regions())
+a.unregister_memory([a_host_id, a_dev_id])
+assert not any(r in (a_host_id, a_dev_id) for r, _, _ in a.regions() + a.device_regions())
+print("all or none")
+
+# A range past the end of the address space changes nothing.
+refused(LLMStatusCode.LLM_PARAM_INVALID, a.register_memory, (1 << 64) - 100, 1000,
+        device="cuda")
+assert a.device_regions() == []
+
+# A peer on the host engine (no device memory) registering memory after the link.
+h = HostEngine("h", transport={transport!r})
+h_peer = a.connect(h.address, timeout_ms=10_000)
+h_host = np.zeros(N, np.uint8)
+h.register_memory(h_host.ctypes.data, N)
+a_host2 = np.frombuffer(data.tobytes(), np.uint8).copy()
+a.register_memory(a_host2.ctypes.data, N)
+a.transfer_sync(h_peer, "write", [a_host2.ctypes.data], [h_host.ctypes.data], [N])
+assert (h_host == data).all()
+for engine in (a, b, h):
+    engine.close()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("transport", ["tcp", "shm"])
+def test_memory_released_under_a_staged_transfer_gets_none_of_its_bytes_afterwards(transport,
+                                                                                   libraries):
+    res = run_python(LIFETIMES.format(transport=transport),
+                     {"KVCACHE_CUDA_LIB": libraries["cuda"]}, timeout=240)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.rstrip().endswith("ok"), res.stdout
 
 
 NO_CUDA = """

@@ -140,7 +140,8 @@ class Own:
 
 def stage_out(stager, link, memory, region, slot=0):
     return stager._engine.rpc.dispatch(link, "cache.stage_out", {
-        "slot": slot, "addrs": [memory.ctypes.data], "lengths": [100], "regions": [region]})
+        "slot": slot, "addrs": [memory.ctypes.data], "lengths": [100], "regions": [region],
+        "budget_ms": 30_000})
 
 
 def test_close_waits_for_stage_calls_running_then_refuses_new_ones():
@@ -252,12 +253,14 @@ class Holder:
         self.slots = [np.zeros(CHUNK, np.uint8) for _ in range(staging.DEPTH)]
         self.delay, self.slots_delay = delay, slots_delay
         self.release = threading.Event()
+        self.budgets = []                   # budget_ms of each stage call
 
     def answer(self, method, params, timeout_ms):
         if method == "cache.stage_slots":
             time.sleep(self.slots_delay)
             return {"slots": [[s.ctypes.data, i + 1] for i, s in enumerate(self.slots)],
                     "bytes": CHUNK}
+        self.budgets.append((params["budget_ms"], timeout_ms))
         if self.delay:
             self.release.wait(self.delay)
         self.slots[params["slot"]][:sum(params["lengths"])] = 7
@@ -295,8 +298,10 @@ def test_the_peer_describing_its_slots_counts_against_the_transfer_deadline():
                                            holder.answer(method, params, timeout_ms)))
     dst = np.zeros(2 * CHUNK, np.uint8)
     read_staged(stager, Link("prompt"), dst, 2000)
-    stage_outs = [t for _, method, t in engine.calls if method == "cache.stage_out"]
-    assert stage_outs and max(stage_outs) <= 2000 - 350, engine.calls
+    # The holder gets what is left of the deadline; the call waits that long
+    # and the margin for the copies queued before it ran out.
+    assert holder.budgets and max(b for b, _ in holder.budgets) <= 2000 - 350, holder.budgets
+    assert all(t == b + staging.STAGE_MARGIN_MS for b, t in holder.budgets), holder.budgets
 
 
 def first_transfer_holding_our_slots(monkeypatch):
@@ -489,3 +494,33 @@ def test_a_staged_transfer_of_a_cache_whose_memory_another_cache_took_moves_noth
                             [dst.ctypes.data], [2 * CHUNK], 5000, Own([freed]))
     assert code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, message
     assert not dst.any()
+
+
+def test_a_stage_call_queues_no_copy_once_its_budget_ran_out_or_its_link_ended():
+    """The holder's side of a stage_in: a copy not queued by the caller's
+    budget (or before its link ended) never lands, so nothing of a transfer
+    its initiator reported failed arrives afterwards."""
+    stager, engine, runtime = stager_with()
+    link = Link("prompt")
+    memory, region = device_memory(stager, 4096)
+    memory[:] = 0
+    engine.rpc.dispatch(link, "cache.stage_slots", {})
+    slot = stager._served[link].slots[0]
+    ctypes.memset(slot.addr, 7, CHUNK)
+    params = {"slot": 0, "addrs": [memory.ctypes.data, memory.ctypes.data + 100],
+              "lengths": [100, 100], "regions": [region, region], "budget_ms": 50}
+    # The first copy is held past the budget: the second is not queued.
+    runtime.gate.clear()
+    threading.Timer(0.3, runtime.gate.set).start()
+    status, text = code_of(engine.rpc.dispatch, link, "cache.stage_in", params)
+    assert status == LLMStatusCode.LLM_TIMEOUT and "pieces 1 and on not copied" in text
+    assert (memory[:100] == 7).all() and not memory[100:].any()
+    # A link that ended gets nothing copied, whatever its budget.
+    memory[:] = 0
+    link.linked = False
+    status, _ = code_of(engine.rpc.dispatch, link, "cache.stage_in",
+                        dict(params, budget_ms=30_000))
+    assert status == LLMStatusCode.LLM_TIMEOUT and not memory.any()
+    link.linked = True
+    assert code_of(engine.rpc.dispatch, link, "cache.stage_in",
+                   dict(params, budget_ms=0))[0] == LLMStatusCode.LLM_PARAM_INVALID

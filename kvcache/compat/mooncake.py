@@ -49,7 +49,7 @@ import numpy as np
 
 from kvcache.bufpool import BufferPool, BufPoolConfig
 from kvcache.config import env_int, env_list
-from kvcache.descriptors import NO_REGION, RegionTable, u64_column
+from kvcache.descriptors import RegionTable, u64_column
 from kvcache.device.engine import TransferEngine as _Engine, parse_device
 from kvcache.device.runtime import locate_memory
 from kvcache.engine import TRANSPORTS
@@ -407,10 +407,11 @@ class TransferEngine:
         self._pool.free(addr)
         return OK
 
-    def _check_local(self, addrs, lengths):
-        """Every piece inside memory registered here, else -3."""
+    def _check_local(self, addrs, lengths, device=True):
+        """Every piece inside memory registered here (host memory only
+        unless ``device``), else -3."""
         engine = self._started()
-        table = RegionTable(engine.regions() + engine.device_regions())
+        table = RegionTable(engine.regions() + (engine.device_regions() if device else []))
         _, misses = table.locate(u64_column(addrs, "buffers"), u64_column(lengths, "lengths"))
         if misses:
             raise _tagged(ERR_ADDRESS_NOT_REGISTERED, LLMStatusCode.LLM_PARAM_INVALID,
@@ -419,21 +420,23 @@ class TransferEngine:
     @_returns_code()
     def write_bytes_to_buffer(self, dest_address, src_ptr, length):
         """Copy the first ``length`` bytes of ``src_ptr`` (bytes-like) to
-        ``dest_address`` in registered memory (-3 outside it)."""
+        ``dest_address`` in registered host memory (-3 outside it, device
+        memory included: the CPU cannot touch it)."""
         data = memoryview(src_ptr).cast("B")
         length = int(length)
         if not 0 < length <= data.nbytes:
             raise _tagged(ERR_INVALID_ARGUMENT, LLMStatusCode.LLM_PARAM_INVALID,
                           f"length {length} outside 1..{data.nbytes} (the data's size)")
-        self._check_local([dest_address], [length])
+        self._check_local([dest_address], [length], device=False)   # the CPU writes it
         ctypes.memmove(int(dest_address), np.frombuffer(data, np.uint8).ctypes.data, length)
         return OK
 
     @_returns_code(failure=b"")
     def read_bytes_from_buffer(self, source_address, length):
-        """``length`` bytes at ``source_address`` in registered memory, as
-        bytes; b"" (logged) when the range is not registered here."""
-        self._check_local([source_address], [length])
+        """``length`` bytes at ``source_address`` in registered host memory,
+        as bytes; b"" (logged) when the range is not registered host memory
+        here."""
+        self._check_local([source_address], [length], device=False)
         return ctypes.string_at(int(source_address), int(length))
 
     @_returns_code(failure=0)
@@ -516,21 +519,10 @@ class TransferEngine:
                           f"{sizes.size} lengths")
         self._check_local(local, sizes)
         peer = self._peer(target)
-        found, misses = peer.regions.locate(remote, sizes)
-        if misses and not self._in_device_memory(peer, remote, sizes, found, False):
-            self._engine.refresh_regions(peer)
-            found, misses = peer.regions.locate(remote, sizes)
-            if misses and not self._in_device_memory(peer, remote, sizes, found, True):
-                raise _tagged(ERR_ADDRESS_NOT_REGISTERED, LLMStatusCode.LLM_PARAM_INVALID,
-                              f"remote piece(s) not inside memory {target} registered")
+        if self._engine.locate_remote(peer, remote, sizes, self._timeout_ms)[2]:
+            raise _tagged(ERR_ADDRESS_NOT_REGISTERED, LLMStatusCode.LLM_PARAM_INVALID,
+                          f"remote piece(s) not inside memory {target} registered")
         return peer, local, remote, sizes
-
-    def _in_device_memory(self, peer, remote, sizes, found, refresh):
-        """Whether the pieces outside the peer's host memory (``found`` is
-        NO_REGION) all lie in its device memory (its table asked for again
-        with ``refresh``)."""
-        out = np.flatnonzero(found == NO_REGION)
-        return not self._engine.device_table(peer, refresh).locate(remote[out], sizes[out])[1]
 
     def _sync(self, op, target, buffers, peer_addresses, lengths, notify=None):
         peer, local, remote, sizes = self._prepare(target, buffers, peer_addresses, lengths)

@@ -130,8 +130,9 @@ class DeviceCaches:
             raise
         return regions
 
-    def release(self, region_ids, timeout_ms):
-        self.regions.release(sorted(set(region_ids)), timeout_ms / 1000)
+    def release(self, region_ids, timeout_ms, then=None):
+        """Forget device regions once unused (see DeviceRegions.release)."""
+        self.regions.release(sorted(set(region_ids)), timeout_ms / 1000, then)
 
     def renew(self, region_id):
         return self.regions.renew(region_id)

@@ -11,6 +11,7 @@ copies and checking every piece against its region). Pieces in host memory
 on both sides go straight to the host engine. A peer learns our offered
 device regions by the control call ``engine.device_regions``, asked only
 when a piece lies in none of the regions it knows."""
+import contextlib
 import threading
 import time
 import types
@@ -44,6 +45,14 @@ def parse_device(device):
     return kind, device_id
 
 
+def _left(deadline):
+    """The ms left until ``deadline`` (time.monotonic()); LLM_TIMEOUT once none are."""
+    left = int((deadline - time.monotonic()) * 1000)
+    if left <= 0:
+        raise LLMException(LLMStatusCode.LLM_TIMEOUT, "deadline passed")
+    return left
+
+
 class TransferEngine(HostEngine):
     """kvcache.engine's TransferEngine (same arguments), plus
     ``device_chunk_size``: bytes of each pinned staging slot (default
@@ -62,6 +71,9 @@ class TransferEngine(HostEngine):
             raise
         self._tables = weakref.WeakKeyDictionary()   # Peer -> RegionTable of its device regions
         self._tables_lock = threading.Lock()
+        # Device registration against close: no runtime is opened once closing began.
+        self._device_lock = threading.Lock()
+        self._device_closed = False
 
     # --- memory ----------------------------------------------------------------------
 
@@ -86,18 +98,19 @@ class TransferEngine(HostEngine):
         device_type, device_id = parse_device(device)
         addr = checks.integer(addr, "addr", 1)
         length = checks.integer(length, "length", 1)
-        if self._closed:
-            raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED, "engine closed")
-        self.device.use(device_type, device_id)
-        return self.device.register([addr], length, bool(remote_accessible))[0]
+        with self._device_lock:
+            if self._device_closed:
+                raise LLMException(LLMStatusCode.LLM_ENGINE_FINALIZED, "engine closed")
+            self.device.use(device_type, device_id)
+            return self.device.register([addr], length, bool(remote_accessible))[0]
 
     @public
     def unregister_memory(self, region_ids, timeout_ms=None):
-        """As the host engine's, for host and device regions alike: each
-        kind is withdrawn once no transfer uses it (LLM_LINK_BUSY after
-        ``timeout_ms``; the regions of that kind then stay). Host regions
-        go first, so a busy host region leaves the device ones registered."""
-        timeout = self._timeout(timeout_ms)
+        """As the host engine's, for host and device regions alike, all or
+        none: the device regions are withdrawn and waited for first, then
+        the host ones released; when either is still in use at the deadline
+        of ``timeout_ms`` (LLM_LINK_BUSY) every region stays registered."""
+        deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
         many = isinstance(region_ids, (list, tuple))
         ids = [checks.integer(i, "region id", 1) for i in (region_ids if many else [region_ids])]
         device = [i for i in ids if i >= FIRST_ID]
@@ -105,10 +118,15 @@ class TransferEngine(HostEngine):
         if unknown:
             raise checks.invalid(f"device regions {unknown} are not registered")
         host = [i for i in ids if i < FIRST_ID]
-        if host:
-            super().unregister_memory(host if many else host[0], timeout)
+
+        def release_host():
+            if host:
+                super(TransferEngine, self).unregister_memory(host, _left(deadline))
+
         if device:
-            self.device.release(device, timeout)
+            self.device.release(device, _left(deadline), then=release_host)
+        else:
+            release_host()
 
     def device_regions(self):
         """[(region_id, addr, length)] of the device memory we offer to peers."""
@@ -127,8 +145,10 @@ class TransferEngine(HostEngine):
         Those are staged: when this returns, every byte is in place, in the
         target's device memory included. Pieces are grouped by where they
         lie (host or device, here and there) and each group moves under
-        the one deadline of ``timeout_ms``. ``remote_regions``: the peer's
-        region of each piece, host or device ids alike."""
+        the one deadline of ``timeout_ms``; the regions of every piece, ours
+        and the peer's host ones, stay pinned until the last group ended.
+        ``remote_regions``: the peer's region of each piece, host or device
+        ids alike. (The host engine's transfer_async runs this one.)"""
         peer = self.peer(peer)
         local, remote, lengths, total = as_descriptor_arrays(local_addrs, remote_addrs, lengths)
         named = None
@@ -136,76 +156,131 @@ class TransferEngine(HostEngine):
             named = u64_column(remote_regions, "remote_regions")
             if named.size != local.size:
                 raise checks.invalid("remote_regions must name one region per piece")
-        timeout = self._timeout(timeout_ms)
+        deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
         stager = self.device.stager
         local_ids = self.device.regions.find(local, lengths)
         local_device = local_ids != NO_REGION
         if named is not None:
             remote_device, remote_ids = named >= FIRST_ID, named
         else:
-            remote_device, remote_ids = self._remote_device(peer, remote, lengths, timeout)
+            remote_device, remote_ids, _ = self.locate_remote(peer, remote, lengths,
+                                                              _left(deadline))
         if not (local_device.any() or remote_device.any()):
-            stager.transfer(peer, op, local, remote, lengths, timeout, remote_regions=named)
+            stager.transfer(peer, op, local, remote, lengths, _left(deadline),
+                            remote_regions=named)
             return total
-        deadline = time.monotonic() + timeout / 1000
-        for here in (False, True):
-            for there in (False, True):
-                group = (local_device == here) & (remote_device == there)
-                if not group.any():
-                    continue
-                left = int((deadline - time.monotonic()) * 1000)
-                if left <= 0:
-                    raise LLMException(LLMStatusCode.LLM_TIMEOUT,
-                                       f"{op} with {peer.name}: deadline passed")
-                own = types.SimpleNamespace(region_ids=set(local_ids[group].tolist()))
-                try:
-                    stager.transfer(
-                        peer, op, local[group], remote[group], lengths[group], left,
-                        local_cache=own if here else None,
-                        remote_regions=None if there or named is None else named[group],
-                        remote_device_regions=remote_ids[group] if there else None)
-                except LLMException as exc:
-                    if there and exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST:
-                        with self._tables_lock:
-                            self._tables.pop(peer, None)     # look its regions up again
-                    raise
+        with self._pinned(peer, local, remote, lengths, named, local_ids, local_device,
+                          remote_device, deadline):
+            for here in (False, True):
+                for there in (False, True):
+                    group = (local_device == here) & (remote_device == there)
+                    if group.any():
+                        self._move_group(peer, op, local[group], remote[group], lengths[group],
+                                         local_ids[group] if here else None,
+                                         None if there or named is None else named[group],
+                                         remote_ids[group] if there else None, deadline)
         return total
 
-    def _remote_device(self, peer, remote, lengths, timeout):
-        """(whether each piece lies in the peer's device memory, its device
-        region id there). Pieces in a host region we know of are host
-        pieces; for the others the peer's device table is looked up (asked
-        again once when it does not cover them: new memory, or a first
-        transfer)."""
-        found, misses = peer.regions.locate(remote, lengths)
+    def _move_group(self, peer, op, local, remote, lengths, local_ids, named, remote_ids,
+                    deadline):
+        own = None if local_ids is None else types.SimpleNamespace(
+            region_ids=set(local_ids.tolist()))
+        try:
+            self.device.stager.transfer(peer, op, local, remote, lengths, _left(deadline),
+                                        local_cache=own, remote_regions=named,
+                                        remote_device_regions=remote_ids)
+        except LLMException as exc:
+            if remote_ids is not None and exc.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST:
+                with self._tables_lock:
+                    self._tables.pop(peer, None)         # look its regions up again
+            raise
+
+    @contextlib.contextmanager
+    def _pinned(self, peer, local, remote, lengths, named, local_ids, local_device,
+                remote_device, deadline):
+        """Pin, for a whole staged transfer, our host and device regions and
+        the peer's host regions its pieces touch (each chunk pins them again
+        while it moves): releasing one waits for the transfer, so no chunk
+        finds other memory registered at the same addresses meanwhile."""
+        host_pins = device_pins = remote_pins = None
+        try:
+            mine = ~local_device
+            if mine.any():
+                _, host_pins = self.registry.pin_local(local[mine], lengths[mine])
+            if local_device.any():
+                own = types.SimpleNamespace(region_ids=set(local_ids[local_device].tolist()))
+                device_pins = self.device.regions.pin(local[local_device],
+                                                      lengths[local_device], None, own)
+            theirs = ~remote_device
+            if theirs.any():
+                _, remote_pins = self._pin_remote(peer, remote[theirs], lengths[theirs],
+                                                  None if named is None else named[theirs],
+                                                  _left(deadline))
+            yield
+        finally:
+            if host_pins is not None:
+                self.registry.unpin(host_pins)
+            if device_pins is not None:
+                self.device.regions.unpin(device_pins)
+            if remote_pins is not None:
+                peer.unpin_remote(remote_pins)
+
+    @public
+    def locate_remote(self, peer, remote, lengths, timeout_ms=None):
+        """Where the peer's pieces lie: (bool array, True for a piece in its
+        device memory; uint64 array, that piece's device region id; the
+        count of pieces in none of its memory we know). Our copies of its
+        tables are asked for again only for pieces they do not cover: the
+        host table first, then the device table (a peer whose engine has
+        no device memory has an empty one)."""
+        deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
+        peer = self.peer(peer)
+        remote = u64_column(remote, "remote addresses")
+        lengths = u64_column(lengths, "lengths")
         device = np.zeros(remote.size, dtype=bool)
         ids = np.zeros(remote.size, dtype=np.uint64)
+        found, misses = peer.regions.locate(remote, lengths)
         if not misses:
-            return device, ids
+            return device, ids, 0
         out = np.flatnonzero(found == NO_REGION)
-        got, missed = self.device_table(peer, False, timeout).locate(remote[out], lengths[out])
+        with self._tables_lock:
+            table = self._tables.get(peer)
+        got, missed = (table.locate(remote[out], lengths[out]) if table is not None
+                       else (np.full(out.size, NO_REGION, dtype=np.uint64), out.size))
         if missed:
-            got, _ = self.device_table(peer, True, timeout).locate(remote[out], lengths[out])
+            # New memory of the peer: host memory first (the common case).
+            self.refresh_regions(peer, _left(deadline))
+            found, misses = peer.regions.locate(remote, lengths)
+            out = np.flatnonzero(found == NO_REGION)
+            got, missed = self.device_table(peer, True, _left(deadline)).locate(
+                remote[out], lengths[out])
         device[out], ids[out] = got != NO_REGION, got
-        return device, ids
+        return device, ids, missed
 
     @public
     def device_table(self, peer, refresh=False, timeout_ms=None):
         """Our copy of the device memory ``peer`` offers (a RegionTable),
-        asked for at the first call and again with ``refresh``. LLM_FAILED
-        when the peer describes it badly."""
+        asked for at the first call and again with ``refresh``; empty for
+        a peer whose engine takes no device memory (kvcache.engine's).
+        LLM_FAILED when the peer describes it badly."""
         peer = self.peer(peer)
         timeout = self._timeout(timeout_ms)
         with self._tables_lock:
             table = self._tables.get(peer)
         if table is not None and not refresh:
             return table
-        rows = self._call(peer, DEVICE_REGIONS, {}, timeout).get("regions")
+        try:
+            rows = self._call(peer, DEVICE_REGIONS, {}, timeout).get("regions")
+        except LLMException as exc:
+            # The host engine serves no such call: no device memory there.
+            if "unknown method" not in str(exc):
+                raise
+            rows = []
         try:
             table = RegionTable((int(i), int(a), int(n)) for i, a, n in rows)
             if (table.ids < FIRST_ID).any():
                 raise ValueError("a device region id below FIRST_ID")
-        except (TypeError, ValueError, LLMException) as exc:
+        except (TypeError, ValueError, OverflowError, LLMException) as exc:
             raise LLMException(LLMStatusCode.LLM_FAILED,
                                f"{peer.name} described its device regions badly: "
                                f"{exc}") from None
@@ -225,8 +300,11 @@ class TransferEngine(HostEngine):
         calls up to the engine's timeout), close the host engine, then the
         device runtime. Idempotent."""
         device = getattr(self, "device", None)
-        if device is not None:
-            device.stager.close(self.timeout_ms)
+        if device is None:                  # a failed __init__
+            super().close()
+            return
+        with self._device_lock:
+            self._device_closed = True
+        device.stager.close(self.timeout_ms)
         super().close()
-        if device is not None:
-            device.close()
+        device.close()

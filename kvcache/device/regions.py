@@ -53,6 +53,10 @@ class DeviceRegions:
         registered already (a piece of ours is found by its address, so it
         must lie in one region only)."""
         addr, length = int(addr), int(length)
+        if not (0 < addr and 0 < length and addr + length < 1 << 64):
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               f"device range [{addr:#x}, +{length}) is not inside the 64-bit "
+                               "address space")
         with self._lock:
             for other_id, other in {**self._regions, **self._withdrawn}.items():
                 if addr < other.addr + other.length and other.addr < addr + length:
@@ -82,24 +86,39 @@ class DeviceRegions:
             self._index()
             return new_id
 
-    def release(self, region_ids, timeout_s):
+    def release(self, region_ids, timeout_s, then=None):
         """Forget ``region_ids`` (with their earlier ids) once no copy uses
         them; LLM_LINK_BUSY (they stay) when one still does after
-        ``timeout_s``. Ids not registered are left alone."""
+        ``timeout_s``. Ids not registered are left alone. ``then()``: run
+        once they are withdrawn and unused, before they are forgotten; if
+        it raises, they are restored (so a caller releases them together
+        with other memory, all or none)."""
         with self._lock:
             gone = {i: self._regions.pop(i) for i in region_ids if i in self._regions}
             self._withdrawn.update(gone)
             self._index()
             every = [g for i, region in gone.items() for g in [i, *region.retired]]
-            clear = self._pins.wait_clear(every, timeout_s)
-            for i in gone:
-                del self._withdrawn[i]
-            if not clear:
-                self._regions.update(gone)
-                self._index()
+            if not self._pins.wait_clear(every, timeout_s):
+                self._restore(gone)
                 raise LLMException(LLMStatusCode.LLM_LINK_BUSY,
                                    f"device regions {sorted(gone)} are still being copied "
                                    f"after {timeout_s:.1f} s")
+        try:
+            if then is not None:
+                then()
+        except BaseException:
+            with self._lock:
+                self._restore(gone)
+            raise
+        with self._lock:
+            for i in gone:
+                del self._withdrawn[i]
+
+    def _restore(self, gone):
+        for i in gone:
+            del self._withdrawn[i]
+        self._regions.update(gone)
+        self._index()
 
     def _index(self):
         """Sort the live regions by start (under the lock), for ``_locate``."""

@@ -4,8 +4,6 @@ process that never places a cache on a device never loads a runtime library;
 every runtime failure becomes an LLMException whose message carries the
 runtime's code and the failing call (``device_code`` holds the code)."""
 import contextlib
-import ctypes
-import os
 import threading
 
 from kvcache.config import env_str
@@ -47,16 +45,6 @@ def device_errors(what):
         raise LLMException(LLMStatusCode.LLM_PARAM_INVALID, f"{what}: {exc}") from None
 
 
-def _cuda_in_use():
-    """Whether this process has the CUDA driver library loaded: whoever
-    allocated CUDA memory here (torch, cupy, ...) did load it."""
-    try:
-        ctypes.CDLL("libcuda.so.1", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
-    except OSError:
-        return False
-    return True
-
-
 def locate_memory(addr, length):
     """Where [addr, addr + length) lies, as Mooncake's wildcard location
     finds it: 'cuda:N' for CUDA device (or managed) memory, None for host
@@ -66,16 +54,15 @@ def locate_memory(addr, length):
     that never touched CUDA never loads a runtime. NPU memory cannot be
     found so (ACL has no such query): name it. LLM_PARAM_INVALID when the
     range is neither."""
-    asked = env_str("KVCACHE_DEVICE_TYPE").lower() == "cuda"
-    if not asked:
+    from pyverbs_kv import cuda
+    from pyverbs_kv.accel import AcceleratorError
+    if env_str("KVCACHE_DEVICE_TYPE").lower() != "cuda":
         try:
             check_host_mapped(addr, length)
             return None
         except LLMException:
-            if not _cuda_in_use():
+            if not cuda.driver_loaded():
                 raise
-    from pyverbs_kv import cuda
-    from pyverbs_kv.accel import AcceleratorError
     if cuda.available()[0]:
         try:
             attrs = cuda.pointer_attributes(addr)

@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from kvcache.checks import MAX_TIMEOUT_MS
 from kvcache.device.runtime import D2H, H2D
 from kvcache.engine.rpc import is_int, list_of
 from kvcache.status import LLMException, LLMStatusCode
@@ -37,6 +38,10 @@ MAX_PIECES = 4096                   # per chunk: what one control call names
 # memory each, freed when the link ends); one more is LLM_OUT_OF_MEMORY.
 MAX_SERVED_LINKS = 32
 MAX_LOCAL_PAIRS = 4                 # our own staged transfers running at once
+# How much longer than a stage call's budget the caller waits for its answer:
+# the copies its holder queued before the budget ran out (one chunk at the
+# most) finish inside it, so a failure is reported after every byte landed.
+STAGE_MARGIN_MS = 1000
 PATH_HOST, PATH_STAGED = "host", "staged"
 
 
@@ -122,10 +127,10 @@ class Stager:
         engine.rpc.serve("cache.stage_slots", self._rpc_slots, {})
         engine.rpc.serve("cache.stage_out", self._rpc_out,
                          {"slot": is_int, "addrs": pieces, "lengths": pieces,
-                          "regions": pieces})
+                          "regions": pieces, "budget_ms": is_int})
         engine.rpc.serve("cache.stage_in", self._rpc_in,
                          {"slot": is_int, "addrs": pieces, "lengths": pieces,
-                          "regions": pieces})
+                          "regions": pieces, "budget_ms": is_int})
         engine.on_link_closed(self._link_closed)
 
     # --- what path a link took -----------------------------------------------------
@@ -220,6 +225,11 @@ class Stager:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"no staging slot {params['slot']}")
             addrs, lengths, regions = params["addrs"], params["lengths"], params["regions"]
+            if not 0 < params["budget_ms"] <= MAX_TIMEOUT_MS:
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"staging budget {params['budget_ms']} ms outside "
+                                   f"1..{MAX_TIMEOUT_MS}")
+            until = time.monotonic() + params["budget_ms"] / 1000
             if (not len(addrs) == len(lengths) == len(regions) or sum(lengths) > self.chunk_bytes
                     or min(addrs + lengths, default=1) <= 0):
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
@@ -227,7 +237,8 @@ class Stager:
                                    f"lengths, {len(regions)} regions, {sum(lengths)} bytes for "
                                    f"a {self.chunk_bytes}-byte slot (addresses and lengths "
                                    "must be positive)")
-            self._copy_pieces(slots[params["slot"]], addrs, lengths, regions, kind)
+            self._copy_pieces(slots[params["slot"]], addrs, lengths, regions, kind,
+                              until=(until, peer))
             return {}
         finally:
             self._leave(served)
@@ -238,18 +249,27 @@ class Stager:
     def _rpc_in(self, peer, params):
         return self._serve_copy(peer, params, H2D)
 
-    def _copy_pieces(self, slot, addrs, lengths, regions, kind, wait=True, own=None):
+    def _copy_pieces(self, slot, addrs, lengths, regions, kind, wait=True, own=None,
+                     until=None):
         """Copy device pieces into (D2H) or out of (H2D) ``slot``, packed in
         order, on the slot's stream; ``regions``: the region a peer named
         for each piece (checked), or None for our own pieces (found by
-        address, in a region of the cache ``own``); ``wait``: synchronise it before returning (else
-        ``slot.pending`` is the stream to synchronise)."""
+        address, in a region of the cache ``own``); ``wait``: synchronise
+        it before returning (else ``slot.pending`` is the stream to
+        synchronise); ``until``: (time.monotonic() deadline, Peer) of a
+        peer's call: no copy is queued once the deadline passed or the link
+        ended (LLM_TIMEOUT), so no byte of a transfer its initiator gave up
+        lands later."""
         runtime = self._runtime()
         pinned = self._regions.pin(addrs, lengths, regions, own)
         try:
             offset = 0
-            for addr, length in zip(addrs, lengths):
+            for i, (addr, length) in enumerate(zip(addrs, lengths)):
                 addr, length = int(addr), int(length)
+                if until is not None and (time.monotonic() > until[0] or not until[1].linked):
+                    raise LLMException(LLMStatusCode.LLM_TIMEOUT,
+                                       f"staging for {until[1].name}: its deadline passed or "
+                                       f"its link ended; pieces {i} and on not copied")
                 if kind == D2H:
                     runtime.copy(slot.addr + offset, addr, length, D2H, slot.stream)
                 else:
@@ -489,9 +509,12 @@ class Stager:
             raise
 
     def _peer_call(self, peer, method, slot, addrs, lengths, regions, deadline):
+        budget = deadline.left()
         self._engine.call(peer, method, {"slot": slot, "addrs": [int(a) for a in addrs],
                                          "lengths": [int(n) for n in lengths],
-                                         "regions": [int(r) for r in regions]}, deadline.left())
+                                         "regions": [int(r) for r in regions],
+                                         "budget_ms": budget},
+                          min(budget + STAGE_MARGIN_MS, MAX_TIMEOUT_MS))
 
     def _close_slot(self, slot):
         """Free ``slot``; False when its registration stays (a transfer may
