@@ -464,8 +464,9 @@ def test_a_transfer_waiting_for_our_slots_gives_up_when_closing_begins(monkeypat
 
 def test_a_failed_transfer_drops_the_peer_calls_not_begun():
     """A staged write whose fourth chunk cannot be copied out of our device
-    memory fails while the peer's first stage_in runs and its second waits:
-    the second is never sent."""
+    memory (it lies in none: freed, as far as the stager can tell) fails
+    while the peer's first stage_in runs and its second waits: the second is
+    never sent."""
     holder = Holder(delay=1.0)
     stager, engine, _ = stager_with(Engine(lambda peer, method, params, timeout_ms:
                                            holder.answer(method, params, timeout_ms)))
@@ -474,7 +475,7 @@ def test_a_failed_transfer_drops_the_peer_calls_not_begun():
     code, message = code_of(stager.transfer, Link("decoder"), "write",
                             [memory.ctypes.data, unregistered.ctypes.data], [0x1000, 0x9000],
                             [3 * CHUNK, CHUNK], 30_000, Own([region]), None, [9, 9])
-    assert code == LLMStatusCode.LLM_PARAM_INVALID, message
+    assert code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, message
     assert [m for _, m, _ in engine.calls if m == "cache.stage_in"] == ["cache.stage_in"]
 
 
