@@ -21,6 +21,7 @@ from kvcache.bufpool import SIZE_SEALS
 TRANSPORTS = ["tcp", "shm", pytest.param("rdma", marks=pytest.mark.rdma)]
 NBYTES = 1000                       # the holder's slot size and "device" memory size
 REFUSED = (LLMStatusCode.LLM_PARAM_INVALID, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST)
+KEPT = []
 
 
 class Holder:
@@ -85,6 +86,8 @@ def _holder_main(conn, transport):
         "slot_bytes": lambda: [bytes(m.array) for m in runtime.open_slots()],
         "share_for": lambda name: _register_shared(state, _inbound(engine, name)),
         "shared_bytes": lambda: bytes(state["shared"][:64]),
+        "renew": lambda region: engine.renew_region(region),
+        "release": lambda region: engine.unregister_memory(region),
     }
     while True:
         try:
@@ -132,11 +135,15 @@ def linked(request):
         b.close()
         a.close()
         holder.close()
+        KEPT.clear()
 
 
 def registered(engine, value):
+    """A registered buffer of this process, kept until the engines closed
+    (memory freed while registered would be reused by the next one)."""
     buffer = np.full(4096, value, np.uint8)
     engine.register_memory(buffer.ctypes.data, buffer.nbytes)
+    KEPT.append(buffer)
     return buffer
 
 
@@ -243,6 +250,17 @@ def test_a_region_registered_for_one_link_reaches_that_link_only(linked):
     if b.transport.name == "shm":                   # asked for it, granted no memfd
         assert region not in cb.data.regions and region in cb.data.unshared
     assert (theirs == 0xEE).all() and holder.call("shared_bytes") == bytes([3]) * 64
+    assert_healthy(holder, a, ca, b, cb)
+    # Renewing and releasing it: on a one-sided transport A is told to drop
+    # each id, B never hears of them.
+    told = {"peer-a": [], "peer-b": []}
+    for engine, peer in ((a, ca), (b, cb)):
+        peer.revoke = (lambda ids, timeout_s, seen=told[engine.name], real=peer.revoke:
+                       seen.extend(ids) or real(ids, timeout_s))
+    renewed = holder.call("renew", region)
+    holder.call("release", renewed)
+    one_sided = a.transport.one_sided
+    assert told == {"peer-a": [region, renewed, region] if one_sided else [], "peer-b": []}
     assert_healthy(holder, a, ca, b, cb)
 
 
