@@ -228,7 +228,8 @@ class RdmaTransport(Transport):
         # to one link only (a staging slot) has an rkey no other peer is ever
         # sent. The NIC would honour that rkey from any QP on our PD; what
         # keeps another peer out is not knowing it (a guess that misses fails
-        # that peer's QP, and only it).
+        # that peer's QP, and only it); a PD per link or memory windows would
+        # have the NIC enforce it.
         live = {row[0] for row in self.engine.regions.rows(peer)}
         with self._lock:
             return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.remote_mrs.items()
