@@ -737,6 +737,30 @@ def test_own_device_pieces_are_found_by_address_and_regions_do_not_overlap():
     assert "overlaps" in str(err.value)
 
 
+def test_own_device_pieces_in_freed_memory_are_gone_and_past_a_region_end_invalid():
+    """As the host cache path reports a freed cache: our piece in no live
+    device region (its memory released) is LLM_KV_CACHE_NOT_EXIST; one
+    that starts in a live region and runs past its end stays
+    LLM_PARAM_INVALID."""
+    table = DeviceRegions()
+    base = 1 << 20
+    kept = table.register(base, 4096, False)
+    freed = table.register(base + 8192, 4096, False)
+    own = Own([kept, freed])
+    table.release([freed], 1)
+    for addr, length, status in (
+            (base + 8192, 16, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),    # released memory
+            (base + 4096, 16, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),    # just past a region
+            (base - 4096, 16, LLMStatusCode.LLM_KV_CACHE_NOT_EXIST),    # below every region
+            (base + 4000, 200, LLMStatusCode.LLM_PARAM_INVALID)):       # overflows ``kept``
+        with pytest.raises(LLMException) as err:
+            table.pin([base, addr], [8, length], own=own)
+        assert err.value.status_code == status, (hex(addr), length, str(err.value))
+        assert "piece 1" in str(err.value)
+    assert not table._pins.snapshot()           # a refused pin leaves nothing pinned
+    table.unpin(table.pin([base], [4096], own=own))
+
+
 class Own:
     """A cache as the region table reads it: its current region ids."""
 

@@ -95,7 +95,7 @@ class Engine:
         for hook in self.hooks:
             hook(link)
 
-    def register_memory(self, addr, nbytes, remote_accessible=True):
+    def register_memory(self, addr, nbytes, remote_accessible=True, peer=None):
         region = next(self.ids)
         self.registered.add(region)
         return region
@@ -353,11 +353,16 @@ def test_a_real_link_ending_frees_what_was_lent_to_it():
         second = [p for p in caller.peers() if p.inbound][0]
         lent = [caller.call(p, "cache.stage_slots", {}, 5000)["slots"] for p in (first, second)]
         assert lent[0] != lent[1] and len(runtime.open_slots()) == 2 * staging.DEPTH
-        offered = {r for r, _, _ in holder.regions()}
-        assert {r for _, r in lent[0] + lent[1]} <= offered
+        # Each pair is offered to its own link only.
+        inbound = [p for p in holder.peers() if p.inbound][0]
+        ids = [{r for _, r in slots} for slots in lent]
+        offered = [{r for r, _, _ in holder.regions(link)} for link in (inbound, back)]
+        assert ids[0] <= offered[0] and ids[1] <= offered[1]
+        assert not ids[0] & offered[1] and not ids[1] & offered[0]
+        assert not (ids[0] | ids[1]) & {r for r, _, _ in holder.regions()}
         caller.disconnect(first)
         wait_until(lambda: len(runtime.open_slots()) == staging.DEPTH, 10, "one pair freed")
-        assert not {r for _, r in lent[0]} & {r for r, _, _ in holder.regions()}
+        assert not [r for r in ids[0] if r in holder.registry]
         holder.disconnect(back)
         wait_until(lambda: not runtime.open_slots(), 10, "the other pair freed")
         third = caller.connect(holder.address, timeout_ms=5000)
@@ -469,8 +474,9 @@ def test_a_transfer_waiting_for_our_slots_gives_up_when_closing_begins(monkeypat
 
 def test_a_failed_transfer_drops_the_peer_calls_not_begun():
     """A staged write whose fourth chunk cannot be copied out of our device
-    memory fails while the peer's first stage_in runs and its second waits:
-    the second is never sent."""
+    memory (it lies in none: freed, as far as the stager can tell) fails
+    while the peer's first stage_in runs and its second waits: the second is
+    never sent."""
     holder = Holder(delay=1.0)
     stager, engine, _ = stager_with(Engine(lambda peer, method, params, timeout_ms:
                                            holder.answer(method, params, timeout_ms)))
@@ -479,7 +485,7 @@ def test_a_failed_transfer_drops_the_peer_calls_not_begun():
     code, message = code_of(stager.transfer, Link("decoder"), "write",
                             [memory.ctypes.data, unregistered.ctypes.data], [0x1000, 0x9000],
                             [3 * CHUNK, CHUNK], 30_000, Own([region]), None, [9, 9])
-    assert code == LLMStatusCode.LLM_PARAM_INVALID, message
+    assert code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, message
     assert [m for _, m, _ in engine.calls if m == "cache.stage_in"] == ["cache.stage_in"]
 
 

@@ -161,9 +161,11 @@ class DeviceRegions:
         our own pieces, the cache they were planned in (its
         ``region_ids`` are read here): a piece must lie in one of its
         regions. LLM_KV_CACHE_NOT_EXIST for a named region that is gone
-        (freed or renewed) and for our piece in a region not of ``own``
-        (the cache freed and its memory reused), LLM_PARAM_INVALID for a
-        piece outside its region."""
+        (freed or renewed), for our piece in no live region (its memory
+        freed, as the host cache path reports a freed cache) and for our
+        piece in a region not of ``own`` (the cache freed and its memory
+        reused); LLM_PARAM_INVALID for a piece that runs past the end of its
+        region."""
         with self._lock:
             peer_side = region_ids is not None
             if not peer_side:
@@ -172,24 +174,30 @@ class DeviceRegions:
                 # moment ago may still be named by the one it was renewed from.
                 ids = set(own.region_ids)
             for i, (addr, length, region_id) in enumerate(zip(addrs, lengths, region_ids)):
+                addr, length = int(addr), int(length)
                 region = self._regions.get(int(region_id))
                 if peer_side and (region is None or not region.remote):
                     raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
                                        f"device region {int(region_id)} does not exist (freed "
                                        "or renewed)")
-                if (not peer_side and region is not None and int(region_id) not in ids
-                        and region.previous not in ids):
-                    raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
-                                       f"device piece {i} [{int(addr):#x}, +{int(length)}) "
-                                       f"lies in region {int(region_id)}, not in its cache "
-                                       f"(regions {sorted(ids)}): freed meanwhile?")
-                if region is None or not (region.addr <= int(addr)
-                                          and int(addr) + int(length)
-                                          <= region.addr + region.length):
-                    where = (f"region {int(region_id)}" if peer_side
-                             else "a device region of this process (freed?)")
+                if not peer_side:
+                    # As the host cache path: memory in no live region was
+                    # released (its cache freed), not mistyped.
+                    if region is None or not region.addr <= addr < region.addr + region.length:
+                        raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                           f"device piece {i} [{addr:#x}, +{length}) lies in "
+                                           "no live device region of this process (its cache "
+                                           "freed?)")
+                    if int(region_id) not in ids and region.previous not in ids:
+                        raise LLMException(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST,
+                                           f"device piece {i} [{addr:#x}, +{length}) lies in "
+                                           f"region {int(region_id)}, not in its cache "
+                                           f"(regions {sorted(ids)}): freed meanwhile?")
+                if not (region.addr <= addr and addr + length <= region.addr + region.length):
+                    where = f"region {int(region_id)}" if peer_side else \
+                        f"device region {int(region_id)} it starts in"
                     raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
-                                       f"device piece {i} [{int(addr):#x}, +{int(length)}) is "
+                                       f"device piece {i} [{addr:#x}, +{length}) is "
                                        f"not inside {where}")
             pinned = sorted({int(r) for r in region_ids})
             self._pins.add(pinned)

@@ -74,15 +74,18 @@ def chunked(local, remote, lengths, chunk, max_pieces=MAX_PIECES):
 
 
 class Slot:
-    """A pinned host buffer registered with the engine, and its stream."""
+    """A pinned host buffer registered with the engine, and its stream;
+    ``remote``: offered to the link ``peer`` only (a Peer), which the slot
+    is lent to, so no other peer can see or touch a transfer in flight."""
 
-    def __init__(self, runtime, engine, nbytes, remote):
+    def __init__(self, runtime, engine, nbytes, remote, peer=None):
         self.buffer = runtime.alloc_host(nbytes)
         self.stream = None
         try:
             self.stream = runtime.stream()
             self.addr, self.nbytes = self.buffer.ptr, nbytes
-            self.region_id = engine.register_memory(self.addr, nbytes, remote_accessible=remote)
+            self.region_id = engine.register_memory(self.addr, nbytes, remote_accessible=remote,
+                                                    peer=peer)
         except BaseException:
             if self.stream is not None:
                 self.stream.close()
@@ -170,7 +173,7 @@ class Stager:
                 slots = []
                 try:
                     for _ in range(DEPTH):
-                        slots.append(Slot(runtime, self._engine, self.chunk_bytes, True))
+                        slots.append(Slot(runtime, self._engine, self.chunk_bytes, True, peer))
                 except BaseException:
                     self._close_slots(slots)
                     raise

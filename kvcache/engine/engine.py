@@ -213,7 +213,7 @@ class TransferEngine:
 
     @public
     def register_memory(self, addr, length, *, parent=None, addressable=True, share=None,
-                        remote_accessible=True):
+                        remote_accessible=True, peer=None):
         """Register [addr, addr + length) for transfers; returns its region id.
 
         ``remote_accessible`` (default True, as Mooncake's and NIXL's
@@ -223,6 +223,14 @@ class TransferEngine:
         it (a destination a decoder pulls into, a staging buffer); a peer
         naming it is refused (LLM_PARAM_INVALID) and never learns of it.
 
+        ``peer`` (a Peer or its name; with ``remote_accessible``): offer the
+        region to that link only, e.g. a staging buffer lent to it. Every
+        other peer is treated as for memory not offered: the region is not
+        in its table, its renewals or its shared-memory grants, and pieces
+        of its naming it are refused (LLM_PARAM_INVALID), on every
+        transport. The region stays registered when the link ends, until
+        it is unregistered.
+
         ``parent``: a logical sub-region of a registered region (a cache
         inside the buffer pool): it gets its own id, so a peer holding a
         stale description of a freed cache is refused, while the transport
@@ -230,8 +238,13 @@ class TransferEngine:
         container that only its sub-regions expose. ``share``: (fd, offset)
         of a memfd holding this memory that a peer on this host may map (the
         shared-memory transport). Addressable regions never overlap."""
+        if peer is not None:
+            if not remote_accessible:
+                raise checks.invalid("peer names the link a region is offered to: it needs "
+                                     "remote_accessible=True")
+            peer = self.peer(peer)
         return self.registry.register(addr, length, parent, addressable, share,
-                                      bool(remote_accessible))
+                                      bool(remote_accessible), peer)
 
     @public
     def unregister_memory(self, region_ids, timeout_ms=None):
@@ -279,28 +292,33 @@ class TransferEngine:
         the transport releases what it kept for them (an RDMA MR each)."""
         ids = [checks.integer(i, "region id", 1) for i in region_ids]
         if ids and self.transport.one_sided:
-            self._revoke(ids, time.monotonic() + self.timeout_ms / 1000)
+            bound = {i: p for i in ids if (p := self.registry.owner(i)) is not None}
+            self._revoke(ids, time.monotonic() + self.timeout_ms / 1000, bound)
             for i in ids:
                 if i not in self.registry:          # an earlier generation, not a live id
                     self.transport.retire_region(i)
 
-    def regions(self):
-        """[(region_id, addr, length)] of the memory we offer to peers (what
-        their region table lists)."""
-        return self.registry.rows()
+    def regions(self, peer=None):
+        """[(region_id, addr, length)] of the memory we offer to ``peer`` (a
+        Peer or its name: what its region table lists; None: what every
+        peer's lists, without regions offered to one link only)."""
+        return self.registry.rows(None if peer is None else self.peer(peer))
 
-    def _revoke(self, ids, deadline):
-        """Every linked peer drops ``ids`` and finishes its transfers on them;
-        a peer that does not confirm in time is cut off."""
+    def _revoke(self, ids, deadline, bound=None):
+        """Every linked peer drops those of ``ids`` it may know of (``bound``:
+        {id: Peer} of those offered to that link only) and finishes its
+        transfers on them; a peer that does not confirm in time is cut off."""
+        bound = bound or {}
         for peer in self.peers():
-            if not peer.linked:
+            theirs = [i for i in ids if bound.get(i, peer) is peer]
+            if not peer.linked or not theirs:
                 continue
             left = max(1, int((deadline - time.monotonic()) * 1000))
             try:
-                self._call(peer, "engine.revoke", {"ids": ids, "timeout_ms": left}, left)
+                self._call(peer, "engine.revoke", {"ids": theirs, "timeout_ms": left}, left)
             except LLMException as exc:
                 log.warning("%s did not confirm releasing regions %s (%s): cutting it off",
-                            peer.name, ids, exc)
+                            peer.name, theirs, exc)
                 self.transport.cut(peer)
         return True
 
@@ -337,7 +355,7 @@ class TransferEngine:
         return self.timeout_ms if timeout_ms is None else checks.timeout_ms(timeout_ms)
 
     def _rpc_regions(self, peer, params):
-        return {"regions": [list(r) for r in self.registry.rows()]}
+        return {"regions": [list(r) for r in self.registry.rows(peer)]}
 
     def _rpc_revoke(self, peer, params):
         timeout_s = min(params["timeout_ms"], checks.MAX_TIMEOUT_MS) / 1000

@@ -10,7 +10,9 @@ on the same memory. Only addressable regions can be reached by pieces:
 our own pieces may lie in any of them, a peer's only in those offered to
 peers (``remote``). The table a peer receives lists only the offered ones,
 so free pool space, freed caches and local-only memory are neither revealed
-nor reachable.
+nor reachable. A region offered to one link only (``peer``, a staging slot
+lent to it) is, to every other peer, like one not offered: absent from its
+table, its renewals and its shares, and refused when it names it.
 
 Every transfer pins the regions its pieces touch, on both sides, from the
 moment its descriptors are checked until it completed or failed. Releasing
@@ -37,10 +39,10 @@ class Region:
     """``retired``: the earlier ids (generations) of a renewed region, whose
     transfers may still run."""
     __slots__ = ("region_id", "addr", "length", "parent", "addressable", "remote", "share",
-                 "retired")
+                 "retired", "peer")
 
     def __init__(self, region_id, addr, length, parent, addressable, remote, share=None,
-                 retired=()):
+                 retired=(), peer=None):
         self.region_id = region_id
         self.addr = addr
         self.length = length
@@ -49,6 +51,7 @@ class Region:
         self.remote = addressable and remote
         self.share = share                  # (memfd, offset) holding exactly this memory
         self.retired = list(retired)
+        self.peer = peer if self.remote else None     # the one link it is offered to
 
     def ids(self):
         return [self.region_id] + self.retired
@@ -86,16 +89,19 @@ class RegionRegistry:
         self._regions = {}                  # id -> Region (withdrawn ones excluded)
         self._table = RegionTable()         # the addressable ones (our own pieces)
         self._offered = RegionTable()       # those offered to peers (their pieces)
+        self._bound = {}                    # id (every generation) -> the one Peer offered it
         self._pins = Pins(self._lock)
         self._ids = itertools.count(1)
         self._last_id = 0
 
     # --- registration ----------------------------------------------------------
 
-    def register(self, addr, length, parent=None, addressable=True, share=None, remote=True):
+    def register(self, addr, length, parent=None, addressable=True, share=None, remote=True,
+                 peer=None):
         """A new region's id. ``remote``: offered to peers (else only our own
-        transfers may use it). LLM_PARAM_INVALID for memory that is not ours,
-        not inside its parent, or overlapping another addressable region."""
+        transfers may use it); ``peer``: to that link (a Peer) only.
+        LLM_PARAM_INVALID for memory that is not ours, not inside its parent,
+        or overlapping another addressable region."""
         addr, length = integer(addr, "addr"), integer(length, "length")
         if addr <= 0 or length <= 0 or addr + length >= 1 << 64:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
@@ -112,7 +118,8 @@ class RegionRegistry:
                 if addr < top.addr or addr + length > top.addr + top.length:
                     raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                        f"[{addr:#x}, +{length}) is not inside region {parent}")
-            region = Region(self._next_id(), addr, length, parent, addressable, remote, share)
+            region = Region(self._next_id(), addr, length, parent, addressable, remote, share,
+                            peer=peer)
             regions = dict(self._regions)
             regions[region.region_id] = region
             table = _table_of(regions)              # refuses overlaps
@@ -139,8 +146,10 @@ class RegionRegistry:
     def release(self, region_ids, deadline, revoke=None):
         """Withdraw the regions ``region_ids`` (an id or a list; with their
         sub-regions and every earlier generation of each), wait for their
-        pins and for ``revoke(ids, deadline)`` (peers dropping them; returns
-        whether all did) until ``deadline`` (time.monotonic()), then forget
+        pins and for ``revoke(ids, deadline, bound)`` (peers dropping them;
+        ``bound``: {id: Peer} of those offered to one link, which only that
+        link is told of; returns whether all did) until ``deadline``
+        (time.monotonic()), then forget
         them and unregister the top-level ones from the transport. All or
         nothing: LLM_LINK_BUSY at the deadline, with everything restored."""
         if isinstance(region_ids, int):
@@ -157,9 +166,11 @@ class RegionRegistry:
             self._set(kept)
         every = {g for i in gone for g in saved[i].ids()}       # all generations
         withdrawn = [g for i in gone if saved[i].remote for g in saved[i].ids()]
+        bound = {g: saved[i].peer for i in gone if saved[i].peer is not None
+                 for g in saved[i].ids()}
         ok = all([self.transport.withdraw_region(i, deadline) for i in withdrawn])
         if ok and revoke is not None and withdrawn:
-            ok = revoke(withdrawn, deadline)
+            ok = revoke(withdrawn, deadline, bound)
         with self._lock:
             if ok:
                 ok = self._pins.wait_clear(every, deadline - time.monotonic())
@@ -193,7 +204,7 @@ class RegionRegistry:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"region {region_id} is not an addressable region")
             new = Region(self._next_id(), old.addr, old.length, old.parent, True, old.remote,
-                         old.share, old.retired + [region_id])
+                         old.share, old.retired + [region_id], old.peer)
             regions = {i: r for i, r in self._regions.items() if i != region_id}
             regions[new.region_id] = new
             self._set(regions)
@@ -208,6 +219,8 @@ class RegionRegistry:
         self._table = _table_of(regions) if table is None else table
         self._offered = RegionTable((i, r.addr, r.length) for i, r in regions.items()
                                     if r.remote)
+        self._bound = {g: r.peer for r in regions.values() if r.peer is not None
+                       for g in r.ids()}
 
     # --- pins ----------------------------------------------------------------------
 
@@ -221,12 +234,14 @@ class RegionRegistry:
             self._pins.add(pinned)
         return ids, pinned
 
-    def pin_named(self, named, addrs, lengths):
-        """Pin the regions a peer's pieces name (the target's side): each
-        piece must lie wholly inside the live region it names. Returns the
-        pinned ids (for ``unpin``). LLM_KV_CACHE_NOT_EXIST when a named region
-        was released or renewed (the peer should look it up again),
-        LLM_PARAM_INVALID for any other piece outside our regions."""
+    def pin_named(self, named, addrs, lengths, peer=None):
+        """Pin the regions the pieces of ``peer`` (the Peer asking) name
+        (the target's side): each piece must lie wholly inside the live
+        region it names, offered to that peer. Returns the pinned ids (for
+        ``unpin``). LLM_KV_CACHE_NOT_EXIST when a named region was released
+        or renewed (the peer should look it up again), LLM_PARAM_INVALID for
+        any other piece outside our regions (those offered to another link
+        only included)."""
         with self._lock:
             found, misses = self._offered.locate(addrs, lengths)
             # A miss is NO_REGION, which a lying peer can name as well.
@@ -234,8 +249,13 @@ class RegionRegistry:
                                  else found != named)
             if not bad.size:
                 ids = distinct(named)
-                self._pins.add(ids)
-                return ids
+                # Per distinct region, not per piece: a transfer names few.
+                foreign = [i for i in ids if self._bound.get(i, peer) is not peer] \
+                    if self._bound else None
+                if not foreign:
+                    self._pins.add(ids)
+                    return ids
+                bad = np.flatnonzero(np.isin(named, np.array(foreign, dtype=named.dtype)))
         i = int(bad[0])
         region = int(named[i])
         message = (f"piece {i} [{int(addrs[i]):#x}, +{int(lengths[i])}) is not inside live "
@@ -250,14 +270,16 @@ class RegionRegistry:
 
     # --- views -----------------------------------------------------------------------
 
-    def shares(self, ids):
+    def shares(self, ids, peer=None):
         """[(region id, addr, length, fd, offset)] of the regions among ``ids``
-        offered to peers with a memfd of their own, the fd a duplicate the
-        caller closes (the region's own may close once it is released)."""
+        offered to ``peer`` (the Peer asking) with a memfd of their own, the
+        fd a duplicate the caller closes (the region's own may close once it
+        is released)."""
         with self._lock:
             found = [self._regions.get(i) for i in ids]
             return [(r.region_id, r.addr, r.length, os.dup(r.share[0]), r.share[1])
-                    for r in found if r is not None and r.remote and r.share is not None]
+                    for r in found if r is not None and r.remote and r.share is not None
+                    and (r.peer is None or r.peer is peer)]
 
     def span(self, region_id):
         """(addr, length) of a live region, or None."""
@@ -265,9 +287,26 @@ class RegionRegistry:
             region = self._regions.get(region_id)
         return None if region is None else (region.addr, region.length)
 
-    def rows(self):
-        """[(region_id, addr, length)] of the regions offered to peers."""
-        return self._offered.as_list()
+    def rows(self, peer=None):
+        """[(region_id, addr, length)] of the regions offered to ``peer`` (a
+        Peer; None: those offered to every peer)."""
+        with self._lock:
+            rows, bound = self._offered.as_list(), self._bound
+        if not bound:
+            return rows
+        return [row for row in rows if bound.get(row[0], peer) is peer]
+
+    def visible(self, ids, peer):
+        """Those of ``ids`` (any generation) that ``peer`` may know of: all
+        but the regions offered to another link only."""
+        with self._lock:
+            bound = self._bound
+        return [i for i in ids if bound.get(i, peer) is peer]
+
+    def owner(self, region_id):
+        """The one Peer a region (any generation) is offered to, or None."""
+        with self._lock:
+            return self._bound.get(region_id)
 
     def __contains__(self, region_id):
         return region_id in self._regions

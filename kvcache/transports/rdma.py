@@ -219,12 +219,18 @@ class RdmaTransport(Transport):
     def _rebuild_keys(self):
         self.local_keys = RegionTable((i, mr.addr, mr.length) for i, mr in self.mrs.items())
 
-    def _key_list(self):
+    def _key_list(self, peer):
         # A renewed region keeps its old generation's MR until every peer
         # confirmed no transfer runs under it (retire_region); peers get the
         # keys of live generations only (two generations of one region span
-        # the same bytes).
-        live = {row[0] for row in self.engine.regions.rows()}
+        # the same bytes). ``peer`` gets only the keys of regions offered to
+        # it: each offered region has an MR of its own, so a region offered
+        # to one link only (a staging slot) has an rkey no other peer is ever
+        # sent. The NIC would honour that rkey from any QP on our PD; what
+        # keeps another peer out is not knowing it (a guess that misses fails
+        # that peer's QP, and only it); a PD per link or memory windows would
+        # have the NIC enforce it.
+        live = {row[0] for row in self.engine.regions.rows(peer)}
         with self._lock:
             return [[i, mr.addr, mr.length, mr.rkey] for i, mr in self.remote_mrs.items()
                     if i in live]
@@ -243,10 +249,10 @@ class RdmaTransport(Transport):
             group.psns.append(random.randrange(1 << 24))
         return group
 
-    def _describe(self, group):
+    def _describe(self, group, peer):
         return {"gid": self.gid, "mtu": int(self.mtu),
                 "qps": [[qp.qp_num, psn] for qp, psn in zip(group.qps, group.psns)],
-                "keys": self._key_list()}
+                "keys": self._key_list(peer)}
 
     def _connect_group(self, group, remote):
         """Our QPs to RTS towards the peer's, and its memory keys. Anything
@@ -293,17 +299,18 @@ class RdmaTransport(Transport):
                 group.close()
                 raise
         group.ready.set()
-        return self._describe(group)
+        return self._describe(group, peer)
 
     def _rpc_keys(self, peer, params):
-        return {"keys": self._key_list()}
+        return {"keys": self._key_list(peer)}
 
     def attach_peer(self, peer, timeout_ms):
         if peer.inbound:
             return _QPGroup()            # the initiator drives set-up (rdma.connect)
         group = self._new_group()
         try:
-            remote = self.engine.call(peer, "rdma.connect", self._describe(group), timeout_ms)
+            remote = self.engine.call(peer, "rdma.connect", self._describe(group, peer),
+                                      timeout_ms)
             self._connect_group(group, remote)
         except BaseException:
             group.close()

@@ -175,9 +175,13 @@ class ShmTransport(TcpTransport):
     # --- the owner's side: regions and boards ------------------------------------------
 
     def publish_region(self, region_id):
+        owner = self.engine.regions.owner(region_id)
         with self._lock:
             self._published.add(region_id)
-            boards = list(self._boards.values()) + self._draining
+            if owner is None:
+                boards = list(self._boards.values()) + self._draining
+            else:                           # offered to that link only
+                boards = [self._boards[owner]] if owner in self._boards else []
         for board in boards:
             pieces.board_publish(board.addr, region_id % SLOTS, region_id)
 
@@ -228,7 +232,8 @@ class ShmTransport(TcpTransport):
         with self._lock:
             board = self._boards.get(peer)
             if board is None:
-                board = self._boards[peer] = _Board(self._published)
+                board = self._boards[peer] = _Board(
+                    self.engine.regions.visible(self._published, peer))
             self._grants[token] = (peer, board, params["ids"])
         return {"socket": self.socket_name, "token": token}
 
@@ -268,7 +273,7 @@ class ShmTransport(TcpTransport):
                                     uid, sorted(self._allowed_uids))
                     return                      # not a grant we made, or another user
                 board.peer_pid = pid
-                shares = self.engine.regions.shares(ids)
+                shares = self.engine.regions.shares(ids, peer)
                 gone = sorted(i for i in board.granted if i not in self.engine.regions)
                 rows = [[i, a, n, off] for i, a, n, _, off in shares]
                 for start in range(0, max(1, len(rows)), GRANT_FDS):

@@ -40,9 +40,9 @@ class DataTarget:
     def __init__(self, regions):
         self.regions = regions
 
-    def take(self, stream, msg_type, header, payload_len):
-        """Read one request's descriptor table (and a WRITE's data) from
-        ``stream``. Returns (reply header, pieces to send back or None, what
+    def take(self, stream, msg_type, header, payload_len, peer):
+        """Read one request of ``peer`` (its descriptor table, and a WRITE's
+        data) from ``stream``. Returns (reply header, pieces to send back or None, what
         to run once the reply is sent or None)."""
         writing = msg_type == MsgType.WRITE
         count, total = check_descriptor_payload(header, payload_len, writing)
@@ -50,7 +50,7 @@ class DataTarget:
         if length_total(lengths)[0] != total:
             raise ProtocolError("descriptor lengths do not add up to the announced bytes")
         try:
-            ids = self.regions.pin_named(named, addrs, lengths)
+            ids = self.regions.pin_named(named, addrs, lengths, peer)
         except LLMException as exc:
             if writing:
                 stream.discard(total)
@@ -63,19 +63,19 @@ class DataTarget:
             return _OK, None, None
         return _OK, (addrs, lengths), lambda: self.regions.unpin(ids)
 
-    def serve_lane(self, lane, linked):
-        """Serve a data lane in this thread while ``linked()`` holds and the
-        lane works; a lane strictly alternates request and reply, so the
+    def serve_lane(self, lane, peer):
+        """Serve a data lane of ``peer`` in this thread while its link is up
+        and the lane works; a lane strictly alternates request and reply, so the
         reply goes out from here."""
         try:
             lane.send_frame(MsgType.REPLY, 0, _OK)
-            while linked():
+            while peer.linked:
                 if not lane.wait_readable(IDLE_POLL_MS):
                     continue
                 msg_type, req_id, header, payload_len = lane.recv_frame()
                 if msg_type not in (MsgType.WRITE, MsgType.READ):
                     raise ProtocolError(f"{msg_type.name} on a data lane")
-                reply, pieces, after = self.take(lane, msg_type, header, payload_len)
+                reply, pieces, after = self.take(lane, msg_type, header, payload_len, peer)
                 try:
                     lane.send_frame(MsgType.REPLY, req_id, reply, pieces)
                 finally:

@@ -92,7 +92,8 @@ class TcpTransport(Transport):
         # and a READ's data (pinned, in flight).
         cost = payload_len + header["bytes"] if msg_type == MsgType.READ else 0
         channel.reserve(cost)
-        reply, pieces, after = self.target.take(channel, msg_type, header, payload_len)
+        reply, pieces, after = self.target.take(channel, msg_type, header, payload_len,
+                                                channel.peer)
         channel.reply_later(req_id, lambda: (reply, pieces), after=after, reserved=cost)
 
     def _rpc_lane(self, peer, params):
@@ -119,7 +120,7 @@ class TcpTransport(Transport):
         with peer.data.lock:
             peer.data.served.add(lane)
         try:
-            self.target.serve_lane(lane, lambda: peer.linked)
+            self.target.serve_lane(lane, peer)
         finally:
             with peer.data.lock:
                 peer.data.served.discard(lane)
