@@ -193,7 +193,7 @@ def test_a_staging_slot_lent_to_one_link_is_refused_to_another(linked):
     # bytes into one, which A then reads.
     slots = a.call(ca, "cache.stage_slots", {}, 10_000)["slots"]
     a.call(ca, "cache.stage_out", {"slot": 0, "addrs": [device_addr], "lengths": [NBYTES],
-                                   "regions": [device_region]}, 10_000)
+                                   "regions": [device_region], "budget_ms": 10_000}, 10_000)
     slot_addr, slot_id = slots[0]
     mine = registered(a, 0)
     a.transfer_sync(ca, "read", [mine.ctypes.data], [slot_addr], [NBYTES], timeout_ms=10_000,
