@@ -159,16 +159,18 @@ class TransferEngine(HostEngine):
         deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
         stager = self.device.stager
         local_ids = self.device.regions.find(local, lengths)
-        local_device = local_ids != NO_REGION
         if named is not None:
             remote_device, remote_ids = named >= FIRST_ID, named
         else:
-            remote_device, remote_ids, _ = self.locate_remote(peer, remote, lengths,
-                                                              _left(deadline))
-        if not (local_device.any() or remote_device.any()):
+            remote_device, remote_ids, _ = self._locate_remote(peer, remote, lengths, deadline)
+        if ((local_ids is None or not (local_ids != NO_REGION).any())
+                and not remote_device.any()):
             stager.transfer(peer, op, local, remote, lengths, _left(deadline),
                             remote_regions=named)
             return total
+        if local_ids is None:
+            local_ids = np.full(local.size, NO_REGION, dtype=np.uint64)
+        local_device = local_ids != NO_REGION
         with self._pinned(peer, local, remote, lengths, named, local_ids, local_device,
                           remote_device, deadline):
             for here in (False, True):
@@ -234,9 +236,10 @@ class TransferEngine(HostEngine):
         host table first, then the device table (a peer whose engine has
         no device memory has an empty one)."""
         deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
-        peer = self.peer(peer)
-        remote = u64_column(remote, "remote addresses")
-        lengths = u64_column(lengths, "lengths")
+        return self._locate_remote(self.peer(peer), u64_column(remote, "remote addresses"),
+                                   u64_column(lengths, "lengths"), deadline)
+
+    def _locate_remote(self, peer, remote, lengths, deadline):
         device = np.zeros(remote.size, dtype=bool)
         ids = np.zeros(remote.size, dtype=np.uint64)
         found, misses = peer.regions.locate(remote, lengths)

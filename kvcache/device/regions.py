@@ -131,9 +131,12 @@ class DeviceRegions:
 
     def find(self, addrs, lengths):
         """The live region each piece lies wholly in, NO_REGION where none
-        (uint64 array)."""
+        (uint64 array); None while no region is registered (the common
+        host-only case costs no look-up)."""
         with self._lock:
             table = self._table
+        if not len(table):
+            return None
         return table.locate(np.asarray(addrs, dtype=np.uint64),
                             np.asarray(lengths, dtype=np.uint64))[0]
 
