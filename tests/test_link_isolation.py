@@ -15,6 +15,7 @@ import traceback
 import numpy as np
 import pytest
 
+from helpers import wait_until
 from kvcache import LLMException, LLMStatusCode, TransferEngine
 from kvcache.bufpool import SIZE_SEALS
 
@@ -277,3 +278,61 @@ def test_a_region_for_one_link_needs_remote_access_and_a_known_link():
         assert engine.regions() == [] and not engine.registry.span(1)
     finally:
         engine.close()
+
+
+def test_one_link_regions_refuse_what_would_leak_them_to_other_peers():
+    """What would reach other peers is refused: a container or sub-region
+    (its sub-regions are offered to everyone), a link that ended, and a
+    memfd that also holds memory offered to another audience (a peer granted
+    a memfd can map all of it). A revocation deferred past the release of
+    its region goes to no peer (the release told the region's link)."""
+    holder = TransferEngine("holder", transport="tcp")
+    a = TransferEngine("peer-a", transport="tcp", listen=None)
+    b = TransferEngine("peer-b", transport="tcp", listen=None)
+    fd = os.memfd_create("kv-test")
+    try:
+        a.connect(holder.address, 5000)
+        cb = b.connect(holder.address, 5000)
+        pa, pb = _inbound(holder, "peer-a"), _inbound(holder, "peer-b")
+        os.ftruncate(fd, 8192)
+        memory = mmap.mmap(fd, 8192)
+        base = np.frombuffer(memory, np.uint8).ctypes.data
+
+        def refused(status, **kwargs):
+            with pytest.raises(LLMException) as err:
+                holder.register_memory(kwargs.pop("addr", base), kwargs.pop("length", 4096),
+                                       **kwargs)
+            assert err.value.status_code == status, (kwargs, err.value)
+
+        refused(LLMStatusCode.LLM_PARAM_INVALID, length=8192, addressable=False, peer=pa)
+        container = holder.register_memory(base, 8192, addressable=False)
+        refused(LLMStatusCode.LLM_PARAM_INVALID, parent=container, peer=pa)
+        holder.unregister_memory(container)
+        shared = holder.register_memory(base, 4096, share=(fd, 0))
+        refused(LLMStatusCode.LLM_PARAM_INVALID, addr=base + 4096, share=(fd, 4096), peer=pa)
+        refused(LLMStatusCode.LLM_PARAM_INVALID, addr=base + 4096, share=(fd, 4096),
+                remote_accessible=False)
+        holder.unregister_memory(shared)
+        mine = holder.register_memory(base, 4096, share=(fd, 0), peer=pa)
+        holder.unregister_memory(mine)
+
+        # A deferred revocation of a region released meanwhile goes nowhere.
+        holder.transport.one_sided = True           # the revocation rounds of RDMA, over tcp
+        told = []
+        real = cb.revoke
+        cb.revoke = lambda ids, timeout_s: told.extend(ids) or real(ids, timeout_s)
+        region = holder.register_memory(base, 4096, peer=pa)
+        renewed = holder.renew_regions([region], revoke=False)[0]
+        holder.unregister_memory(renewed)
+        holder.revoke_regions([region])
+        assert told == []
+
+        b.disconnect(cb, force=True)
+        wait_until(lambda: not pb.linked, 10, "the holder seeing B's link end")
+        refused(LLMStatusCode.LLM_NOT_YET_LINK, peer=pb)
+        del memory
+    finally:
+        os.close(fd)
+        b.close()
+        a.close()
+        holder.close()

@@ -124,6 +124,7 @@ class TransferEngine:
         self.rpc.serve("engine.regions", self._rpc_regions, {})
         self.rpc.serve("engine.revoke", self._rpc_revoke,
                        {"ids": list_of(is_int, MAX_REGIONS), "timeout_ms": is_int})
+        self.links.on_link_closed(self._link_ended)
         self.transport.bind(EngineContext(self.name, io_timeout_ms, self.registry,
                                           self._call, self.rpc.serve, self.links.listen_port,
                                           tls))
@@ -243,8 +244,14 @@ class TransferEngine:
                 raise checks.invalid("peer names the link a region is offered to: it needs "
                                      "remote_accessible=True")
             peer = self.peer(peer)
-        return self.registry.register(addr, length, parent, addressable, share,
-                                      bool(remote_accessible), peer)
+            if not peer.linked or peer not in self.peers():
+                raise LLMException(LLMStatusCode.LLM_NOT_YET_LINK,
+                                   f"{peer.name} is no live link of this engine")
+        region_id = self.registry.register(addr, length, parent, addressable, share,
+                                           bool(remote_accessible), peer)
+        if peer is not None and not peer.linked:
+            self._link_ended(peer)          # it ended meanwhile, its hook ran before
+        return region_id
 
     @public
     def unregister_memory(self, region_ids, timeout_ms=None):
@@ -290,7 +297,9 @@ class TransferEngine:
         (the owner checks every piece itself). Afterwards no transfer runs
         under those ids any more (each peer confirmed or was cut off), so
         the transport releases what it kept for them (an RDMA MR each)."""
-        ids = [checks.integer(i, "region id", 1) for i in region_ids]
+        # An id released since (with its region) was revoked by that release.
+        ids = [i for i in (checks.integer(i, "region id", 1) for i in region_ids)
+               if self.registry.known(i)]
         if ids and self.transport.one_sided:
             bound = {i: p for i in ids if (p := self.registry.owner(i)) is not None}
             self._revoke(ids, time.monotonic() + self.timeout_ms / 1000, bound)
@@ -321,6 +330,13 @@ class TransferEngine:
                             peer.name, theirs, exc)
                 self.transport.cut(peer)
         return True
+
+    def _link_ended(self, peer):
+        """Regions offered to that link alone are offered to no one now: the
+        transport drops what lets a peer reach them (an RDMA MR's rkey), so
+        a process that learnt one cannot use it over a later link."""
+        for region_id in self.registry.bound_to(peer):
+            self.transport.retire_region(region_id)
 
     def on_link_closed(self, hook):
         """Call ``hook(peer)`` once each link has ended, in whichever thread

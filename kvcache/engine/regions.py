@@ -57,6 +57,18 @@ class Region:
         return [self.region_id] + self.retired
 
 
+def _memfd_of(share):
+    """(st_dev, st_ino) of the file behind a share's fd, None without one."""
+    if share is None:
+        return None
+    try:
+        st = os.fstat(share[0])
+    except (OSError, TypeError, ValueError, IndexError) as exc:
+        raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                           f"share must be (an open memfd, offset): {exc}") from None
+    return st.st_dev, st.st_ino
+
+
 def check_host_mapped(addr, length):
     """LLM_PARAM_INVALID unless [addr, addr + length) is host memory mapped
     readable and writable here: a device pointer, a freed buffer or a wrong
@@ -106,9 +118,16 @@ class RegionRegistry:
         if addr <= 0 or length <= 0 or addr + length >= 1 << 64:
             raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                f"cannot register addr={addr:#x} length={length}")
+        if peer is not None and (parent is not None or not addressable):
+            raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                               "a region offered to one link is an addressable top-level "
+                               "region (no parent, addressable=True)")
         if parent is None:
             check_host_mapped(addr, length)
+        memfd = _memfd_of(share)
         with self._lock:
+            if memfd is not None:
+                self._check_share(memfd, remote and addressable, peer)
             if parent is not None:
                 top = self._regions.get(parent)
                 if top is None or top.parent is not None:
@@ -129,6 +148,17 @@ class RegionRegistry:
         if region.remote:
             self.transport.publish_region(region.region_id)
         return region.region_id
+
+    def _check_share(self, memfd, remote, peer):
+        """A peer granted a memfd can map all of it: regions with different
+        audiences (offered or not, to every link or to one) never share one."""
+        for other in self._regions.values():
+            if (other.share is not None and _memfd_of(other.share) == memfd
+                    and (other.remote, other.peer) != (remote, peer if remote else None)):
+                raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
+                                   f"the memfd of this share also holds region "
+                                   f"{other.region_id}, offered to other peers: a peer granted "
+                                   "a memfd can map all of it")
 
     def _next_id(self):
         """The next id whose pin-board slot no live region holds (nor any
@@ -302,6 +332,16 @@ class RegionRegistry:
         with self._lock:
             bound = self._bound
         return [i for i in ids if bound.get(i, peer) is peer]
+
+    def bound_to(self, peer):
+        """The ids (every generation) of the regions offered to ``peer`` alone."""
+        with self._lock:
+            return [i for i, p in self._bound.items() if p is peer]
+
+    def known(self, region_id):
+        """Whether ``region_id`` is a live region or an earlier generation of one."""
+        with self._lock:
+            return any(region_id in r.ids() for r in self._regions.values())
 
     def owner(self, region_id):
         """The one Peer a region (any generation) is offered to, or None."""
