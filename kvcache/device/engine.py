@@ -13,7 +13,6 @@ device regions by the control call ``engine.device_regions``, asked only
 when a piece lies in none of the regions it knows."""
 import contextlib
 import threading
-import time
 import types
 import weakref
 
@@ -25,6 +24,7 @@ from kvcache.descriptors import NO_REGION, RegionTable, as_descriptor_arrays, u6
 from kvcache.device.caches import DeviceCaches, DeviceConfig
 from kvcache.device.regions import FIRST_ID
 from kvcache.device.runtime import DEVICE_TYPES
+from kvcache.device.staging import Deadline
 from kvcache.engine.engine import TransferEngine as HostEngine
 from kvcache.status import LLMException, LLMStatusCode
 
@@ -45,12 +45,11 @@ def parse_device(device):
     return kind, device_id
 
 
-def _left(deadline):
-    """The ms left until ``deadline`` (time.monotonic()); LLM_TIMEOUT once none are."""
-    left = int((deadline - time.monotonic()) * 1000)
-    if left <= 0:
-        raise LLMException(LLMStatusCode.LLM_TIMEOUT, "deadline passed")
-    return left
+def _planned_in(region_ids):
+    """Our device pieces' regions at planning, as the stager's ``own``
+    check takes them (a cache's region_ids): memory freed and registered
+    again since is refused."""
+    return types.SimpleNamespace(region_ids=set(region_ids.tolist()))
 
 
 class TransferEngine(HostEngine):
@@ -110,7 +109,7 @@ class TransferEngine(HostEngine):
         none: the device regions are withdrawn and waited for first, then
         the host ones released; when either is still in use at the deadline
         of ``timeout_ms`` (LLM_LINK_BUSY) every region stays registered."""
-        deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
+        deadline = Deadline(self._timeout(timeout_ms), "unregister_memory")
         many = isinstance(region_ids, (list, tuple))
         ids = [checks.integer(i, "region id", 1) for i in (region_ids if many else [region_ids])]
         device = [i for i in ids if i >= FIRST_ID]
@@ -121,10 +120,10 @@ class TransferEngine(HostEngine):
 
         def release_host():
             if host:
-                super(TransferEngine, self).unregister_memory(host, _left(deadline))
+                super(TransferEngine, self).unregister_memory(host, deadline.left())
 
         if device:
-            self.device.release(device, _left(deadline), then=release_host)
+            self.device.release(device, deadline.left(), then=release_host)
         else:
             release_host()
 
@@ -156,7 +155,7 @@ class TransferEngine(HostEngine):
             named = u64_column(remote_regions, "remote_regions")
             if named.size != local.size:
                 raise checks.invalid("remote_regions must name one region per piece")
-        deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
+        deadline = Deadline(self._timeout(timeout_ms), f"{op} with {peer.name}")
         stager = self.device.stager
         local_ids = self.device.regions.find(local, lengths)
         if named is not None:
@@ -165,7 +164,7 @@ class TransferEngine(HostEngine):
             remote_device, remote_ids, _ = self._locate_remote(peer, remote, lengths, deadline)
         if ((local_ids is None or not (local_ids != NO_REGION).any())
                 and not remote_device.any()):
-            stager.transfer(peer, op, local, remote, lengths, _left(deadline),
+            stager.transfer(peer, op, local, remote, lengths, deadline.left(),
                             remote_regions=named)
             return total
         if local_ids is None:
@@ -185,10 +184,9 @@ class TransferEngine(HostEngine):
 
     def _move_group(self, peer, op, local, remote, lengths, local_ids, named, remote_ids,
                     deadline):
-        own = None if local_ids is None else types.SimpleNamespace(
-            region_ids=set(local_ids.tolist()))
+        own = None if local_ids is None else _planned_in(local_ids)
         try:
-            self.device.stager.transfer(peer, op, local, remote, lengths, _left(deadline),
+            self.device.stager.transfer(peer, op, local, remote, lengths, deadline.left(),
                                         local_cache=own, remote_regions=named,
                                         remote_device_regions=remote_ids)
         except LLMException as exc:
@@ -210,14 +208,14 @@ class TransferEngine(HostEngine):
             if mine.any():
                 _, host_pins = self.registry.pin_local(local[mine], lengths[mine])
             if local_device.any():
-                own = types.SimpleNamespace(region_ids=set(local_ids[local_device].tolist()))
                 device_pins = self.device.regions.pin(local[local_device],
-                                                      lengths[local_device], None, own)
+                                                      lengths[local_device], None,
+                                                      _planned_in(local_ids[local_device]))
             theirs = ~remote_device
             if theirs.any():
                 _, remote_pins = self._pin_remote(peer, remote[theirs], lengths[theirs],
                                                   None if named is None else named[theirs],
-                                                  _left(deadline))
+                                                  deadline.left())
             yield
         finally:
             if host_pins is not None:
@@ -235,8 +233,9 @@ class TransferEngine(HostEngine):
         tables are asked for again only for pieces they do not cover: the
         host table first, then the device table (a peer whose engine has
         no device memory has an empty one)."""
-        deadline = time.monotonic() + self._timeout(timeout_ms) / 1000
-        return self._locate_remote(self.peer(peer), u64_column(remote, "remote addresses"),
+        peer = self.peer(peer)
+        deadline = Deadline(self._timeout(timeout_ms), f"looking up {peer.name}'s memory")
+        return self._locate_remote(peer, u64_column(remote, "remote addresses"),
                                    u64_column(lengths, "lengths"), deadline)
 
     def _locate_remote(self, peer, remote, lengths, deadline):
@@ -252,10 +251,10 @@ class TransferEngine(HostEngine):
                        else (np.full(out.size, NO_REGION, dtype=np.uint64), out.size))
         if missed:
             # New memory of the peer: host memory first (the common case).
-            self.refresh_regions(peer, _left(deadline))
+            self.refresh_regions(peer, deadline.left())
             found, misses = peer.regions.locate(remote, lengths)
             out = np.flatnonzero(found == NO_REGION)
-            got, missed = self.device_table(peer, True, _left(deadline)).locate(
+            got, missed = self.device_table(peer, True, deadline.left()).locate(
                 remote[out], lengths[out])
         device[out], ids[out] = got != NO_REGION, got
         return device, ids, missed
@@ -300,14 +299,14 @@ class TransferEngine(HostEngine):
 
     def close(self):
         """Stop staging (waiting for staged transfers and the peers' stage
-        calls up to the engine's timeout), close the host engine, then the
-        device runtime. Idempotent."""
+        calls up to the engine's timeout) and close the device runtime,
+        then the host engine. Idempotent."""
         device = getattr(self, "device", None)
         if device is None:                  # a failed __init__
             super().close()
             return
         with self._device_lock:
             self._device_closed = True
-        device.stager.close(self.timeout_ms)
-        super().close()
+        # Staging first: its slots are host regions of the engine, freed while it is open.
         device.close()
+        super().close()

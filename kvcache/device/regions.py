@@ -45,7 +45,6 @@ class DeviceRegions:
         self._withdrawn = {}                # id -> _Region being released
         self._retired = {}                  # earlier id still pinned -> its _Region
         self._ids = itertools.count(FIRST_ID)
-        self._starts = self._order = np.zeros(0, dtype=np.uint64)
         self._table = RegionTable()
 
     def register(self, addr, length, remote):
@@ -121,12 +120,8 @@ class DeviceRegions:
         self._index()
 
     def _index(self):
-        """Sort the live regions by start (under the lock), for ``_locate``."""
-        ids = np.fromiter(self._regions, dtype=np.uint64, count=len(self._regions))
-        starts = np.fromiter((r.addr for r in self._regions.values()), dtype=np.uint64,
-                             count=len(self._regions))
-        order = np.argsort(starts)
-        self._starts, self._order = starts[order], ids[order]
+        """The live regions' table, sorted by start (under the lock): for
+        ``find`` and ``_locate``."""
         self._table = RegionTable((i, r.addr, r.length) for i, r in self._regions.items())
 
     def find(self, addrs, lengths):
@@ -152,8 +147,9 @@ class DeviceRegions:
     def _locate(self, addrs):
         """The live region each address lies in (its start at or below it;
         the caller checks the piece's end), 0 where none starts below it."""
-        at = np.searchsorted(self._starts, np.asarray(addrs, dtype=np.uint64), side="right") - 1
-        return np.where(at >= 0, self._order[np.maximum(at, 0)] if self._order.size else 0, 0)
+        starts, ids = self._table.starts, self._table.ids
+        at = np.searchsorted(starts, np.asarray(addrs, dtype=np.uint64), side="right") - 1
+        return np.where(at >= 0, ids[np.maximum(at, 0)] if ids.size else 0, 0)
 
     def pin(self, addrs, lengths, region_ids=None, own=None):
         """Pin the regions of device pieces; returns the pinned ids for

@@ -39,10 +39,10 @@ class Region:
     """``retired``: the earlier ids (generations) of a renewed region, whose
     transfers may still run."""
     __slots__ = ("region_id", "addr", "length", "parent", "addressable", "remote", "share",
-                 "retired", "peer")
+                 "memfd", "retired", "peer")
 
     def __init__(self, region_id, addr, length, parent, addressable, remote, share=None,
-                 retired=(), peer=None):
+                 retired=(), peer=None, memfd=None):
         self.region_id = region_id
         self.addr = addr
         self.length = length
@@ -50,6 +50,7 @@ class Region:
         self.addressable = addressable
         self.remote = addressable and remote
         self.share = share                  # (memfd, offset) holding exactly this memory
+        self.memfd = memfd                  # (st_dev, st_ino) of the share's file
         self.retired = list(retired)
         self.peer = peer if self.remote else None     # the one link it is offered to
 
@@ -138,7 +139,7 @@ class RegionRegistry:
                     raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                        f"[{addr:#x}, +{length}) is not inside region {parent}")
             region = Region(self._next_id(), addr, length, parent, addressable, remote, share,
-                            peer=peer)
+                            peer=peer, memfd=memfd)
             regions = dict(self._regions)
             regions[region.region_id] = region
             table = _table_of(regions)              # refuses overlaps
@@ -153,7 +154,7 @@ class RegionRegistry:
         """A peer granted a memfd can map all of it: regions with different
         audiences (offered or not, to every link or to one) never share one."""
         for other in self._regions.values():
-            if (other.share is not None and _memfd_of(other.share) == memfd
+            if (other.memfd == memfd
                     and (other.remote, other.peer) != (remote, peer if remote else None)):
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"the memfd of this share also holds region "
@@ -234,7 +235,7 @@ class RegionRegistry:
                 raise LLMException(LLMStatusCode.LLM_PARAM_INVALID,
                                    f"region {region_id} is not an addressable region")
             new = Region(self._next_id(), old.addr, old.length, old.parent, True, old.remote,
-                         old.share, old.retired + [region_id], old.peer)
+                         old.share, old.retired + [region_id], old.peer, old.memfd)
             regions = {i: r for i, r in self._regions.items() if i != region_id}
             regions[new.region_id] = new
             self._set(regions)
