@@ -30,6 +30,20 @@ def wait_until(predicate, timeout_s=5.0, what="condition", interval_s=0.0002):
         time.sleep(interval_s)
 
 
+def end_process(process, conn, message=("close",)):
+    """End a child driven over ``conn``: ask it with ``message``, give it
+    10 s, then kill it."""
+    if process.is_alive():
+        try:
+            conn.send(message)
+        except OSError:
+            pass
+        process.join(10)
+    if process.is_alive():
+        process.kill()
+    process.join(10)
+
+
 @contextlib.contextmanager
 def watchdog(seconds):
     """Raise TimeoutError in the main thread if the block runs longer than
@@ -177,15 +191,8 @@ class RawReader:
 
     def close(self):
         if self.process.is_alive():
-            os.kill(self.process.pid, signal.SIGCONT)
-            try:
-                self.conn.send(("close",))
-            except OSError:
-                pass
-            self.process.join(10)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5)
+            os.kill(self.process.pid, signal.SIGCONT)      # a frozen one must hear "close"
+        end_process(self.process, self.conn)
         self.buffer = None
         try:
             self._map.close()

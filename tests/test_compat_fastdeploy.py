@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import wait_until
+from helpers import end_process, wait_until
 from kvcache.compat.fastdeploy import ConnStatus, RDMACommunicator, WriteStatus
 from kvcache.status import LLMException, LLMStatusCode
 
@@ -84,15 +84,7 @@ class Decoder:
         os.kill(self.process.pid, sig)
 
     def close(self):
-        if self.process.is_alive():
-            try:
-                self.conn.send("close")
-            except OSError:
-                pass
-            self.process.join(10)
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(10)
+        end_process(self.process, self.conn, "close")
 
 
 class Prefill:

@@ -253,7 +253,12 @@ def slowly(target, *args):
             result["err"] = exc
     thread = threading.Thread(target=run)
     thread.start()
-    time.sleep(0.2)
+    # In flight once it pins our host memory (it holds the pin to its end).
+    give_up = time.monotonic() + 30
+    while not a.registry.pinned().get(a_host_id) and not result:
+        assert time.monotonic() < give_up, "the transfer never started"
+        time.sleep(0.001)
+    assert not result, result
     return thread, result
 
 # Our host memory released while a staged read fills it: the release waits

@@ -15,7 +15,7 @@ import traceback
 import numpy as np
 import pytest
 
-from helpers import wait_until
+from helpers import end_process, wait_until
 from kvcache import LLMException, LLMStatusCode, TransferEngine
 from kvcache.bufpool import SIZE_SEALS
 
@@ -45,15 +45,7 @@ class Holder:
         return value
 
     def close(self):
-        if self.process.is_alive():
-            try:
-                self.conn.send(("close",))
-            except OSError:
-                pass
-            self.process.join(10)
-            if self.process.is_alive():
-                self.process.kill()
-                self.process.join(5)
+        end_process(self.process, self.conn)
 
 
 def _holder_main(conn, transport):

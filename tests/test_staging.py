@@ -144,6 +144,23 @@ def stage_out(stager, link, memory, region, slot=0):
         "budget_ms": 30_000})
 
 
+def stalled_stage_out():
+    """A stager whose peer's stage_out call is held inside its device copy
+    (the runtime's gate closed): (stager, engine, runtime, link, the call's
+    thread); open ``runtime.gate`` to let it finish."""
+    stager, engine, runtime = stager_with()
+    link = Link("decoder")
+    memory, region = device_memory(stager, 4096)
+    runtime.gate.clear()
+    call = threading.Thread(target=stage_out, args=(stager, link, memory, region))
+    call.start()
+    if not runtime.copying.wait(10):
+        runtime.gate.set()
+        call.join(10)
+        raise AssertionError("the stage_out call never reached its device copy")
+    return stager, engine, runtime, link, call
+
+
 def test_close_waits_for_stage_calls_running_then_refuses_new_ones():
     stager, engine, runtime = stager_with()
     link = Link("decoder")
@@ -170,14 +187,8 @@ def test_close_waits_for_stage_calls_running_then_refuses_new_ones():
 
 
 def test_close_keeps_slots_a_call_still_uses_after_its_wait():
-    stager, engine, runtime = stager_with()
-    link = Link("decoder")
-    memory, region = device_memory(stager, 4096)
-    runtime.gate.clear()
-    call = threading.Thread(target=stage_out, args=(stager, link, memory, region))
-    call.start()
+    stager, engine, runtime, link, call = stalled_stage_out()
     try:
-        assert runtime.copying.wait(10)
         assert stager.close(200) is False
         assert len(runtime.open_slots()) == staging.DEPTH
     finally:
@@ -230,13 +241,7 @@ def test_slots_are_lent_per_link_and_freed_when_it_ends(monkeypatch):
 
 
 def test_a_link_ending_during_a_stage_call_frees_its_slots_after_the_call():
-    stager, engine, runtime = stager_with()
-    link = Link("decoder")
-    memory, region = device_memory(stager, 4096)
-    runtime.gate.clear()
-    call = threading.Thread(target=stage_out, args=(stager, link, memory, region))
-    call.start()
-    assert runtime.copying.wait(10)
+    stager, engine, runtime, link, call = stalled_stage_out()
     engine.end(link)
     assert len(runtime.open_slots()) == staging.DEPTH
     runtime.gate.set()
